@@ -1,0 +1,229 @@
+//! Value types of the policy language that validate themselves while the
+//! YAML is read, so that a bad value is reported with the exact file, line
+//! and field path by the loader (see `load.rs`) instead of by a later pass
+//! that no longer knows where the value came from.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserialize, Deserializer};
+
+/// A name of a policy or component: it ends up in metric labels and in the
+/// `x-sluice-rejected-by` header, so it is kept to `[A-Za-z0-9_.-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(pub String);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() || s.len() > 128 {
+            return Err(de::Error::custom("a name must have 1 to 128 characters"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(de::Error::custom(format!(
+                "invalid character {c:?} in name {s:?} (allowed: letters, digits, '_', '-', '.')"
+            )));
+        }
+        Ok(Name(s))
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A flow label name. Classifier outputs travel in the `baggage` header, so
+/// a name is an HTTP token (RFC 9110): no spaces, commas, `;` or `=`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LabelName(pub String);
+
+impl<'de> Deserialize<'de> for LabelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Err(de::Error::custom("a label name must not be empty"));
+        }
+        let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if let Some(c) = s.chars().find(|&c| !is_tchar(c)) {
+            return Err(de::Error::custom(format!(
+                "invalid character {c:?} in label name {s:?}"
+            )));
+        }
+        Ok(LabelName(s))
+    }
+}
+
+impl fmt::Display for LabelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A finite number that is zero or more.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct NonNegative(pub f64);
+
+impl<'de> Deserialize<'de> for NonNegative {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(de::Error::custom(format!(
+                "must be a finite number >= 0, got {v}"
+            )));
+        }
+        Ok(NonNegative(v))
+    }
+}
+
+/// A percentage in `[0, 100]`.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Percentage(pub f64);
+
+impl<'de> Deserialize<'de> for Percentage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(0.0..=100.0).contains(&v) {
+            return Err(de::Error::custom(format!(
+                "must be a percentage between 0 and 100, got {v}"
+            )));
+        }
+        Ok(Percentage(v))
+    }
+}
+
+/// The HTTP status Envoy answers a rejected request with: 400 to 599.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeniedStatus(pub u16);
+
+impl DeniedStatus {
+    /// Samplers' default, as in Aperture.
+    pub fn forbidden() -> Self {
+        DeniedStatus(403)
+    }
+    /// Limiters' default, as in Aperture.
+    pub fn too_many_requests() -> Self {
+        DeniedStatus(429)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeniedStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        if !(400..=599).contains(&v) {
+            return Err(de::Error::custom(format!(
+                "must be an HTTP error status between 400 and 599, got {v}"
+            )));
+        }
+        Ok(DeniedStatus(v as u16))
+    }
+}
+
+/// A duration written as text: `250ms`, `1s`, `1m30s`, `2h`, or fractional
+/// seconds as Aperture wrote them (`0.5s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DurationSpec(pub Duration);
+
+impl DurationSpec {
+    /// Parses the text form.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if let Ok(d) = humantime::parse_duration(s) {
+            return Ok(d);
+        }
+        if let Some(secs) = s.strip_suffix('s').and_then(|n| n.parse::<f64>().ok())
+            && secs.is_finite()
+            && (0.0..1e12).contains(&secs)
+        {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        Err(format!(
+            "invalid duration {s:?} (examples: \"250ms\", \"1s\", \"0.5s\", \"1m30s\")"
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DurationSpec::parse(&s)
+            .map(DurationSpec)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// A positive duration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PositiveDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for PositiveDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let DurationSpec(v) = DurationSpec::deserialize(d)?;
+        if v.is_zero() {
+            return Err(de::Error::custom("must be longer than zero"));
+        }
+        Ok(PositiveDuration(v))
+    }
+}
+
+/// A regular expression, compiled when read so that a bad one is reported
+/// where it is written.
+#[derive(Clone, Debug)]
+pub struct RegexSpec(pub regex::Regex);
+
+impl PartialEq for RegexSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl<'de> Deserialize<'de> for RegexSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        regex::RegexBuilder::new(&s)
+            .size_limit(1 << 20)
+            .build()
+            .map(RegexSpec)
+            .map_err(|e| de::Error::custom(format!("invalid regex: {e}")))
+    }
+}
+
+/// A list that must not be empty.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonEmpty<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Vec::<T>::deserialize(d)?;
+        if v.is_empty() {
+            return Err(de::Error::custom("must have at least one entry"));
+        }
+        Ok(NonEmpty(v))
+    }
+}
+
+impl<T> std::ops::Deref for NonEmpty<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_both_spellings() {
+        assert_eq!(DurationSpec::parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(DurationSpec::parse("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(DurationSpec::parse("0.5s"), Ok(Duration::from_millis(500)));
+        assert!(DurationSpec::parse("-1s").is_err());
+        assert!(DurationSpec::parse("soon").is_err());
+        assert!(DurationSpec::parse("NaNs").is_err());
+    }
+}
