@@ -1,0 +1,130 @@
+//! `sluice.flow`: what a flow's access log needs to find the flow again.
+//!
+//! The Check answer carries it to Envoy as ext_authz dynamic metadata; the
+//! shipped Envoy configs copy it into the access log with
+//! `%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sluice.flow)%`. It is a
+//! short `key=value;...` string rather than a structure so that it survives
+//! any access-log formatter unchanged and can be read by eye in a log line:
+//!
+//! ```text
+//! v=1;id=9f2c01d4e5a6b7c8;d=rejected;by=users/per-user
+//! ```
+//!
+//! Unknown keys are ignored when reading, so newer sidecars can add keys.
+
+use std::fmt::Write as _;
+
+/// The decoded form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowMeta<'a> {
+    /// The flow id.
+    pub id: u64,
+    /// Whether the flow was accepted.
+    pub accepted: bool,
+    /// `policy/component` that rejected it, if it was rejected.
+    pub rejected_by: Option<&'a str>,
+}
+
+/// Why a `sluice.flow` value could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    /// No `v=1`.
+    #[error("unsupported sluice.flow version")]
+    Version,
+    /// No valid `id=`.
+    #[error("sluice.flow has no valid id")]
+    Id,
+    /// No valid `d=`.
+    #[error("sluice.flow has no valid decision")]
+    Decision,
+}
+
+impl<'a> FlowMeta<'a> {
+    /// Appends the encoded form to `out`.
+    pub fn encode_into(&self, out: &mut String) {
+        let decision = if self.accepted {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        let _ = write!(out, "v=1;id={:016x};d={decision}", self.id);
+        if let Some(by) = self.rejected_by {
+            let _ = write!(out, ";by={by}");
+        }
+    }
+
+    /// Reads an encoded value.
+    pub fn decode(s: &'a str) -> Result<Self, MetaError> {
+        let (mut version, mut id, mut accepted, mut rejected_by) = (false, None, None, None);
+        for field in s.trim().split(';') {
+            let Some((k, v)) = field.split_once('=') else {
+                continue;
+            };
+            match k {
+                "v" => version = v == "1",
+                "id" => id = u64::from_str_radix(v, 16).ok(),
+                "d" => {
+                    accepted = match v {
+                        "accepted" => Some(true),
+                        "rejected" => Some(false),
+                        _ => None,
+                    }
+                }
+                "by" => rejected_by = Some(v),
+                _ => {}
+            }
+        }
+        if !version {
+            return Err(MetaError::Version);
+        }
+        Ok(FlowMeta {
+            id: id.ok_or(MetaError::Id)?,
+            accepted: accepted.ok_or(MetaError::Decision)?,
+            rejected_by,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        for meta in [
+            FlowMeta {
+                id: 1,
+                accepted: true,
+                rejected_by: None,
+            },
+            FlowMeta {
+                id: u64::MAX,
+                accepted: false,
+                rejected_by: Some("p/c"),
+            },
+        ] {
+            let mut s = String::new();
+            meta.encode_into(&mut s);
+            assert_eq!(FlowMeta::decode(&s), Ok(meta));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert_eq!(FlowMeta::decode(""), Err(MetaError::Version));
+        assert_eq!(FlowMeta::decode("-"), Err(MetaError::Version));
+        assert_eq!(FlowMeta::decode("v=1;id=zz;d=accepted"), Err(MetaError::Id));
+        assert_eq!(
+            FlowMeta::decode("v=1;id=10;d=maybe"),
+            Err(MetaError::Decision)
+        );
+        assert_eq!(
+            FlowMeta::decode("v=1;id=10;d=accepted;future=x;;="),
+            Ok(FlowMeta {
+                id: 16,
+                accepted: true,
+                rejected_by: None
+            })
+        );
+    }
+}

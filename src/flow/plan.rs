@@ -1,0 +1,146 @@
+//! A compiled policy set: the components, indexed by control point.
+//!
+//! Compiling happens off the request path, when policies load. The request
+//! path then looks up its control point once and walks the short lists of
+//! components that can apply there, stage by stage.
+
+use std::sync::Arc;
+
+use ahash::AHashMap;
+
+use super::classifier::Classifier;
+use super::rate_limiter::RateLimiter;
+use super::sampler::Sampler;
+use super::selector::Selector;
+use crate::policy::PolicySet;
+use crate::telemetry::Metrics;
+
+/// The components of one control point, per stage, in policy-name then
+/// file order.
+#[derive(Default, Debug)]
+pub struct Stages {
+    /// Stage 2.
+    pub classifiers: Vec<Arc<Classifier>>,
+    /// Stage 4.
+    pub samplers: Vec<Arc<Sampler>>,
+    /// Stage 5.
+    pub rate_limiters: Vec<Arc<RateLimiter>>,
+}
+
+/// One policy, compiled.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// Its name.
+    pub name: Arc<str>,
+    /// The file it came from.
+    pub file: std::path::PathBuf,
+    /// Hash of its text.
+    pub hash: u64,
+    /// Its classifiers.
+    pub classifiers: Vec<Arc<Classifier>>,
+    /// Its samplers.
+    pub samplers: Vec<Arc<Sampler>>,
+    /// Its rate limiters.
+    pub rate_limiters: Vec<Arc<RateLimiter>>,
+}
+
+impl CompiledPolicy {
+    /// Names of every component, for metric clean-up on reload.
+    pub fn component_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.classifiers
+            .iter()
+            .map(|c| &c.name)
+            .chain(self.samplers.iter().map(|s| &s.name))
+            .chain(self.rate_limiters.iter().map(|r| &r.name))
+    }
+}
+
+/// Everything in force.
+#[derive(Default, Debug)]
+pub struct Plan {
+    /// The policies.
+    pub policies: Vec<CompiledPolicy>,
+    /// Components by control point.
+    pub control_points: AHashMap<Box<str>, Stages>,
+}
+
+/// Control points a component's selectors name (each once).
+fn control_points(selectors: &[Selector]) -> Vec<Arc<str>> {
+    let mut cps: Vec<Arc<str>> = selectors.iter().map(|s| s.control_point.clone()).collect();
+    cps.sort();
+    cps.dedup();
+    cps
+}
+
+impl Plan {
+    /// Compiles `set`, reusing `previous`'s state for unchanged components.
+    pub fn compile(
+        set: &PolicySet,
+        previous: &Plan,
+        metrics: &Metrics,
+        max_label_values: usize,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        for loaded in &set.policies {
+            let spec = &loaded.policy;
+            let name: Arc<str> = spec.name.value.0.as_str().into();
+            let old = previous.policies.iter().find(|p| p.name == name);
+            let compiled = CompiledPolicy {
+                classifiers: spec
+                    .classifiers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| Arc::new(Classifier::compile(&name, i, c, metrics)))
+                    .collect(),
+                samplers: spec
+                    .samplers
+                    .iter()
+                    .map(|s| Arc::new(Sampler::compile(&name, s, metrics)))
+                    .collect(),
+                rate_limiters: spec
+                    .rate_limiters
+                    .iter()
+                    .map(|r| {
+                        let previous = old.and_then(|p| {
+                            p.rate_limiters
+                                .iter()
+                                .find(|o| *o.name == *r.name.value.0)
+                                .map(|o| &**o)
+                        });
+                        Arc::new(RateLimiter::compile(
+                            &name,
+                            r,
+                            metrics,
+                            max_label_values,
+                            previous,
+                        ))
+                    })
+                    .collect(),
+                name,
+                file: loaded.file.clone(),
+                hash: loaded.hash,
+            };
+            for c in &compiled.classifiers {
+                for cp in control_points(&c.selectors) {
+                    plan.stages(&cp).classifiers.push(c.clone());
+                }
+            }
+            for s in &compiled.samplers {
+                for cp in control_points(&s.selectors) {
+                    plan.stages(&cp).samplers.push(s.clone());
+                }
+            }
+            for r in &compiled.rate_limiters {
+                for cp in control_points(&r.selectors) {
+                    plan.stages(&cp).rate_limiters.push(r.clone());
+                }
+            }
+            plan.policies.push(compiled);
+        }
+        plan
+    }
+
+    fn stages(&mut self, control_point: &str) -> &mut Stages {
+        self.control_points.entry(control_point.into()).or_default()
+    }
+}

@@ -1,0 +1,249 @@
+//! The engine end to end, on simulated time, without a network.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+use crate::clock::MockTime;
+use crate::policy::load::parse_sources;
+
+fn policies(docs: &[&str]) -> PolicySet {
+    let sources: Vec<(PathBuf, String)> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (PathBuf::from(format!("p{i}.yaml")), d.to_string()))
+        .collect();
+    parse_sources(&sources).expect("valid policies")
+}
+
+fn engine(docs: &[&str]) -> (Engine, MockTime) {
+    let (clock, time) = Clock::mock();
+    let engine = Engine::new(clock, Metrics::new(), EngineOptions::default());
+    engine.install(&policies(docs));
+    (engine, time)
+}
+
+/// (policy/component, status, retry-after) of a rejection.
+type Rejected = (String, u16, Option<Duration>);
+
+/// Decides a flow at `ingress` of service `shop`; returns the rejection as
+/// (component, status, retry-after) and the baggage.
+fn check(engine: &Engine, labels: &[(&str, &str)]) -> (Option<Rejected>, Vec<(String, String)>) {
+    let source = MapLabels::from_pairs(labels.iter().copied());
+    let plan = engine.plan();
+    let d = engine.check(
+        &plan,
+        FlowRequest {
+            control_point: "ingress",
+            service: "shop",
+            labels: &source,
+        },
+    );
+    let rejection = d.rejection.as_ref().map(|r| {
+        (
+            format!("{}/{}", r.policy, r.component),
+            r.status,
+            r.retry_after,
+        )
+    });
+    let baggage = d
+        .baggage()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (rejection, baggage)
+}
+
+const USER_LIMIT: &str = r#"
+name: users
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      user: {from: request.http.headers.user-id}
+      secret: {from: request.http.headers.x-secret, telemetry: false}
+rate_limiters:
+  - name: per-user
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 2
+    fill_amount: 2
+    interval: 1s
+    limit_by_label_key: user
+"#;
+
+#[test]
+fn an_unknown_control_point_passes_and_is_recorded() {
+    let (engine, _) = engine(&[USER_LIMIT]);
+    let source = MapLabels::default();
+    let plan = engine.plan();
+    for _ in 0..3 {
+        let d = engine.check(
+            &plan,
+            FlowRequest {
+                control_point: "nowhere",
+                service: "any",
+                labels: &source,
+            },
+        );
+        assert!(d.accepted());
+    }
+    let seen = engine.control_points();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].control_point.as_str(), seen[0].checks),
+        ("nowhere", 3)
+    );
+}
+
+#[test]
+fn classifier_labels_drive_per_user_limits_and_go_out_as_baggage() {
+    let (engine, time) = engine(&[USER_LIMIT]);
+    let alice = [
+        ("http.request.header.user_id", "alice"),
+        ("http.request.header.x_secret", "s"),
+    ];
+    for _ in 0..2 {
+        let (rejection, baggage) = check(&engine, &alice);
+        assert_eq!(rejection, None);
+        assert_eq!(baggage, vec![("user".to_owned(), "alice".to_owned())]);
+    }
+    let (rejection, _) = check(&engine, &alice);
+    assert_eq!(
+        rejection,
+        Some((
+            "users/per-user".to_owned(),
+            429,
+            Some(Duration::from_millis(500))
+        ))
+    );
+    assert_eq!(
+        check(&engine, &[("http.request.header.user_id", "bob")]).0,
+        None
+    );
+    time.advance(Duration::from_millis(500));
+    assert_eq!(
+        check(&engine, &alice).0,
+        None,
+        "one token back after 500 ms"
+    );
+    assert_eq!(engine.metrics().rejected.get(), 1);
+    assert_eq!(engine.metrics().accepted.get(), 4);
+}
+
+#[test]
+fn samplers_run_before_limiters_and_rejected_flows_cost_no_tokens() {
+    let first = r#"
+name: a
+rate_limiters:
+  - name: wide
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 3
+    fill_amount: 0.000001
+    interval: 1h
+"#;
+    let second = r#"
+name: b
+samplers:
+  - name: nobody
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {sample: "no"}}}]
+    accept_percentage: 0
+rate_limiters:
+  - name: narrow
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 1
+    fill_amount: 0
+    interval: 1s
+"#;
+    let (engine, _) = engine(&[first, second]);
+    // The sampler rejects with 403 before any bucket is charged.
+    for _ in 0..5 {
+        let (rejection, _) = check(&engine, &[("sample", "no")]);
+        assert_eq!(
+            rejection.map(|r| (r.0, r.1)),
+            Some(("b/nobody".to_owned(), 403))
+        );
+    }
+    // `wide` (policy a) runs before `narrow` (policy b): the first flow takes
+    // a token from each; later flows are refused by `narrow`, and the token
+    // `wide` had taken is given back each time.
+    assert_eq!(check(&engine, &[]).0, None);
+    for _ in 0..5 {
+        let (rejection, _) = check(&engine, &[]);
+        assert_eq!(rejection, Some(("b/narrow".to_owned(), 429, None)));
+    }
+    // Drop `narrow`; `wide` is unchanged and keeps its bucket: 2 tokens left.
+    engine.install(&policies(&[first]));
+    assert_eq!(check(&engine, &[]).0, None);
+    assert_eq!(check(&engine, &[]).0, None);
+    assert_eq!(
+        check(&engine, &[]).0.map(|r| r.0),
+        Some("a/wide".to_owned())
+    );
+}
+
+#[test]
+fn removed_components_take_their_metrics_with_them() {
+    let (engine, _) = engine(&[USER_LIMIT]);
+    check(&engine, &[("http.request.header.user_id", "alice")]);
+    let text = engine.metrics().encode_text();
+    assert!(text.contains(r#"rate_limiter_counter_total{component="per-user",decision_type="accepted",policy_name="users"} 1"#), "{text}");
+    engine.install(&policies(&[]));
+    let text = engine.metrics().encode_text();
+    assert!(!text.contains("per-user"), "{text}");
+}
+
+#[test]
+fn later_classifiers_override_earlier_ones_in_baggage() {
+    let doc = r#"
+name: p
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      tier: {from: http.method}
+  - selectors: [{control_point: ingress}]
+    rules:
+      tier: {from: tier}
+      copy: {from: tier}
+"#;
+    let (engine, _) = engine(&[doc]);
+    let (_, baggage) = check(&engine, &[("http.method", "GET")]);
+    // The second classifier reads the first one's `tier` and re-sets it;
+    // rules run in label-name order. `tier` goes out once.
+    assert_eq!(
+        baggage,
+        vec![
+            ("copy".to_owned(), "GET".to_owned()),
+            ("tier".to_owned(), "GET".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn label_state_is_bounded_and_swept() {
+    let (clock, time) = Clock::mock();
+    let engine = Engine::new(
+        clock,
+        Metrics::new(),
+        EngineOptions {
+            max_label_values: 160,
+        },
+    );
+    engine.install(&policies(&[&USER_LIMIT.replace(
+        "    limit_by_label_key: user\n",
+        "    limit_by_label_key: user\n    max_idle_time: 1m\n",
+    )]));
+    for i in 0..10_000 {
+        let user = format!("u{i}");
+        check(&engine, &[("http.request.header.user_id", &user)]);
+    }
+    let plan = engine.plan();
+    let limiter = &plan.policies[0].rate_limiters[0];
+    assert!(limiter.label_values() <= 160);
+    time.advance(Duration::from_secs(61));
+    engine.sweep();
+    assert_eq!(limiter.label_values(), 0);
+    let evicted = engine
+        .metrics()
+        .label_state_evicted
+        .with_label_values(&["users", "per-user"])
+        .get();
+    assert!(evicted >= 10_000 - 160, "{evicted}");
+}

@@ -1,0 +1,255 @@
+//! The sidecar's own metrics.
+//!
+//! One [`prometheus::Registry`] per engine (not the process-global default),
+//! so that tests can run several sidecars in one process. Counters that the
+//! request path touches are resolved to concrete series when a policy is
+//! compiled ([`ComponentCounters`]), so a decision costs an atomic add, never
+//! a label lookup. Metric names are Aperture's, so dashboards carry over.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// `decision_type` label values.
+pub const ACCEPTED: &str = "accepted";
+/// `decision_type` label values.
+pub const REJECTED: &str = "rejected";
+
+/// Every metric the engine and its adapters write.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Where the metrics live; `/metrics` encodes it.
+    pub registry: Registry,
+    /// `flowcontrol_requests_total`: Checks answered.
+    pub requests: IntCounter,
+    /// `flowcontrol_decisions_total{decision_type}`, resolved per value.
+    pub accepted: IntCounter,
+    /// See [`Metrics::accepted`].
+    pub rejected: IntCounter,
+    /// `flowcontrol_reject_reasons_total{policy_name, component, reason}`.
+    pub reject_reasons: IntCounterVec,
+    /// `rate_limiter_counter_total{policy_name, component, decision_type}`.
+    pub rate_limiter: IntCounterVec,
+    /// `sampler_counter_total{policy_name, component, decision_type}`.
+    pub sampler: IntCounterVec,
+    /// `classifier_counter_total{policy_name, component}`: flows classified.
+    pub classifier: IntCounterVec,
+    /// `classifier_errors_total{policy_name, component}`: rules whose
+    /// source was present but could not be read (bad JSON, bad JWT, ...).
+    pub classifier_errors: IntCounterVec,
+    /// `label_state_evicted_total{policy_name, component}`: per-label state
+    /// dropped because a component's table was full.
+    pub label_state_evicted: IntCounterVec,
+    /// `label_state_expired_total{policy_name, component}`: per-label state
+    /// dropped after `max_idle_time` unused.
+    pub label_state_expired: IntCounterVec,
+    /// `label_state_entries{policy_name, component}`: label values tracked.
+    pub label_state_entries: prometheus::IntGaugeVec,
+    /// `policy_reloads_total{result}`: `ok` or `error`.
+    pub policy_reloads: IntCounterVec,
+    /// `policy_loaded`: 1 once a valid policy set is in force.
+    pub policy_loaded: IntGauge,
+    /// `control_points_overflow_total`: Checks whose control point/service
+    /// pair was not recorded because the table of pairs was full.
+    pub control_points_overflow: IntCounter,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounter::new(
+            "flowcontrol_requests_total",
+            "Flow-control Checks answered by this sidecar.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("metric registered once");
+        let decisions = counter_vec(
+            &registry,
+            "flowcontrol_decisions_total",
+            "Flow-control decisions by type.",
+            &["decision_type"],
+        );
+        let policy_loaded =
+            IntGauge::new("policy_loaded", "1 once a valid policy set is in force.")
+                .expect("valid metric definition");
+        registry
+            .register(Box::new(policy_loaded.clone()))
+            .expect("metric registered once");
+        let control_points_overflow = IntCounter::new(
+            "control_points_overflow_total",
+            "Checks whose control point and service were not recorded for /control-points because its table was full.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(control_points_overflow.clone()))
+            .expect("metric registered once");
+        #[cfg(target_os = "linux")]
+        {
+            // CPU seconds, resident memory, open fds: what a sidecar's
+            // footprint is judged by.
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        let component = &["policy_name", "component"];
+        let with_decision = &["policy_name", "component", "decision_type"];
+        Metrics {
+            accepted: decisions.with_label_values(&[ACCEPTED]),
+            rejected: decisions.with_label_values(&[REJECTED]),
+            reject_reasons: counter_vec(
+                &registry,
+                "flowcontrol_reject_reasons_total",
+                "Rejections by the component that rejected and why.",
+                &["policy_name", "component", "reason"],
+            ),
+            rate_limiter: counter_vec(
+                &registry,
+                "rate_limiter_counter_total",
+                "Flows seen by a rate limiter, by decision.",
+                with_decision,
+            ),
+            sampler: counter_vec(
+                &registry,
+                "sampler_counter_total",
+                "Flows seen by a sampler, by decision.",
+                with_decision,
+            ),
+            classifier: counter_vec(
+                &registry,
+                "classifier_counter_total",
+                "Flows a classifier ran on.",
+                component,
+            ),
+            classifier_errors: counter_vec(
+                &registry,
+                "classifier_errors_total",
+                "Classifier rules whose source was present but unreadable (bad JSON, bad JWT).",
+                component,
+            ),
+            label_state_evicted: counter_vec(
+                &registry,
+                "label_state_evicted_total",
+                "Per-label state dropped because the component's table was full.",
+                component,
+            ),
+            label_state_expired: counter_vec(
+                &registry,
+                "label_state_expired_total",
+                "Per-label state dropped after max_idle_time unused.",
+                component,
+            ),
+            label_state_entries: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new("label_state_entries", "Label values a component tracks."),
+                    component,
+                )
+                .expect("valid metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            policy_reloads: counter_vec(
+                &registry,
+                "policy_reloads_total",
+                "Policy loads and reloads, by result (ok, error).",
+                &["result"],
+            ),
+            registry,
+            requests,
+            policy_loaded,
+            control_points_overflow,
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn encode_text(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding only fails on a write error, which a Vec cannot have.
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The accepted/rejected pair of a component's decision counter.
+#[derive(Clone, Debug)]
+pub struct DecisionCounters {
+    /// Flows the component accepted.
+    pub accepted: IntCounter,
+    /// Flows the component rejected.
+    pub rejected: IntCounter,
+    /// Rejections, as counted in `flowcontrol_reject_reasons_total`.
+    pub reject_reason: IntCounter,
+}
+
+impl DecisionCounters {
+    /// Resolves the series of one component of `family`.
+    pub fn new(
+        family: &IntCounterVec,
+        reasons: &IntCounterVec,
+        policy: &str,
+        component: &str,
+        reason: &str,
+    ) -> Self {
+        DecisionCounters {
+            accepted: family.with_label_values(&[policy, component, ACCEPTED]),
+            rejected: family.with_label_values(&[policy, component, REJECTED]),
+            reject_reason: reasons.with_label_values(&[policy, component, reason]),
+        }
+    }
+
+    /// Counts one decision.
+    #[inline]
+    pub fn count(&self, accepted: bool) {
+        if accepted {
+            self.accepted.inc();
+        } else {
+            self.rejected.inc();
+            self.reject_reason.inc();
+        }
+    }
+}
+
+/// Removes every series of one component from `family`, so that a removed
+/// component's metrics disappear with it. Families whose label sets do not
+/// fit are skipped silently: removal of a series that does not exist is not
+/// an error worth reporting.
+pub fn forget_component(metrics: &Metrics, policy: &str, component: &str) {
+    for family in [&metrics.rate_limiter, &metrics.sampler] {
+        for decision in [ACCEPTED, REJECTED] {
+            let _ = family.remove_label_values(&[policy, component, decision]);
+        }
+    }
+    for family in [
+        &metrics.classifier,
+        &metrics.classifier_errors,
+        &metrics.label_state_evicted,
+        &metrics.label_state_expired,
+    ] {
+        let _ = family.remove_label_values(&[policy, component]);
+    }
+    let _ = metrics
+        .label_state_entries
+        .remove_label_values(&[policy, component]);
+    for reason in crate::flow::RejectReason::ALL {
+        let _ = metrics
+            .reject_reasons
+            .remove_label_values(&[policy, component, reason.as_str()]);
+    }
+}
