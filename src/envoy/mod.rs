@@ -1,0 +1,21 @@
+//! The Envoy edge: External Authorization v3 over gRPC.
+//!
+//! [`request`] reads a CheckRequest as flow labels, [`response`] writes the
+//! engine's decision as a CheckResponse, and [`authz`] is the tonic service
+//! between them. Requests are decoded with Sluice's own wire-compatible
+//! message ([`wire`], from `proto/sluice/ext_authz.proto`): all strings as
+//! bytes, so no request is refused for bytes that are not UTF-8, and header
+//! values are slices of the request buffer rather than fresh Strings.
+//! Responses use Envoy's own types from `envoy-types`.
+
+pub mod authz;
+pub mod request;
+pub mod response;
+
+/// Sluice's decoding of Envoy's ext_authz messages (generated).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod wire {
+    tonic::include_proto!("envoy.service.auth.v3");
+}
+
+pub use authz::AuthzService;

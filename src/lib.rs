@@ -1,0 +1,37 @@
+//! Sluice: a flow-control sidecar for Envoy and Istio.
+//!
+//! Envoy asks Sluice, on every request, whether the request may pass now
+//! (External Authorization v3, gRPC); Sluice decides locally from its
+//! policies and answers in microseconds.
+//!
+//! Layout, following a flow from the edge inwards:
+//!
+//! - [`envoy`]: the ext_authz Check service. Translates Envoy's protobufs to
+//!   the engine's [`flow::FlowRequest`] and the engine's [`flow::Decision`]
+//!   back; nothing else in the crate sees a protobuf.
+//! - [`flow`]: the decision engine, one file per component kind
+//!   (selectors, classifiers, samplers, rate limiters), run in the stage
+//!   order of DESIGN.md over a compiled [`flow::Plan`].
+//! - [`policy`]: the policy language (YAML), its validation with
+//!   file/line/field errors, and hot reload.
+//! - [`telemetry`]: the sidecar's own metrics (Aperture's names).
+//! - [`admin`]: the HTTP admin server (`/metrics`, `/healthz`, `/readyz`,
+//!   `/control-points`).
+//! - [`server`]: wires the above into a running sidecar; [`cli`] is the
+//!   command line on top.
+//! - [`clock`]: the one injectable clock.
+//! - [`harness`]: starts real Envoy, an upstream and Sluice on loopback for
+//!   the tests and the demo.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod cli;
+pub mod clock;
+pub mod envoy;
+pub mod flow;
+pub mod harness;
+pub mod policy;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,209 @@
+//! A running sidecar: the engine, the Check listener, the admin listener,
+//! and the background tasks (policy reload, label-state sweeping), started
+//! together and stopped together.
+//!
+//! [`Sidecar::start`] binds its listeners before returning, so the caller
+//! (the CLI, or a test on port 0) knows the real addresses at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::clock::Clock;
+use crate::envoy::AuthzService;
+use crate::flow::{Engine, EngineOptions};
+use crate::policy::{self, watch::Reload};
+use crate::shutdown::{self, Trigger};
+use crate::telemetry::Metrics;
+
+/// Everything a sidecar needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where Envoy's Checks arrive (gRPC).
+    pub grpc_listen: SocketAddr,
+    /// Where `/metrics` and the probes are served (HTTP).
+    pub admin_listen: SocketAddr,
+    /// Policy file or directory; none means every flow passes.
+    pub policy: Option<PathBuf>,
+    /// How often the policy path is re-read.
+    pub policy_poll_interval: Duration,
+    /// Control point of Checks that name none.
+    pub default_control_point: String,
+    /// Service of Checks that name none.
+    pub service: String,
+    /// Most label values a component keeps state for.
+    pub max_label_values: usize,
+    /// Largest CheckRequest accepted (bigger ones get gRPC OUT_OF_RANGE).
+    pub max_check_request_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 8081).into(),
+            policy: None,
+            policy_poll_interval: Duration::from_secs(1),
+            default_control_point: "ingress".to_owned(),
+            service: "any".to_owned(),
+            max_label_values: 100_000,
+            max_check_request_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, with both listeners on free loopback ports.
+    pub fn ephemeral() -> Self {
+        Config {
+            grpc_listen: ([127, 0, 0, 1], 0).into(),
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            ..Config::default()
+        }
+    }
+}
+
+/// A started sidecar.
+pub struct Sidecar {
+    /// The Check listener's address.
+    pub grpc_addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    /// The engine, for tests and embedding.
+    pub engine: Arc<Engine>,
+    /// Tells every task to stop.
+    shutdown: Trigger,
+    /// The tasks, awaited on stop.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Loads the policy, binds both listeners and starts serving. A policy
+    /// that does not validate is an error here: there is none in force yet
+    /// that could stay.
+    pub async fn start(config: &Config) -> anyhow::Result<Sidecar> {
+        let metrics = Metrics::new();
+        let engine = Arc::new(Engine::new(
+            Clock::new(),
+            metrics.clone(),
+            EngineOptions {
+                max_label_values: config.max_label_values,
+            },
+        ));
+        let mut fingerprint = 0;
+        if let Some(path) = &config.policy {
+            let sources = policy::load::read_sources(path)?;
+            let set = policy::load::parse_sources(&sources)?;
+            fingerprint = policy::load::fingerprint(&sources);
+            engine.install(&set);
+            metrics.policy_reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(policies = set.policies.len(), path = %path.display(), "policy loaded");
+        } else {
+            metrics.policy_loaded.set(1);
+        }
+
+        let grpc = TcpListener::bind(config.grpc_listen)
+            .await
+            .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen for admin on {}", config.admin_listen))?;
+        let grpc_addr = grpc.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let (shutdown, stop) = shutdown::channel();
+        let mut tasks = Vec::new();
+
+        let authz = AuthzService::new(
+            engine.clone(),
+            &config.default_control_point,
+            &config.service,
+        );
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>()
+            .await;
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health)
+            .add_service(authz.into_server(config.max_check_request_bytes));
+        let mut grpc_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let stopped = async move { grpc_stop.wait().await };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        let admin_state = Arc::new(AdminState {
+            engine: engine.clone(),
+            ready: false.into(),
+        });
+        tasks.push(tokio::spawn(admin::serve(
+            admin,
+            admin_state.clone(),
+            stop.clone(),
+        )));
+
+        let sweeper = engine.clone();
+        let mut sweep_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sweeper.sweep(),
+                    _ = sweep_stop.wait() => return,
+                }
+            }
+        }));
+
+        if let Some(path) = config.policy.clone() {
+            let target = engine.clone();
+            let reloads = metrics.policy_reloads.clone();
+            tasks.push(tokio::spawn(policy::watch::watch(
+                path,
+                config.policy_poll_interval,
+                fingerprint,
+                move |set| target.install(set),
+                move |outcome| {
+                    let result = if outcome == Reload::Applied {
+                        "ok"
+                    } else {
+                        "error"
+                    };
+                    reloads.with_label_values(&[result]).inc();
+                },
+                stop.clone(),
+            )));
+        }
+
+        admin_state.ready.store(true, Ordering::Release);
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "sluice serving");
+        Ok(Sidecar {
+            grpc_addr,
+            admin_addr,
+            engine,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets in-flight Checks finish (up to `grace`), and
+    /// ends every task.
+    pub async fn stop(self, grace: Duration) {
+        self.shutdown.fire();
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
