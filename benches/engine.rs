@@ -1,0 +1,142 @@
+//! One decision through the engine, and one whole Check without the network
+//! (decode the request, decide, build the response), for an empty policy and
+//! for the benchmark policy: a classifier, a sampler and a per-user rate
+//! limiter over 10,000 users.
+//!
+//! `cargo bench --bench engine`; the figures go to BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use prost::Message;
+use sluice::clock::Clock;
+use sluice::envoy::AuthzService;
+use sluice::envoy::request::CheckView;
+use sluice::envoy::wire;
+use sluice::flow::{Engine, EngineOptions, FlowRequest};
+use sluice::policy::load::parse_sources;
+use sluice::telemetry::Metrics;
+
+const USERS: usize = 10_000;
+
+const BENCH_POLICY: &str = r#"
+name: bench
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      user: {from: request.http.headers.user-id}
+samplers:
+  - name: most
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+    session_label_key: user
+rate_limiters:
+  - name: per-user
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 1000000000
+    fill_amount: 1000000
+    interval: 1s
+    limit_by_label_key: user
+"#;
+
+fn engine(policy: Option<&str>) -> Arc<Engine> {
+    let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
+    let sources: Vec<(PathBuf, String)> = policy
+        .map(|p| vec![(PathBuf::from("bench.yaml"), p.to_owned())])
+        .unwrap_or_default();
+    engine.install(&parse_sources(&sources).expect("valid policy"));
+    Arc::new(engine)
+}
+
+/// A CheckRequest as Envoy sends one for a browser-ish GET: 14 headers.
+fn request(user: usize) -> wire::CheckRequest {
+    let h = |k: &str, v: &str| wire::StringEntry {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        value: Bytes::copy_from_slice(v.as_bytes()),
+    };
+    wire::CheckRequest {
+        attributes: Some(wire::AttributeContext {
+            request: Some(wire::Request {
+                http: Some(wire::HttpRequest {
+                    method: "GET".into(),
+                    path: "/api/items?page=2".into(),
+                    host: "shop.example".into(),
+                    scheme: "http".into(),
+                    protocol: "HTTP/1.1".into(),
+                    headers: vec![
+                        h(":authority", "shop.example"),
+                        h(":method", "GET"),
+                        h(":path", "/api/items?page=2"),
+                        h(":scheme", "http"),
+                        h("accept", "application/json"),
+                        h("accept-encoding", "gzip, deflate"),
+                        h("accept-language", "en-GB,en;q=0.9"),
+                        h("cookie", "session=0123456789abcdef0123456789abcdef"),
+                        h("user-agent", "Mozilla/5.0 (X11; Linux x86_64) bench"),
+                        h("user-id", &format!("user-{user}")),
+                        h("x-forwarded-proto", "http"),
+                        h("x-request-id", "a8a2684d-9acc-4d28-920d-21f2a86c0447"),
+                        h("x-envoy-expected-rq-timeout-ms", "15000"),
+                        h(
+                            "traceparent",
+                            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                        ),
+                    ],
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn decisions(c: &mut Criterion) {
+    let requests: Vec<wire::CheckRequest> = (0..USERS).map(request).collect();
+    let mut group = c.benchmark_group("decision");
+    for (name, policy) in [("empty_policy", None), ("bench_policy", Some(BENCH_POLICY))] {
+        let engine = engine(policy);
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % USERS;
+                let view = CheckView::new(&requests[i]);
+                let plan = engine.plan();
+                let decision = engine.check(
+                    &plan,
+                    FlowRequest {
+                        control_point: "ingress",
+                        service: "any",
+                        labels: &view,
+                    },
+                );
+                black_box(decision.accepted())
+            })
+        });
+    }
+    group.finish();
+
+    let encoded: Vec<Bytes> = requests
+        .iter()
+        .map(|r| Bytes::from(r.encode_to_vec()))
+        .collect();
+    let mut group = c.benchmark_group("check_without_network");
+    for (name, policy) in [("empty_policy", None), ("bench_policy", Some(BENCH_POLICY))] {
+        let service = AuthzService::new(engine(policy), "ingress", "any");
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % USERS;
+                let req = wire::CheckRequest::decode(encoded[i].clone()).expect("decodes");
+                let resp = service.decide(Some("ingress"), &req);
+                black_box(resp.encode_to_vec())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decisions);
+criterion_main!(benches);

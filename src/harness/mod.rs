@@ -1,0 +1,28 @@
+//! Real parts on loopback, for the tests, the demo and the load tests.
+//!
+//! [`Envoy`] runs the real Envoy binary (from the venv that
+//! `scripts/bootstrap.sh` fills) on a rendered copy of a shipped config;
+//! [`Upstream`] is a small HTTP service whose behaviour a request chooses by
+//! its path; [`http`] sends one HTTP/1.1 request. Everything binds to
+//! 127.0.0.1 and stops when dropped.
+
+pub mod envoy;
+pub mod http;
+pub mod upstream;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+pub use envoy::{Envoy, EnvoyPorts};
+pub use upstream::Upstream;
+
+/// The repository root (where `Cargo.toml` is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1. For programs that
+/// must be told their port (Envoy, Prometheus); Sluice itself binds port 0.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

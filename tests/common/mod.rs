@@ -1,0 +1,162 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
+};
+use sluice::server::{Config, Sidecar};
+use tonic::transport::Channel;
+
+/// A policy written to a temporary file, kept until dropped.
+pub struct PolicyFile {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl PolicyFile {
+    pub fn new(yaml: &str) -> PolicyFile {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, yaml).expect("write policy");
+        PolicyFile { dir, path }
+    }
+
+    /// Replaces the policy's text (atomically, as editors and ConfigMaps do).
+    pub fn rewrite(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".policy.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write policy");
+        std::fs::rename(&tmp, &self.path).expect("rename policy");
+    }
+}
+
+/// Starts an in-process sidecar on free ports with `policy`.
+pub async fn sidecar(policy: &PolicyFile) -> Sidecar {
+    let config = Config {
+        policy: Some(policy.path.clone()),
+        policy_poll_interval: Duration::from_millis(50),
+        ..Config::ephemeral()
+    };
+    Sidecar::start(&config).await.expect("sidecar starts")
+}
+
+pub async fn client(sidecar: &Sidecar) -> AuthorizationClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", sidecar.grpc_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to sluice");
+    AuthorizationClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// A CheckRequest as Envoy builds it for `method path` with `headers`.
+pub fn check_request(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let mut map: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    map.insert(":method".into(), method.into());
+    map.insert(":path".into(), path.into());
+    let peer = |ip: &str, port: u32| {
+        attribute_context::Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(
+                    envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port),
+                ),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    }
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 40000)),
+            destination: Some(peer("10.9.8.7", 8080)),
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    host: "shop.local".into(),
+                    scheme: "http".into(),
+                    protocol: "HTTP/1.1".into(),
+                    headers: map,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The HTTP status the response asks Envoy to answer with (200 for OK).
+pub fn http_status(resp: &CheckResponse) -> u16 {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    match &resp.http_response {
+        Some(HttpResponse::OkResponse(_)) => 200,
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(0, |s| s.code as u16),
+        _ => 0,
+    }
+}
+
+/// A header the response sets (on the request when OK, on the reply when
+/// denied).
+pub fn response_header(resp: &CheckResponse, name: &str) -> Option<String> {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    let headers = match &resp.http_response {
+        Some(HttpResponse::OkResponse(ok)) => &ok.headers,
+        Some(HttpResponse::DeniedResponse(d)) => &d.headers,
+        _ => return None,
+    };
+    headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+}
+
+/// The `sluice.flow` dynamic metadata.
+pub fn flow_metadata(resp: &CheckResponse) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let value = resp.dynamic_metadata.as_ref()?.fields.get("sluice.flow")?;
+    match &value.kind {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A value of an admin metric line (first series whose line starts with
+/// `prefix`), 0 when absent.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
