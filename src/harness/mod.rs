@@ -8,12 +8,14 @@
 
 pub mod envoy;
 pub mod http;
+pub mod prometheus;
 pub mod upstream;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 
 pub use envoy::{Envoy, EnvoyPorts};
+pub use prometheus::Prometheus;
 pub use upstream::Upstream;
 
 /// The repository root (where `Cargo.toml` is).

@@ -1,0 +1,28 @@
+# Two commands matter (see README): `make demo` and `make test`.
+# Each first runs scripts/bootstrap.sh, which installs Envoy, Prometheus,
+# Redis, k6 and h2load if they are missing (idempotent).
+
+CARGO ?= cargo
+DEMO_ARGS ?=
+
+.PHONY: demo test lint unit bench bootstrap
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+## The demo: Envoy + upstream + Sluice + Prometheus on loopback, with traffic.
+demo: bootstrap
+	$(CARGO) run --release --example demo -- $(DEMO_ARGS)
+
+## Every test, with the real Envoy and Prometheus, plus format and lint checks.
+test: bootstrap lint
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Criterion benchmarks of the engine (figures in BENCHMARKS.md).
+bench:
+	$(CARGO) bench --bench engine
