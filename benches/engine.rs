@@ -53,44 +53,39 @@ fn engine(policy: Option<&str>) -> Arc<Engine> {
 
 /// A CheckRequest as Envoy sends one for a browser-ish GET: 14 headers.
 fn request(user: usize) -> wire::CheckRequest {
-    let h = |k: &str, v: &str| wire::StringEntry {
-        key: Bytes::copy_from_slice(k.as_bytes()),
-        value: Bytes::copy_from_slice(v.as_bytes()),
-    };
-    wire::CheckRequest {
-        attributes: Some(wire::AttributeContext {
-            request: Some(wire::Request {
-                http: Some(wire::HttpRequest {
-                    method: "GET".into(),
-                    path: "/api/items?page=2".into(),
-                    host: "shop.example".into(),
-                    scheme: "http".into(),
-                    protocol: "HTTP/1.1".into(),
-                    headers: vec![
-                        h(":authority", "shop.example"),
-                        h(":method", "GET"),
-                        h(":path", "/api/items?page=2"),
-                        h(":scheme", "http"),
-                        h("accept", "application/json"),
-                        h("accept-encoding", "gzip, deflate"),
-                        h("accept-language", "en-GB,en;q=0.9"),
-                        h("cookie", "session=0123456789abcdef0123456789abcdef"),
-                        h("user-agent", "Mozilla/5.0 (X11; Linux x86_64) bench"),
-                        h("user-id", &format!("user-{user}")),
-                        h("x-forwarded-proto", "http"),
-                        h("x-request-id", "a8a2684d-9acc-4d28-920d-21f2a86c0447"),
-                        h("x-envoy-expected-rq-timeout-ms", "15000"),
-                        h(
-                            "traceparent",
-                            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                        ),
-                    ],
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
+    let user = format!("user-{user}");
+    let mut req = wire::CheckRequest::http(
+        "GET",
+        "/api/items?page=2",
+        &[
+            (":authority", "shop.example"),
+            (":method", "GET"),
+            (":path", "/api/items?page=2"),
+            (":scheme", "http"),
+            ("accept", "application/json"),
+            ("accept-encoding", "gzip, deflate"),
+            ("accept-language", "en-GB,en;q=0.9"),
+            ("cookie", "session=0123456789abcdef0123456789abcdef"),
+            ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) bench"),
+            ("user-id", &user),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "a8a2684d-9acc-4d28-920d-21f2a86c0447"),
+            ("x-envoy-expected-rq-timeout-ms", "15000"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ],
+    );
+    if let Some(http) = req
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    {
+        http.host = Bytes::from_static(b"shop.example");
     }
+    req
 }
 
 fn decisions(c: &mut Criterion) {

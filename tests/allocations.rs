@@ -8,7 +8,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use sluice::clock::Clock;
 use sluice::envoy::request::CheckView;
 use sluice::envoy::wire;
@@ -65,23 +64,12 @@ rate_limiters:
 "#;
 
 fn request(user: usize) -> wire::CheckRequest {
-    let h = |k: &str, v: &str| wire::StringEntry {
-        key: Bytes::copy_from_slice(k.as_bytes()),
-        value: Bytes::copy_from_slice(v.as_bytes()),
-    };
-    wire::CheckRequest {
-        attributes: Some(wire::AttributeContext {
-            request: Some(wire::Request {
-                http: Some(wire::HttpRequest {
-                    method: "GET".into(),
-                    path: "/api/items?page=2".into(),
-                    headers: vec![h("accept", "*/*"), h("user-id", &format!("user-{user}"))],
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    let user = format!("user-{user}");
+    wire::CheckRequest::http(
+        "GET",
+        "/api/items?page=2",
+        &[("accept", "*/*"), ("user-id", &user)],
+    )
 }
 
 #[test]

@@ -19,3 +19,32 @@ pub mod wire {
 }
 
 pub use authz::AuthzService;
+
+impl wire::CheckRequest {
+    /// A CheckRequest as Envoy builds one for `method target` with
+    /// `headers`: for tests, benchmarks and load generators.
+    pub fn http(method: &str, target: &str, headers: &[(&str, &str)]) -> Self {
+        let bytes = |s: &str| bytes::Bytes::copy_from_slice(s.as_bytes());
+        wire::CheckRequest {
+            attributes: Some(wire::AttributeContext {
+                request: Some(wire::Request {
+                    http: Some(wire::HttpRequest {
+                        method: bytes(method),
+                        path: bytes(target),
+                        protocol: bytes("HTTP/1.1"),
+                        scheme: bytes("http"),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| wire::StringEntry {
+                                key: bytes(k),
+                                value: bytes(v),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+}

@@ -1,12 +1,12 @@
 //! The real Envoy, started on a rendered copy of a shipped config.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
+use super::process::Process;
 use super::{free_port, repo_root};
 
 /// Ports a shipped config uses, by their defaults in the file: Envoy admin
@@ -77,8 +77,7 @@ pub fn render(config: &str, ports: &EnvoyPorts) -> anyhow::Result<String> {
 pub struct Envoy {
     /// The ports it was given.
     pub ports: EnvoyPorts,
-    child: Child,
-    dir: tempfile::TempDir,
+    process: Process,
 }
 
 impl Envoy {
@@ -95,57 +94,36 @@ impl Envoy {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
-        let child = Command::new(binary()?)
-            .arg("-c")
-            .arg(&config_path)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn envoy")?;
-        let mut envoy = Envoy { ports, child, dir };
-        envoy.wait_live(Duration::from_secs(30)).await?;
-        Ok(envoy)
-    }
-
-    async fn wait_live(&mut self, within: Duration) -> anyhow::Result<()> {
-        let admin = ([127, 0, 0, 1], self.ports.admin).into();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("envoy exited ({status}):\n{}", self.log_tail());
-            }
-            if let Ok(reply) = super::http::get(admin, "/ready", &[]).await
-                && reply.status == 200
-            {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("envoy not live within {within:?}:\n{}", self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let args: Vec<String> = [
+            "-c",
+            &config_path.display().to_string(),
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--file-flush-interval-msec",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut process = Process::spawn("envoy", &binary()?, dir, &args)?;
+        let admin = ([127, 0, 0, 1], ports.admin).into();
+        process
+            .wait_http_ok(admin, "/ready", Duration::from_secs(30))
+            .await?;
+        Ok(Envoy { ports, process })
     }
 
     /// The last lines Envoy logged.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
     }
 
-    /// Where Envoy logs.
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("envoy.log")
+    /// Envoy's working directory (config, log).
+    pub fn dir(&self) -> &Path {
+        self.process.dir()
     }
 
     /// The listener's address.

@@ -8,6 +8,7 @@
 
 pub mod envoy;
 pub mod http;
+pub mod process;
 pub mod prometheus;
 pub mod upstream;
 

@@ -3,13 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use tokio::process::{Child, Command};
 
 use super::free_port;
+use super::process::Process;
 
 /// The Prometheus binary: `$SLUICE_PROMETHEUS`, else `prometheus` on PATH.
 pub fn binary() -> anyhow::Result<PathBuf> {
@@ -47,8 +46,7 @@ impl Sample {
 pub struct Prometheus {
     /// Where its HTTP API listens.
     pub addr: SocketAddr,
-    child: Child,
-    dir: tempfile::TempDir,
+    process: Process,
 }
 
 impl Prometheus {
@@ -58,8 +56,16 @@ impl Prometheus {
         scrape_targets: &[SocketAddr],
         scrape_interval: Duration,
     ) -> anyhow::Result<Prometheus> {
+        Prometheus::start_on(free_port()?, scrape_targets, scrape_interval).await
+    }
+
+    /// As [`Prometheus::start`], on a given port (to restart one where it was).
+    pub async fn start_on(
+        port: u16,
+        scrape_targets: &[SocketAddr],
+        scrape_interval: Duration,
+    ) -> anyhow::Result<Prometheus> {
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let targets: Vec<String> = scrape_targets.iter().map(|t| format!("'{t}'")).collect();
         let interval = format!("{}ms", scrape_interval.as_millis().max(100));
@@ -74,59 +80,31 @@ impl Prometheus {
         let config = format!(
             "global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n{scrape}"
         );
-        std::fs::write(dir.path().join("prometheus.yml"), config)?;
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
-        let child = Command::new(binary()?)
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--web.enable-remote-write-receiver")
-            .arg("--storage.tsdb.retention.time=1h")
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn prometheus")?;
-        let mut prometheus = Prometheus { addr, child, dir };
-        prometheus.wait_ready(Duration::from_secs(30)).await?;
-        Ok(prometheus)
-    }
-
-    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("prometheus exited ({status}):\n{}", self.log_tail());
-            }
-            if let Ok(r) = super::http::get(self.addr, "/-/ready", &[]).await
-                && r.status == 200
-            {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "prometheus not ready within {within:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config)?;
+        let args = vec![
+            format!("--config.file={}", config_path.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            format!("--web.listen-address={addr}"),
+            "--web.enable-remote-write-receiver".to_owned(),
+            "--storage.tsdb.retention.time=1h".to_owned(),
+            "--log.level=warn".to_owned(),
+        ];
+        let mut process = Process::spawn("prometheus", &binary()?, dir, &args)?;
+        process
+            .wait_http_ok(addr, "/-/ready", Duration::from_secs(30))
+            .await?;
+        Ok(Prometheus { addr, process })
     }
 
     /// The last lines Prometheus logged.
     pub fn log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
+    }
+
+    /// Stops it at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
     }
 
     /// The remote-write URL.

@@ -1,0 +1,96 @@
+//! A child process of the harness: its own temporary directory, output in a
+//! log file there, killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+/// A running child process.
+pub struct Process {
+    /// For messages.
+    name: &'static str,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Spawns `program` with `args` (built by `args` from the process's
+    /// directory), stdout and stderr going to `<dir>/<name>.log`.
+    pub fn spawn(
+        name: &'static str,
+        program: &Path,
+        dir: tempfile::TempDir,
+        args: &[String],
+    ) -> anyhow::Result<Process> {
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {name} ({})", program.display()))?;
+        Ok(Process { name, child, dir })
+    }
+
+    /// Waits until `GET path` on `addr` answers 200, failing early if the
+    /// process exits.
+    pub async fn wait_http_ok(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited ({status}):\n{}", self.name, self.log_tail());
+            }
+            if let Ok(reply) = super::http::get(addr, path, &[]).await
+                && reply.status == 200
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} not ready within {within:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where it logs.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.name))
+    }
+
+    /// The last 30 lines it logged.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Stops it (SIGKILL) and waits for it to go.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Its process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
