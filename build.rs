@@ -2,13 +2,26 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["sluice/ext_authz.proto"], ["proto"])?;
+    let descriptors = protox::compile(
+        [
+            "sluice/ext_authz.proto",
+            "sluice/otlp_logs.proto",
+            "prometheus/remote.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(false)
-        .bytes(".")
+        // Request messages decode into slices of the request buffer.
+        .bytes(".envoy.service.auth.v3")
+        .bytes(".opentelemetry.proto.collector.logs.v1")
         .extern_path(
             ".envoy.service.auth.v3.CheckResponse",
             "::envoy_types::pb::envoy::service::auth::v3::CheckResponse",
+        )
+        .extern_path(
+            ".opentelemetry.proto.collector.logs.v1.ExportLogsServiceResponse",
+            "::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse",
         )
         .compile_fds(descriptors)?;
     Ok(())

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::policy;
 use crate::server::{Config, Sidecar};
+use crate::telemetry::remote_write::RemoteWriteConfig;
 
 /// Sluice: a flow-control sidecar for Envoy and Istio.
 ///
@@ -81,10 +82,49 @@ pub struct RunArgs {
     /// for; beyond it the least recently used are evicted and counted.
     #[arg(long, env = "SLUICE_MAX_LABEL_VALUES", default_value_t = 100_000)]
     pub max_label_values: usize,
+    /// Most accepted flows holding concurrency-limiter slots at once, waiting
+    /// for their access log; beyond it the flow nearest its deadline is
+    /// finished early (its slots returned) and counted.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_FLOWS", default_value_t = 100_000)]
+    pub max_inflight_flows: usize,
     /// Largest CheckRequest accepted, in bytes (headers plus any body Envoy
     /// sends); larger ones are answered with gRPC status OUT_OF_RANGE.
     #[arg(long, env = "SLUICE_MAX_CHECK_REQUEST_BYTES", default_value_t = 16 << 20)]
     pub max_check_request_bytes: usize,
+    /// Largest OTLP logs Export accepted, in bytes, over gRPC or HTTP.
+    #[arg(long, env = "SLUICE_MAX_LOG_REQUEST_BYTES", default_value_t = 16 << 20)]
+    pub max_log_request_bytes: usize,
+    /// Prometheus remote-write receiver for flux meters and the sidecar's
+    /// own metrics, e.g. http://prometheus:9090/api/v1/write (Prometheus
+    /// needs --web.enable-remote-write-receiver). Off when unset.
+    #[arg(long, env = "SLUICE_REMOTE_WRITE_URL")]
+    pub remote_write_url: Option<http::Uri>,
+    /// How often metrics are remote-written.
+    #[arg(long, env = "SLUICE_REMOTE_WRITE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub remote_write_interval: Duration,
+    /// A label added to every remote-written series, as name=value;
+    /// repeatable (comma-separated in the environment variable).
+    /// `instance` defaults to <hostname>:<admin port>.
+    #[arg(long = "remote-write-label", env = "SLUICE_REMOTE_WRITE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub remote_write_labels: Vec<(String, String)>,
+    /// File holding a bearer token sent with every remote-write request.
+    #[arg(long, env = "SLUICE_REMOTE_WRITE_BEARER_TOKEN_FILE")]
+    pub remote_write_bearer_token_file: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for an https:// receiver, in
+    /// addition to the system's.
+    #[arg(long, env = "SLUICE_REMOTE_WRITE_CA_FILE")]
+    pub remote_write_ca_file: Option<PathBuf>,
+    /// Batches kept while the receiver is unreachable; beyond it the oldest
+    /// is dropped and its samples counted.
+    #[arg(
+        long,
+        env = "SLUICE_REMOTE_WRITE_MAX_QUEUED_BATCHES",
+        default_value_t = 30
+    )]
+    pub remote_write_max_queued_batches: usize,
+    /// Time limit of one remote-write request.
+    #[arg(long, env = "SLUICE_REMOTE_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub remote_write_timeout: Duration,
     /// Worker threads of the async runtime; 0 for one per core (at most 4).
     /// A sidecar shares its pod's cores, so the default is small.
     #[arg(long, env = "SLUICE_WORKER_THREADS", default_value_t = 2)]
@@ -102,10 +142,45 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     policy::types::DurationSpec::parse(s)
 }
 
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=value, got {s:?}"))?;
+    let name = name.trim();
+    if !crate::telemetry::remote_write::valid_label_name(name) {
+        return Err(format!("invalid label name {name:?}"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 impl RunArgs {
     /// The sidecar configuration these flags describe.
-    pub fn config(&self) -> Config {
-        Config {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let remote_write = match &self.remote_write_url {
+            None => None,
+            Some(url) => {
+                let bearer_token = match &self.remote_write_bearer_token_file {
+                    None => None,
+                    Some(path) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                };
+                Some(RemoteWriteConfig {
+                    url: url.clone(),
+                    interval: self.remote_write_interval,
+                    external_labels: self.remote_write_labels.clone(),
+                    bearer_token,
+                    ca_file: self.remote_write_ca_file.clone(),
+                    max_queued_batches: self.remote_write_max_queued_batches,
+                    timeout: self.remote_write_timeout,
+                })
+            }
+        };
+        Ok(Config {
+            remote_write,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,
             policy: self.policy.clone(),
@@ -113,8 +188,10 @@ impl RunArgs {
             default_control_point: self.default_control_point.clone(),
             service: self.service.clone(),
             max_label_values: self.max_label_values,
+            max_inflight_flows: self.max_inflight_flows,
             max_check_request_bytes: self.max_check_request_bytes,
-        }
+            max_log_request_bytes: self.max_log_request_bytes,
+        })
     }
 }
 
@@ -182,7 +259,14 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let sidecar = match Sidecar::start(&cli.run.config()).await {
+        let config = match cli.run.config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot start: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sidecar = match Sidecar::start(&config).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");

@@ -31,6 +31,7 @@ pub mod clock;
 pub mod envoy;
 pub mod flow;
 pub mod harness;
+pub mod otlp;
 pub mod policy;
 pub mod server;
 pub mod shutdown;

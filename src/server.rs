@@ -19,9 +19,21 @@ use crate::admin::{self, AdminState};
 use crate::clock::Clock;
 use crate::envoy::AuthzService;
 use crate::flow::{Engine, EngineOptions};
+use crate::otlp::AccessLogs;
 use crate::policy::{self, watch::Reload};
 use crate::shutdown::{self, Trigger};
 use crate::telemetry::Metrics;
+use crate::telemetry::remote_write::{self, RemoteWriteConfig, RemoteWriteMetrics};
+
+/// This machine's name, for the default `instance` label.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
 
 /// Everything a sidecar needs to start.
 #[derive(Clone, Debug)]
@@ -40,8 +52,15 @@ pub struct Config {
     pub service: String,
     /// Most label values a component keeps state for.
     pub max_label_values: usize,
+    /// Most accepted flows holding concurrency slots at once.
+    pub max_inflight_flows: usize,
     /// Largest CheckRequest accepted (bigger ones get gRPC OUT_OF_RANGE).
     pub max_check_request_bytes: usize,
+    /// Largest OTLP logs Export accepted (gRPC or HTTP).
+    pub max_log_request_bytes: usize,
+    /// Where to remote-write metrics, if anywhere. An `instance` label
+    /// (`<hostname>:<admin port>`) is added unless one is given.
+    pub remote_write: Option<RemoteWriteConfig>,
 }
 
 impl Default for Config {
@@ -54,7 +73,10 @@ impl Default for Config {
             default_control_point: "ingress".to_owned(),
             service: "any".to_owned(),
             max_label_values: 100_000,
+            max_inflight_flows: 100_000,
             max_check_request_bytes: 16 << 20,
+            max_log_request_bytes: 16 << 20,
+            remote_write: None,
         }
     }
 }
@@ -95,6 +117,7 @@ impl Sidecar {
             metrics.clone(),
             EngineOptions {
                 max_label_values: config.max_label_values,
+                max_inflight_flows: config.max_inflight_flows,
             },
         ));
         let mut fingerprint = 0;
@@ -125,6 +148,7 @@ impl Sidecar {
             &config.default_control_point,
             &config.service,
         );
+        let access_logs = AccessLogs::new(engine.clone());
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>()
@@ -133,7 +157,12 @@ impl Sidecar {
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health)
-            .add_service(authz.into_server(config.max_check_request_bytes));
+            .add_service(authz.into_server(config.max_check_request_bytes))
+            .add_service(
+                access_logs
+                    .clone()
+                    .into_server(config.max_log_request_bytes),
+            );
         let mut grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let stopped = async move { grpc_stop.wait().await };
@@ -145,6 +174,8 @@ impl Sidecar {
         let admin_state = Arc::new(AdminState {
             engine: engine.clone(),
             ready: false.into(),
+            access_logs,
+            max_log_request_bytes: config.max_log_request_bytes,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin,
@@ -182,6 +213,24 @@ impl Sidecar {
                 },
                 stop.clone(),
             )));
+        }
+
+        if let Some(rw) = &config.remote_write {
+            let mut rw = rw.clone();
+            if !rw.external_labels.iter().any(|(k, _)| k == "instance") {
+                rw.external_labels.push((
+                    "instance".to_owned(),
+                    format!("{}:{}", hostname(), admin_addr.port()),
+                ));
+            }
+            let rw_metrics = RemoteWriteMetrics::register(&metrics.registry)?;
+            tracing::info!(url = %rw.url, interval = ?rw.interval, "remote-writing metrics");
+            tasks.extend(remote_write::start(
+                rw,
+                metrics.registry.clone(),
+                rw_metrics,
+                stop.clone(),
+            )?);
         }
 
         admin_state.ready.store(true, Ordering::Release);

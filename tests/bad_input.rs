@@ -5,13 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::*;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use sluice::envoy::wire;
 use sluice::server::{Config, Sidecar};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 
 const POLICY: &str = r#"
 name: p
@@ -31,63 +29,11 @@ rate_limiters:
     limit_by_label_key: user
 "#;
 
-/// Sends pre-encoded bytes as the request message.
-#[derive(Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = CheckResponse;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = CheckResponse;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckResponse>, tonic::Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        prost::Message::decode(bytes)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
 async fn raw_check(
     addr: std::net::SocketAddr,
     body: Bytes,
 ) -> Result<CheckResponse, tonic::Status> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
-    grpc.ready().await.expect("ready");
-    grpc.unary(
-        tonic::Request::new(body),
-        http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check"),
-        RawCodec,
-    )
-    .await
-    .map(tonic::Response::into_inner)
+    raw_unary(addr, "/envoy.service.auth.v3.Authorization/Check", body).await
 }
 
 fn encode(msg: &impl prost::Message) -> Bytes {

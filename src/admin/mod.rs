@@ -1,7 +1,8 @@
 //! The admin HTTP server: `/metrics` (Prometheus text format), `/healthz`
 //! (the process is up), `/readyz` (a policy is in force and the Check
-//! listener is serving) and `/control-points` (JSON: control points and
-//! services seen, with counts).
+//! listener is serving), `/control-points` (JSON: control points and
+//! services seen, with counts), and `POST /v1/logs` (OTLP/HTTP access logs,
+//! protobuf encoding).
 //!
 //! HTTP/1.1 only, on its own listener, so that scraping and probing never
 //! share a connection or a queue with Envoy's Checks.
@@ -21,6 +22,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::flow::Engine;
+use crate::otlp::{AccessLogs, wire};
 use crate::shutdown::Shutdown;
 
 /// What the admin endpoints read.
@@ -29,6 +31,10 @@ pub struct AdminState {
     pub engine: Arc<Engine>,
     /// Set once the sidecar serves Checks with its policy in force.
     pub ready: AtomicBool,
+    /// Where `POST /v1/logs` records go.
+    pub access_logs: AccessLogs,
+    /// Largest `POST /v1/logs` body accepted.
+    pub max_log_request_bytes: usize,
 }
 
 type Body = Full<Bytes>;
@@ -76,11 +82,77 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
                 Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/control-points") => {
+        (&Method::POST, "/v1/logs") => otlp_http(state, req).await,
+        (_, "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
         }
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
+}
+
+/// OTLP/HTTP logs: a protobuf `ExportLogsServiceRequest` in, a protobuf
+/// `ExportLogsServiceResponse` out. JSON and compressed bodies are refused
+/// with 415 rather than misread.
+async fn otlp_http(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::{BodyExt, Limited};
+    use prost::Message;
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    if !header(header::CONTENT_TYPE).starts_with("application/x-protobuf") {
+        return respond(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            TEXT,
+            "only Content-Type: application/x-protobuf is accepted (not OTLP JSON)\n",
+        );
+    }
+    if !matches!(header(header::CONTENT_ENCODING).as_str(), "" | "identity") {
+        return respond(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            TEXT,
+            "compressed bodies are not accepted; send Content-Encoding: identity\n",
+        );
+    }
+    let body = match Limited::new(req.into_body(), state.max_log_request_bytes)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                TEXT,
+                format!(
+                    "cannot read the body (limit {} bytes): {e}\n",
+                    state.max_log_request_bytes
+                ),
+            );
+        }
+    };
+    let request = match wire::ExportLogsServiceRequest::decode(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                TEXT,
+                format!("not an OTLP ExportLogsServiceRequest: {e}\n"),
+            );
+        }
+    };
+    state.access_logs.export(&request).await;
+    let response = opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse {
+        partial_success: None,
+    };
+    respond(
+        StatusCode::OK,
+        "application/x-protobuf",
+        response.encode_to_vec(),
+    )
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.

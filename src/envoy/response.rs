@@ -22,7 +22,6 @@ use envoy_types::pb::google::rpc;
 use super::request::CheckView;
 use crate::flow::Decision;
 use crate::flow::labels::percent_encode_into;
-use crate::flow::metadata::FlowMeta;
 
 /// The dynamic metadata key (under the ext_authz filter's namespace).
 pub const FLOW_METADATA_KEY: &str = "sluice.flow";
@@ -86,17 +85,11 @@ fn baggage(decision: &Decision<'_>, view: &CheckView<'_>) -> Option<String> {
 
 /// Builds the CheckResponse for a decision.
 pub fn build(decision: &Decision<'_>, view: &CheckView<'_>) -> CheckResponse {
-    let mut flow = String::with_capacity(64);
+    let flow = decision.metadata();
     let rejected_by = decision
         .rejection
         .as_ref()
         .map(|r| format!("{}/{}", r.policy, r.component));
-    FlowMeta {
-        id: decision.flow_id,
-        accepted: decision.accepted(),
-        rejected_by: rejected_by.as_deref(),
-    }
-    .encode_into(&mut flow);
     let dynamic_metadata = Some(Struct {
         fields: HashMap::from([(
             FLOW_METADATA_KEY.to_owned(),

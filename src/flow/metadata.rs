@@ -7,8 +7,11 @@
 //! any access-log formatter unchanged and can be read by eye in a log line:
 //!
 //! ```text
-//! v=1;id=9f2c01d4e5a6b7c8;d=rejected;by=users/per-user
+//! v=1;id=9f2c01d4e5a6b7c8;d=rejected;by=users/per-user;fm=users/latency
 //! ```
+//!
+//! `fm` lists the flux meters (`policy/name`) that observe the flow when
+//! its access log arrives.
 //!
 //! Unknown keys are ignored when reading, so newer sidecars can add keys.
 
@@ -23,6 +26,8 @@ pub struct FlowMeta<'a> {
     pub accepted: bool,
     /// `policy/component` that rejected it, if it was rejected.
     pub rejected_by: Option<&'a str>,
+    /// Comma-separated `policy/name` of the flux meters observing it.
+    pub flux_meters: &'a str,
 }
 
 /// Why a `sluice.flow` value could not be read.
@@ -51,11 +56,20 @@ impl<'a> FlowMeta<'a> {
         if let Some(by) = self.rejected_by {
             let _ = write!(out, ";by={by}");
         }
+        if !self.flux_meters.is_empty() {
+            let _ = write!(out, ";fm={}", self.flux_meters);
+        }
+    }
+
+    /// The flux meters observing the flow.
+    pub fn flux_meters(&self) -> impl Iterator<Item = &'a str> {
+        self.flux_meters.split(',').filter(|m| !m.is_empty())
     }
 
     /// Reads an encoded value.
     pub fn decode(s: &'a str) -> Result<Self, MetaError> {
         let (mut version, mut id, mut accepted, mut rejected_by) = (false, None, None, None);
+        let mut flux_meters = "";
         for field in s.trim().split(';') {
             let Some((k, v)) = field.split_once('=') else {
                 continue;
@@ -71,6 +85,7 @@ impl<'a> FlowMeta<'a> {
                     }
                 }
                 "by" => rejected_by = Some(v),
+                "fm" => flux_meters = v,
                 _ => {}
             }
         }
@@ -81,6 +96,7 @@ impl<'a> FlowMeta<'a> {
             id: id.ok_or(MetaError::Id)?,
             accepted: accepted.ok_or(MetaError::Decision)?,
             rejected_by,
+            flux_meters,
         })
     }
 }
@@ -96,11 +112,13 @@ mod tests {
                 id: 1,
                 accepted: true,
                 rejected_by: None,
+                flux_meters: "",
             },
             FlowMeta {
                 id: u64::MAX,
                 accepted: false,
                 rejected_by: Some("p/c"),
+                flux_meters: "p/a,q/b",
             },
         ] {
             let mut s = String::new();
@@ -123,8 +141,11 @@ mod tests {
             Ok(FlowMeta {
                 id: 16,
                 accepted: true,
-                rejected_by: None
+                rejected_by: None,
+                flux_meters: "",
             })
         );
+        let meta = FlowMeta::decode("v=1;id=1;d=accepted;fm=p/a,,q/b").expect("valid");
+        assert_eq!(meta.flux_meters().collect::<Vec<_>>(), ["p/a", "q/b"]);
     }
 }

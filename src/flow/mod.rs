@@ -1,5 +1,5 @@
 //! The decision engine: what happens to a flow between Envoy's Check and the
-//! answer.
+//! answer, and when its access log arrives.
 //!
 //! Stages run in the order of DESIGN.md; a stage with no component for the
 //! flow is skipped, and the first rejection ends the flow's journey:
@@ -7,17 +7,26 @@
 //! 1. selectors pick the components ([`selector`], indexed by control point
 //!    in [`plan`]);
 //! 2. [`classifier`]s add labels;
-//! 3. (flux meters: attached when the flow-end work lands);
+//! 3. [`flux_meter`]s are attached; they observe the flow at its end;
 //! 4. [`sampler`]s accept a share;
-//! 5. [`rate_limiter`]s charge token buckets. Tokens taken by a limiter are
-//!    given back when a later stage rejects the flow, so a rejected flow
-//!    costs nothing.
+//! 5. [`rate_limiter`]s charge token buckets, then
+//!    [`concurrency_limiter`]s take slots. What a flow took is given back
+//!    when a later component rejects it, so a rejected flow costs nothing.
 //!
-//! The engine never sees protobufs: adapters (`crate::envoy`) hand it a
-//! [`FlowRequest`] over a [`LabelSource`] and translate the [`Decision`].
+//! [`Engine::end_flow`] is the other half: the access log names the flow
+//! ([`metadata`]), its flux meters observe it, and its slots are returned
+//! ([`inflight`]).
+//!
+//! The engine never sees protobufs: adapters (`crate::envoy`,
+//! `crate::otlp`) hand it a [`FlowRequest`] over a [`LabelSource`], or a
+//! [`flow_end::FlowEnd`], and translate the [`Decision`].
 
 pub mod classifier;
+pub mod concurrency_limiter;
 pub mod control_points;
+pub mod flow_end;
+pub mod flux_meter;
+pub mod inflight;
 pub mod label_table;
 pub mod labels;
 pub mod metadata;
@@ -36,7 +45,11 @@ use crate::clock::Clock;
 use crate::policy::PolicySet;
 use crate::telemetry::{Metrics, forget_component};
 use control_points::ControlPoints;
+use flow_end::{ExtraAttributes, FlowEnd};
+use flux_meter::FluxMeter;
+use inflight::{InFlight, InFlightMetrics};
 pub use labels::{FlowLabels, LabelRef, LabelSource, MapLabels};
+use metadata::FlowMeta;
 pub use plan::Plan;
 
 /// A flow as an adapter presents it.
@@ -57,17 +70,24 @@ pub enum RejectReason {
     NotSampled,
     /// A rate limiter's bucket was empty.
     RateLimited,
+    /// A concurrency limiter had no free slot.
+    ConcurrencyLimited,
 }
 
 impl RejectReason {
     /// Every reason, for metric clean-up.
-    pub const ALL: [RejectReason; 2] = [RejectReason::NotSampled, RejectReason::RateLimited];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::NotSampled,
+        RejectReason::RateLimited,
+        RejectReason::ConcurrencyLimited,
+    ];
 
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::NotSampled => "not_sampled",
             RejectReason::RateLimited => "rate_limited",
+            RejectReason::ConcurrencyLimited => "concurrency_limited",
         }
     }
 
@@ -76,6 +96,7 @@ impl RejectReason {
         match self {
             RejectReason::NotSampled => "not sampled",
             RejectReason::RateLimited => "rate limited",
+            RejectReason::ConcurrencyLimited => "concurrency limited",
         }
     }
 }
@@ -103,6 +124,8 @@ pub struct Decision<'a> {
     pub rejection: Option<Rejection<'a>>,
     /// The flow's labels, including what classifiers added.
     pub labels: FlowLabels<'a>,
+    /// The flux meters that observe the flow when its access log arrives.
+    pub flux_meters: SmallVec<[&'a FluxMeter; 2]>,
     /// Which classifier labels go upstream in `baggage` (indices into
     /// `labels.classified()`).
     telemetry: SmallVec<[u16; 4]>,
@@ -112,6 +135,31 @@ impl<'a> Decision<'a> {
     /// True when the flow may pass.
     pub fn accepted(&self) -> bool {
         self.rejection.is_none()
+    }
+
+    /// The `sluice.flow` metadata that lets the access log find this flow
+    /// again (see [`metadata`]).
+    pub fn metadata(&self) -> String {
+        let mut meters = String::new();
+        for (i, meter) in self.flux_meters.iter().enumerate() {
+            if i > 0 {
+                meters.push(',');
+            }
+            meters.push_str(&meter.key);
+        }
+        let rejected_by = self
+            .rejection
+            .as_ref()
+            .map(|r| format!("{}/{}", r.policy, r.component));
+        let mut out = String::with_capacity(48 + meters.len());
+        FlowMeta {
+            id: self.flow_id,
+            accepted: self.accepted(),
+            rejected_by: rejected_by.as_deref(),
+            flux_meters: &meters,
+        }
+        .encode_into(&mut out);
+        out
     }
 
     /// The classifier labels to send upstream in `baggage`; when a label was
@@ -133,14 +181,29 @@ impl<'a> Decision<'a> {
 pub struct EngineOptions {
     /// Most label values a component keeps state for.
     pub max_label_values: usize,
+    /// Most accepted flows holding concurrency slots at once.
+    pub max_inflight_flows: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             max_label_values: 100_000,
+            max_inflight_flows: 100_000,
         }
     }
+}
+
+/// What became of one access-log record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// It named a flow, which was observed and released.
+    Matched,
+    /// It named no flow: one Sluice never saw, or one Envoy let through
+    /// while Sluice was down.
+    WithoutFlow,
+    /// Its `sluice.flow` could not be read.
+    Invalid,
 }
 
 /// The decision engine of one sidecar.
@@ -153,6 +216,8 @@ pub struct Engine {
     metrics: Metrics,
     /// Control points and services seen.
     control_points: ControlPoints,
+    /// Accepted flows holding concurrency slots.
+    inflight: InFlight,
     /// Sizes and limits.
     options: EngineOptions,
 }
@@ -163,6 +228,14 @@ impl Engine {
         Engine {
             plan: ArcSwap::from_pointee(Plan::default()),
             control_points: ControlPoints::new(metrics.control_points_overflow.clone()),
+            inflight: InFlight::new(
+                options.max_inflight_flows,
+                InFlightMetrics {
+                    flows: metrics.inflight_flows.clone(),
+                    expired: metrics.inflight_expired.clone(),
+                    evicted: metrics.inflight_evicted.clone(),
+                },
+            ),
             clock,
             metrics,
             options,
@@ -175,6 +248,11 @@ impl Engine {
     pub fn install(&self, set: &PolicySet) {
         let previous = self.plan.load_full();
         let next = Plan::compile(set, &previous, &self.metrics, self.options.max_label_values);
+        for (key, meter) in &previous.flux_meters {
+            if !next.flux_meters.contains_key(key) {
+                meter.unregister(&self.metrics.registry);
+            }
+        }
         for old in &previous.policies {
             let kept = next.policies.iter().find(|p| p.name == old.name);
             for component in old.component_names() {
@@ -203,6 +281,7 @@ impl Engine {
             flow_id: fastrand::u64(..),
             rejection: None,
             labels: FlowLabels::new(flow.labels),
+            flux_meters: SmallVec::new(),
             telemetry: SmallVec::new(),
         };
         if let Some(stages) = plan.control_points.get(flow.control_point) {
@@ -240,6 +319,12 @@ impl Engine {
             }
         }
 
+        for f in &stages.flux_meters {
+            if admits(&f.selectors, labels) {
+                decision.flux_meters.push(f);
+            }
+        }
+
         for s in &stages.samplers {
             if admits(&s.selectors, labels) && !s.accepts(labels) {
                 return Some(Rejection {
@@ -252,39 +337,106 @@ impl Engine {
             }
         }
 
-        if !stages.rate_limiters.is_empty() {
-            let now = self.clock.now();
-            let mut holds = SmallVec::<[rate_limiter::Hold<'a>; 2]>::new();
-            for r in &stages.rate_limiters {
-                if !admits(&r.selectors, labels) {
-                    continue;
-                }
-                match r.acquire(labels, now) {
-                    Ok(hold) => holds.extend(hold),
-                    Err(limited) => {
-                        holds.into_iter().for_each(rate_limiter::Hold::release);
-                        return Some(Rejection {
-                            policy: &r.policy,
-                            component: &r.name,
-                            reason: RejectReason::RateLimited,
-                            status: r.denied_status,
-                            retry_after: limited.retry_after.map(Duration::from_nanos),
-                        });
-                    }
+        if stages.rate_limiters.is_empty() && stages.concurrency_limiters.is_empty() {
+            return None;
+        }
+        let now = self.clock.now();
+        let mut holds = SmallVec::<[rate_limiter::Hold<'a>; 2]>::new();
+        for r in &stages.rate_limiters {
+            if !admits(&r.selectors, labels) {
+                continue;
+            }
+            match r.acquire(labels, now) {
+                Ok(hold) => holds.extend(hold),
+                Err(limited) => {
+                    holds.into_iter().for_each(rate_limiter::Hold::release);
+                    return Some(Rejection {
+                        policy: &r.policy,
+                        component: &r.name,
+                        reason: RejectReason::RateLimited,
+                        status: r.denied_status,
+                        retry_after: limited.retry_after.map(Duration::from_nanos),
+                    });
                 }
             }
+        }
+        let mut slots = inflight::Slots::new();
+        let mut deadline = u64::MAX;
+        for c in &stages.concurrency_limiters {
+            if !admits(&c.selectors, labels) {
+                continue;
+            }
+            match c.acquire(labels, now) {
+                Ok(slot) => {
+                    if let Some(slot) = slot {
+                        slots.push(slot);
+                        deadline = deadline.min(now.saturating_add(c.max_inflight));
+                    }
+                }
+                Err(concurrency_limiter::Busy) => {
+                    holds.into_iter().for_each(rate_limiter::Hold::release);
+                    slots
+                        .into_iter()
+                        .for_each(concurrency_limiter::Slot::release);
+                    return Some(Rejection {
+                        policy: &c.policy,
+                        component: &c.name,
+                        reason: RejectReason::ConcurrencyLimited,
+                        status: c.denied_status,
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+        if !slots.is_empty() {
+            self.inflight.insert(decision.flow_id, deadline, slots);
         }
         None
     }
 
-    /// Forgets per-label state idle past each component's `max_idle_time`.
-    /// The server calls it every second.
+    /// Ends a flow from its access log: its flux meters observe it and its
+    /// concurrency slots are returned. `extras` answers for attributes
+    /// outside the access-log contract.
+    pub fn end_flow(&self, end: &FlowEnd<'_>, extras: &dyn ExtraAttributes) -> EndOutcome {
+        let Some(raw) = end.flow.as_deref() else {
+            return EndOutcome::WithoutFlow;
+        };
+        let Ok(meta) = FlowMeta::decode(raw) else {
+            return EndOutcome::Invalid;
+        };
+        if meta.accepted {
+            self.inflight.finish(meta.id);
+        }
+        let mut meters = meta.flux_meters().peekable();
+        if meters.peek().is_some() {
+            let plan = self.plan.load();
+            for key in meters {
+                if let Some(meter) = plan.flux_meters.get(key) {
+                    meter.observe(end, meta.accepted, extras);
+                }
+            }
+        }
+        EndOutcome::Matched
+    }
+
+    /// Flows holding concurrency slots now.
+    pub fn inflight_flows(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Returns the slots of flows past `max_inflight_duration` and forgets
+    /// per-label state idle past each component's `max_idle_time`. The
+    /// server calls it every second.
     pub fn sweep(&self) {
         let now = self.clock.now();
+        self.inflight.sweep(now);
         let plan = self.plan.load();
         for policy in &plan.policies {
             for r in &policy.rate_limiters {
                 r.sweep(now);
+            }
+            for c in &policy.concurrency_limiters {
+                c.sweep(now);
             }
         }
     }

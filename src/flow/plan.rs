@@ -9,6 +9,8 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use super::classifier::Classifier;
+use super::concurrency_limiter::ConcurrencyLimiter;
+use super::flux_meter::FluxMeter;
 use super::rate_limiter::RateLimiter;
 use super::sampler::Sampler;
 use super::selector::Selector;
@@ -21,10 +23,14 @@ use crate::telemetry::Metrics;
 pub struct Stages {
     /// Stage 2.
     pub classifiers: Vec<Arc<Classifier>>,
+    /// Stage 3.
+    pub flux_meters: Vec<Arc<FluxMeter>>,
     /// Stage 4.
     pub samplers: Vec<Arc<Sampler>>,
-    /// Stage 5.
+    /// Stage 5, first part.
     pub rate_limiters: Vec<Arc<RateLimiter>>,
+    /// Stage 5, second part.
+    pub concurrency_limiters: Vec<Arc<ConcurrencyLimiter>>,
 }
 
 /// One policy, compiled.
@@ -38,10 +44,14 @@ pub struct CompiledPolicy {
     pub hash: u64,
     /// Its classifiers.
     pub classifiers: Vec<Arc<Classifier>>,
+    /// Its flux meters.
+    pub flux_meters: Vec<Arc<FluxMeter>>,
     /// Its samplers.
     pub samplers: Vec<Arc<Sampler>>,
     /// Its rate limiters.
     pub rate_limiters: Vec<Arc<RateLimiter>>,
+    /// Its concurrency limiters.
+    pub concurrency_limiters: Vec<Arc<ConcurrencyLimiter>>,
 }
 
 impl CompiledPolicy {
@@ -50,8 +60,10 @@ impl CompiledPolicy {
         self.classifiers
             .iter()
             .map(|c| &c.name)
+            .chain(self.flux_meters.iter().map(|f| &f.name))
             .chain(self.samplers.iter().map(|s| &s.name))
             .chain(self.rate_limiters.iter().map(|r| &r.name))
+            .chain(self.concurrency_limiters.iter().map(|c| &c.name))
     }
 }
 
@@ -62,6 +74,8 @@ pub struct Plan {
     pub policies: Vec<CompiledPolicy>,
     /// Components by control point.
     pub control_points: AHashMap<Box<str>, Stages>,
+    /// Flux meters by `policy/name`, for access logs to find.
+    pub flux_meters: AHashMap<Box<str>, Arc<FluxMeter>>,
 }
 
 /// Control points a component's selectors name (each once).
@@ -72,11 +86,21 @@ fn control_points(selectors: &[Selector]) -> Vec<Arc<str>> {
     cps
 }
 
+/// The component of `old` (a policy of the previous plan) named `name`.
+fn previous<'a, T>(
+    old: Option<&'a CompiledPolicy>,
+    list: impl Fn(&'a CompiledPolicy) -> &'a [Arc<T>],
+    name_of: impl Fn(&T) -> &str,
+    name: &str,
+) -> Option<&'a T> {
+    old.and_then(|p| list(p).iter().find(|c| name_of(c) == name).map(|c| &**c))
+}
+
 impl Plan {
     /// Compiles `set`, reusing `previous`'s state for unchanged components.
     pub fn compile(
         set: &PolicySet,
-        previous: &Plan,
+        previous_plan: &Plan,
         metrics: &Metrics,
         max_label_values: usize,
     ) -> Plan {
@@ -84,13 +108,22 @@ impl Plan {
         for loaded in &set.policies {
             let spec = &loaded.policy;
             let name: Arc<str> = spec.name.value.0.as_str().into();
-            let old = previous.policies.iter().find(|p| p.name == name);
+            let old = previous_plan.policies.iter().find(|p| p.name == name);
             let compiled = CompiledPolicy {
                 classifiers: spec
                     .classifiers
                     .iter()
                     .enumerate()
                     .map(|(i, c)| Arc::new(Classifier::compile(&name, i, c, metrics)))
+                    .collect(),
+                flux_meters: spec
+                    .flux_meters
+                    .iter()
+                    .map(|f| {
+                        let before =
+                            previous(old, |p| &p.flux_meters, |m| &m.name, &f.name.value.0);
+                        Arc::new(FluxMeter::compile(&name, f, metrics, before))
+                    })
                     .collect(),
                 samplers: spec
                     .samplers
@@ -101,18 +134,33 @@ impl Plan {
                     .rate_limiters
                     .iter()
                     .map(|r| {
-                        let previous = old.and_then(|p| {
-                            p.rate_limiters
-                                .iter()
-                                .find(|o| *o.name == *r.name.value.0)
-                                .map(|o| &**o)
-                        });
+                        let before =
+                            previous(old, |p| &p.rate_limiters, |l| &l.name, &r.name.value.0);
                         Arc::new(RateLimiter::compile(
                             &name,
                             r,
                             metrics,
                             max_label_values,
-                            previous,
+                            before,
+                        ))
+                    })
+                    .collect(),
+                concurrency_limiters: spec
+                    .concurrency_limiters
+                    .iter()
+                    .map(|c| {
+                        let before = previous(
+                            old,
+                            |p| &p.concurrency_limiters,
+                            |l| &l.name,
+                            &c.name.value.0,
+                        );
+                        Arc::new(ConcurrencyLimiter::compile(
+                            &name,
+                            c,
+                            metrics,
+                            max_label_values,
+                            before,
                         ))
                     })
                     .collect(),
@@ -125,6 +173,12 @@ impl Plan {
                     plan.stages(&cp).classifiers.push(c.clone());
                 }
             }
+            for f in &compiled.flux_meters {
+                for cp in control_points(&f.selectors) {
+                    plan.stages(&cp).flux_meters.push(f.clone());
+                }
+                plan.flux_meters.insert(f.key.clone(), f.clone());
+            }
             for s in &compiled.samplers {
                 for cp in control_points(&s.selectors) {
                     plan.stages(&cp).samplers.push(s.clone());
@@ -133,6 +187,11 @@ impl Plan {
             for r in &compiled.rate_limiters {
                 for cp in control_points(&r.selectors) {
                     plan.stages(&cp).rate_limiters.push(r.clone());
+                }
+            }
+            for c in &compiled.concurrency_limiters {
+                for cp in control_points(&c.selectors) {
+                    plan.stages(&cp).concurrency_limiters.push(c.clone());
                 }
             }
             plan.policies.push(compiled);

@@ -224,6 +224,7 @@ fn label_state_is_bounded_and_swept() {
         Metrics::new(),
         EngineOptions {
             max_label_values: 160,
+            ..EngineOptions::default()
         },
     );
     engine.install(&policies(&[&USER_LIMIT.replace(
@@ -246,4 +247,145 @@ fn label_state_is_bounded_and_swept() {
         .with_label_values(&["users", "per-user"])
         .get();
     assert!(evicted >= 10_000 - 160, "{evicted}");
+}
+
+const METERED: &str = r#"
+name: m
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
+    static_buckets: [10, 100]
+concurrency_limiters:
+  - name: two
+    selectors: [{control_point: ingress}]
+    max_concurrency: 2
+    max_inflight_duration: 5s
+"#;
+
+/// Checks a flow; returns its `sluice.flow` metadata and whether it passed.
+fn check_meta(engine: &Engine) -> (String, bool) {
+    let source = MapLabels::default();
+    let plan = engine.plan();
+    let d = engine.check(
+        &plan,
+        FlowRequest {
+            control_point: "ingress",
+            service: "shop",
+            labels: &source,
+        },
+    );
+    (d.metadata(), d.accepted())
+}
+
+fn end_of(
+    meta: &str,
+    status: &'static str,
+    response_ms: &'static str,
+) -> flow_end::FlowEnd<'static> {
+    use flow_end::AttrValue::Text;
+    let mut end = flow_end::FlowEnd::default();
+    end.set("sluice.flow", Text(meta.to_owned().into()));
+    end.set("http.status_code", Text(status.into()));
+    end.set("RESPONSE_DURATION", Text(response_ms.into()));
+    end.set("authz_duration", Text("1".into()));
+    end
+}
+
+#[test]
+fn access_logs_return_concurrency_slots_and_feed_flux_meters() {
+    let (engine, _) = engine(&[METERED]);
+    let (a, ok_a) = check_meta(&engine);
+    let (_b, ok_b) = check_meta(&engine);
+    let (c, ok_c) = check_meta(&engine);
+    assert!(ok_a && ok_b && !ok_c, "two slots");
+    assert!(a.contains(";fm=m/latency"), "{a}");
+    assert!(c.contains(";d=rejected;by=m/two"), "{c}");
+    assert_eq!(engine.inflight_flows(), 2);
+
+    let no_extras = flow_end::NoExtras;
+    assert_eq!(
+        engine.end_flow(&end_of(&a, "200", "31"), &no_extras),
+        EndOutcome::Matched
+    );
+    assert_eq!(
+        engine.end_flow(&end_of(&c, "429", "-"), &no_extras),
+        EndOutcome::Matched
+    );
+    assert_eq!(engine.inflight_flows(), 1);
+    assert!(check_meta(&engine).1, "a's slot is free again");
+    assert!(!check_meta(&engine).1);
+
+    assert_eq!(
+        engine.end_flow(&flow_end::FlowEnd::default(), &no_extras),
+        EndOutcome::WithoutFlow
+    );
+    assert_eq!(
+        engine.end_flow(&end_of("garbage", "200", "1"), &no_extras),
+        EndOutcome::Invalid
+    );
+
+    let text = engine.metrics().encode_text();
+    assert!(text.contains(r#"flux_meter_sum{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="m"} 30"#), "{text}");
+    assert!(text.contains(r#"flux_meter_count{decision_type="rejected",flow_status="Error",flux_meter_name="latency",http_status_code="429",policy_name="m"} 1"#), "{text}");
+    assert!(text.contains(r#"flowcontrol_reject_reasons_total{component="two",policy_name="m",reason="concurrency_limited"} 2"#), "{text}");
+}
+
+#[test]
+fn slots_of_flows_never_logged_expire_on_simulated_time() {
+    let (engine, time) = engine(&[METERED]);
+    assert!(check_meta(&engine).1);
+    assert!(check_meta(&engine).1);
+    assert!(!check_meta(&engine).1);
+    time.advance(Duration::from_millis(4_999));
+    engine.sweep();
+    assert!(!check_meta(&engine).1, "not yet");
+    time.advance(Duration::from_millis(1));
+    engine.sweep();
+    assert_eq!(engine.inflight_flows(), 0);
+    assert_eq!(engine.metrics().inflight_expired.get(), 2);
+    assert!(check_meta(&engine).1);
+}
+
+#[test]
+fn a_rejection_after_a_slot_was_taken_gives_it_back() {
+    let doc = r#"
+name: order
+concurrency_limiters:
+  - name: wide
+    selectors: [{control_point: ingress}]
+    max_concurrency: 1
+  - name: closed
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {closed: "yes"}}}]
+    max_concurrency: 0
+"#;
+    let (engine, _) = engine(&[doc]);
+    for _ in 0..3 {
+        let (rejection, _) = check(&engine, &[("closed", "yes")]);
+        assert_eq!(rejection.map(|r| r.0), Some("order/closed".to_owned()));
+    }
+    assert_eq!(
+        check(&engine, &[]).0,
+        None,
+        "wide's slot was returned each time"
+    );
+    assert_eq!(
+        check(&engine, &[]).0.map(|r| r.0),
+        Some("order/wide".to_owned())
+    );
+}
+
+#[test]
+fn removed_flux_meters_leave_the_registry() {
+    let (engine, _) = engine(&[METERED]);
+    let (a, _) = check_meta(&engine);
+    engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras);
+    assert!(engine.metrics().encode_text().contains("flux_meter_count{"));
+    engine.install(&policies(&["name: m\n"]));
+    let text = engine.metrics().encode_text();
+    assert!(!text.contains("flux_meter_count{"), "{text}");
+    // Logs of flows checked under the old policy are still read, and ignored.
+    assert_eq!(
+        engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras),
+        EndOutcome::Matched
+    );
 }

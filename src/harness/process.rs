@@ -13,6 +13,9 @@ use tokio::process::{Child, Command};
 pub struct Process {
     /// For messages.
     name: &'static str,
+    /// What was started, to start it again.
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -26,16 +29,36 @@ impl Process {
         dir: tempfile::TempDir,
         args: &[String],
     ) -> anyhow::Result<Process> {
-        let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
-        let child = Command::new(program)
+        let child = Self::start(name, program, dir.path(), args)?;
+        Ok(Process {
+            name,
+            program: program.to_owned(),
+            args: args.to_vec(),
+            child,
+            dir,
+        })
+    }
+
+    fn start(name: &str, program: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))?;
+        Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("spawn {name} ({})", program.display()))?;
-        Ok(Process { name, child, dir })
+            .with_context(|| format!("spawn {name} ({})", program.display()))
+    }
+
+    /// Starts the program again, with the same arguments and directory
+    /// (after [`Process::kill`]).
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        self.child = Self::start(self.name, &self.program, self.dir.path(), &self.args)?;
+        Ok(())
     }
 
     /// Waits until `GET path` on `addr` answers 200, failing early if the
@@ -87,6 +110,7 @@ impl Process {
     /// Stops it (SIGKILL) and waits for it to go.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
     }
 
     /// Its process id, while it runs.

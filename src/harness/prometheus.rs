@@ -107,6 +107,14 @@ impl Prometheus {
         self.process.kill().await;
     }
 
+    /// Starts it again on the same port and storage, after [`Prometheus::kill`].
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.respawn()?;
+        self.process
+            .wait_http_ok(self.addr, "/-/ready", Duration::from_secs(30))
+            .await
+    }
+
     /// The remote-write URL.
     pub fn remote_write_url(&self) -> String {
         format!("http://{}/api/v1/write", self.addr)

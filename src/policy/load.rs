@@ -171,8 +171,17 @@ fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
         (policy.samplers.iter().enumerate()).map(|(i, s)| (format!("samplers[{i}].name"), &s.name));
     let limiters = (policy.rate_limiters.iter().enumerate())
         .map(|(i, r)| (format!("rate_limiters[{i}].name"), &r.name));
+    let meters = (policy.flux_meters.iter().enumerate())
+        .map(|(i, f)| (format!("flux_meters[{i}].name"), &f.name));
+    let concurrency = (policy.concurrency_limiters.iter().enumerate())
+        .map(|(i, c)| (format!("concurrency_limiters[{i}].name"), &c.name));
     let mut seen: Vec<Named<'_>> = Vec::new();
-    for (field, name) in classifiers.chain(samplers).chain(limiters) {
+    let all = classifiers
+        .chain(samplers)
+        .chain(limiters)
+        .chain(meters)
+        .chain(concurrency);
+    for (field, name) in all {
         if let Some((other, _)) = seen.iter().find(|(_, n)| n.value == name.value) {
             return Err(PolicyError::at(
                 file,
@@ -299,6 +308,51 @@ mod tests {
             "name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n    denied_status_code: 200\n"
         ));
         assert_eq!(e.field, "samplers[0].denied_status_code", "{e}");
+    }
+
+    #[test]
+    fn flux_meter_bucket_layouts() {
+        let meter = |buckets: &str| {
+            parse_policy(
+                Path::new("p.yaml"),
+                &format!("name: p\nflux_meters:\n  - name: m\n{SELECTORS}{buckets}"),
+            )
+            .map(|p| p.flux_meters[0].buckets.clone())
+        };
+        assert_eq!(
+            meter("").expect("default"),
+            crate::policy::DEFAULT_FLUX_METER_BUCKETS
+        );
+        assert_eq!(
+            meter("    static_buckets: [1, 2.5, 10]\n").expect("static"),
+            [1.0, 2.5, 10.0]
+        );
+        assert_eq!(
+            meter("    linear_buckets: {start: 10, width: 5, count: 3}\n").expect("linear"),
+            [10.0, 15.0, 20.0]
+        );
+        assert_eq!(
+            meter("    exponential_buckets: {start: 1, factor: 2, count: 4}\n").expect("exp"),
+            [1.0, 2.0, 4.0, 8.0]
+        );
+        let range =
+            meter("    exponential_buckets_range: {min: 1, max: 1000, count: 4}\n").expect("range");
+        for (got, want) in range.iter().zip([1.0, 10.0, 100.0, 1000.0]) {
+            assert!((got - want).abs() < 1e-9, "{range:?}");
+        }
+        for bad in [
+            "    static_buckets: [2, 1]\n",
+            "    static_buckets: []\n",
+            "    linear_buckets: {start: 0, width: 0, count: 3}\n",
+            "    exponential_buckets: {start: 1, factor: 1, count: 3}\n",
+            "    exponential_buckets_range: {min: 5, max: 1, count: 3}\n",
+            "    linear_buckets: {start: 0, width: 1, count: 100000}\n",
+            "    static_buckets: [1]\n    linear_buckets: {start: 0, width: 1, count: 2}\n",
+        ] {
+            let e = meter(bad).expect_err(bad);
+            assert_eq!(e.field, "flux_meters[0]", "{e}");
+            assert_eq!(e.line, Some(3), "{e}");
+        }
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct Policy {
     /// Token buckets, optionally one per value of a label.
     #[serde(default)]
     pub rate_limiters: Vec<RateLimiterSpec>,
+    /// Latency (or other access-log value) histograms.
+    #[serde(default)]
+    pub flux_meters: Vec<FluxMeterSpec>,
+    /// Bounds on flows in flight, optionally per value of a label.
+    #[serde(default)]
+    pub concurrency_limiters: Vec<ConcurrencyLimiterSpec>,
 }
 
 /// Which flows a component applies to. A component applies to a flow when
@@ -376,4 +382,181 @@ pub struct RateLimiterSpec {
 
 fn two_hours() -> DurationSpec {
     DurationSpec(std::time::Duration::from_secs(7200))
+}
+
+/// Observes matching flows in a histogram when their access logs arrive.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(try_from = "RawFluxMeter")]
+pub struct FluxMeterSpec {
+    /// Unique among the policy's components; the `flux_meter_name` label.
+    pub name: Spanned<Name>,
+    /// Which flows to observe.
+    pub selectors: NonEmpty<Selector>,
+    /// The access-log value observed (default `workload_duration_ms`).
+    pub attribute_key: String,
+    /// Upper bounds of the histogram buckets, increasing (`+Inf` implied).
+    pub buckets: Vec<f64>,
+}
+
+/// Default flux meter buckets, in milliseconds (DESIGN.md).
+pub const DEFAULT_FLUX_METER_BUCKETS: [f64; 11] = [
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFluxMeter {
+    name: Spanned<Name>,
+    selectors: NonEmpty<Selector>,
+    #[serde(default = "workload_duration")]
+    attribute_key: String,
+    #[serde(default)]
+    static_buckets: Option<Vec<f64>>,
+    #[serde(default)]
+    linear_buckets: Option<LinearBuckets>,
+    #[serde(default)]
+    exponential_buckets: Option<ExponentialBuckets>,
+    #[serde(default)]
+    exponential_buckets_range: Option<ExponentialBucketsRange>,
+}
+
+fn workload_duration() -> String {
+    "workload_duration_ms".to_owned()
+}
+
+/// `count` buckets: `start`, `start + width`, ...
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinearBuckets {
+    start: f64,
+    width: f64,
+    count: u32,
+}
+
+/// `count` buckets: `start`, `start * factor`, ...
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExponentialBuckets {
+    start: f64,
+    factor: f64,
+    count: u32,
+}
+
+/// `count` buckets spread exponentially from `min` to `max`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExponentialBucketsRange {
+    min: f64,
+    max: f64,
+    count: u32,
+}
+
+/// Most buckets a flux meter may have: each is a series per label set.
+const MAX_BUCKETS: u32 = 200;
+
+/// `x > bound` for a finite `x` (false for NaN and infinities).
+fn finite_above(x: f64, bound: f64) -> bool {
+    x.is_finite() && x > bound
+}
+
+fn bucket_count(count: u32) -> Result<usize, String> {
+    if count == 0 || count > MAX_BUCKETS {
+        return Err(format!(
+            "count must be between 1 and {MAX_BUCKETS}, got {count}"
+        ));
+    }
+    Ok(count as usize)
+}
+
+impl TryFrom<RawFluxMeter> for FluxMeterSpec {
+    type Error = String;
+    fn try_from(raw: RawFluxMeter) -> Result<Self, String> {
+        let given = [
+            raw.static_buckets.is_some(),
+            raw.linear_buckets.is_some(),
+            raw.exponential_buckets.is_some(),
+            raw.exponential_buckets_range.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count();
+        if given > 1 {
+            return Err("give at most one of static_buckets, linear_buckets, exponential_buckets, exponential_buckets_range".to_owned());
+        }
+        if raw.attribute_key.is_empty() {
+            return Err("attribute_key must not be empty".to_owned());
+        }
+        let buckets: Vec<f64> = if let Some(b) = raw.static_buckets {
+            b
+        } else if let Some(l) = raw.linear_buckets {
+            if !finite_above(l.width, 0.0) {
+                return Err(format!("linear_buckets.width must be > 0, got {}", l.width));
+            }
+            let n = bucket_count(l.count)?;
+            (0..n).map(|i| l.start + l.width * i as f64).collect()
+        } else if let Some(e) = raw.exponential_buckets {
+            if !finite_above(e.start, 0.0) || !finite_above(e.factor, 1.0) {
+                return Err(format!(
+                    "exponential_buckets needs start > 0 and factor > 1, got start {} factor {}",
+                    e.start, e.factor
+                ));
+            }
+            let n = bucket_count(e.count)?;
+            (0..n).map(|i| e.start * e.factor.powi(i as i32)).collect()
+        } else if let Some(r) = raw.exponential_buckets_range {
+            if !finite_above(r.min, 0.0) || !finite_above(r.max, r.min) || r.count < 2 {
+                return Err(format!(
+                    "exponential_buckets_range needs 0 < min < max and count >= 2, got min {} max {} count {}",
+                    r.min, r.max, r.count
+                ));
+            }
+            let n = bucket_count(r.count)?;
+            let factor = (r.max / r.min).powf(1.0 / (n - 1) as f64);
+            (0..n).map(|i| r.min * factor.powi(i as i32)).collect()
+        } else {
+            DEFAULT_FLUX_METER_BUCKETS.to_vec()
+        };
+        if buckets.is_empty() || buckets.len() > MAX_BUCKETS as usize {
+            return Err(format!("a flux meter needs 1 to {MAX_BUCKETS} buckets"));
+        }
+        if buckets.iter().any(|b| !b.is_finite()) {
+            return Err("bucket bounds must be finite numbers".to_owned());
+        }
+        if buckets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("bucket bounds must be strictly increasing".to_owned());
+        }
+        Ok(FluxMeterSpec {
+            name: raw.name,
+            selectors: raw.selectors,
+            attribute_key: raw.attribute_key,
+            buckets,
+        })
+    }
+}
+
+/// Bounds the flows in flight; a slot is returned when the flow's access
+/// log arrives, or after `max_inflight_duration`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyLimiterSpec {
+    /// Unique among the policy's components.
+    pub name: Spanned<Name>,
+    /// Which flows to limit.
+    pub selectors: NonEmpty<Selector>,
+    /// Most flows in flight (per label value with `limit_by_label_key`).
+    pub max_concurrency: u64,
+    /// One count per value of this label; a flow without the label passes.
+    #[serde(default)]
+    pub limit_by_label_key: Option<LabelName>,
+    /// A flow whose access log has not arrived after this long is taken to
+    /// have ended, and its slot returned.
+    #[serde(default = "one_minute")]
+    pub max_inflight_duration: PositiveDuration,
+    /// Status of a rejected flow.
+    #[serde(default = "DeniedStatus::too_many_requests")]
+    pub denied_status_code: DeniedStatus,
+}
+
+fn one_minute() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(60))
 }

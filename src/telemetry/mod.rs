@@ -6,6 +6,8 @@
 //! compiled ([`ComponentCounters`]), so a decision costs an atomic add, never
 //! a label lookup. Metric names are Aperture's, so dashboards carry over.
 
+pub mod remote_write;
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// `decision_type` label values.
@@ -30,6 +32,25 @@ pub struct Metrics {
     pub rate_limiter: IntCounterVec,
     /// `sampler_counter_total{policy_name, component, decision_type}`.
     pub sampler: IntCounterVec,
+    /// `concurrency_limiter_counter_total{policy_name, component, decision_type}`.
+    pub concurrency_limiter: IntCounterVec,
+    /// `invalid_flux_meter_total{flux_meter_name, policy_name}`: access logs
+    /// without the value a flux meter observes.
+    pub invalid_flux_meter: IntCounterVec,
+    /// `flowcontrol_access_logs_total{result}`: access-log records by
+    /// whether they named a flow (`matched`), did not (`without_flow`: a
+    /// flow Sluice never saw, or one Envoy let through while Sluice was
+    /// down), or named it unreadably (`invalid`).
+    pub access_logs: IntCounterVec,
+    /// `flowcontrol_inflight_flows`: accepted flows holding concurrency
+    /// slots, waiting for their access log.
+    pub inflight_flows: IntGauge,
+    /// `flowcontrol_inflight_flows_expired_total`: flows whose slots were
+    /// returned at `max_inflight_duration`, their log never seen.
+    pub inflight_expired: IntCounter,
+    /// `flowcontrol_inflight_flows_evicted_total`: flows whose slots were
+    /// returned early because the table of flows in flight was full.
+    pub inflight_evicted: IntCounter,
     /// `classifier_counter_total{policy_name, component}`: flows classified.
     pub classifier: IntCounterVec,
     /// `classifier_errors_total{policy_name, component}`: rules whose
@@ -92,6 +113,32 @@ impl Metrics {
         registry
             .register(Box::new(control_points_overflow.clone()))
             .expect("metric registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let inflight_flows = gauge(
+            "flowcontrol_inflight_flows",
+            "Accepted flows holding concurrency slots until their access log arrives.",
+        );
+        let inflight_expired = counter(
+            "flowcontrol_inflight_flows_expired_total",
+            "Flows whose concurrency slots were returned at max_inflight_duration, their access log never seen.",
+        );
+        let inflight_evicted = counter(
+            "flowcontrol_inflight_flows_evicted_total",
+            "Flows whose concurrency slots were returned early because the table of flows in flight was full.",
+        );
         #[cfg(target_os = "linux")]
         {
             // CPU seconds, resident memory, open fds: what a sidecar's
@@ -117,6 +164,27 @@ impl Metrics {
                 "Flows seen by a rate limiter, by decision.",
                 with_decision,
             ),
+            concurrency_limiter: counter_vec(
+                &registry,
+                "concurrency_limiter_counter_total",
+                "Flows seen by a concurrency limiter, by decision.",
+                with_decision,
+            ),
+            invalid_flux_meter: counter_vec(
+                &registry,
+                "invalid_flux_meter_total",
+                "Access logs without the value a flux meter observes.",
+                &["flux_meter_name", "policy_name"],
+            ),
+            access_logs: counter_vec(
+                &registry,
+                "flowcontrol_access_logs_total",
+                "Access-log records, by whether they named a flow (matched, without_flow, invalid).",
+                &["result"],
+            ),
+            inflight_flows,
+            inflight_expired,
+            inflight_evicted,
             sampler: counter_vec(
                 &registry,
                 "sampler_counter_total",
@@ -231,7 +299,11 @@ impl DecisionCounters {
 /// fit are skipped silently: removal of a series that does not exist is not
 /// an error worth reporting.
 pub fn forget_component(metrics: &Metrics, policy: &str, component: &str) {
-    for family in [&metrics.rate_limiter, &metrics.sampler] {
+    for family in [
+        &metrics.rate_limiter,
+        &metrics.sampler,
+        &metrics.concurrency_limiter,
+    ] {
         for decision in [ACCEPTED, REJECTED] {
             let _ = family.remove_label_values(&[policy, component, decision]);
         }
@@ -247,6 +319,9 @@ pub fn forget_component(metrics: &Metrics, policy: &str, component: &str) {
     let _ = metrics
         .label_state_entries
         .remove_label_values(&[policy, component]);
+    let _ = metrics
+        .invalid_flux_meter
+        .remove_label_values(&[component, policy]);
     for reason in crate::flow::RejectReason::ALL {
         let _ = metrics
             .reject_reasons

@@ -1,0 +1,154 @@
+//! The access-log edge: OTLP logs, as Envoy's OpenTelemetry access logger
+//! sends them (gRPC `LogsService/Export` on the Check listener), or as any
+//! OTLP/HTTP exporter does (`POST /v1/logs`, protobuf, on the admin
+//! listener).
+//!
+//! Each log record's attributes become a [`FlowEnd`] for
+//! [`Engine::end_flow`]. Requests are decoded with Sluice's own
+//! wire-compatible messages ([`wire`], from `proto/sluice/otlp_logs.proto`):
+//! strings as bytes, so one value that is not UTF-8 cannot make a whole
+//! batch undecodable. Large batches yield to the runtime every
+//! [`YIELD_EVERY`] records, so that ingesting telemetry never holds up the
+//! Checks sharing the worker threads.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
+use prometheus::IntCounter;
+use tonic::{Request, Response, Status};
+
+use crate::flow::flow_end::{AttrValue, ExtraAttributes, FlowEnd};
+use crate::flow::{EndOutcome, Engine};
+
+/// Sluice's decoding of OTLP logs messages (generated).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod wire {
+    tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
+}
+
+use wire::any_value::Value;
+use wire::logs_service_server::{LogsService, LogsServiceServer};
+
+/// Records processed between yields to the runtime.
+pub const YIELD_EVERY: usize = 1024;
+
+/// How one Export went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Records that named a flow.
+    pub matched: u64,
+    /// Records without `sluice.flow`.
+    pub without_flow: u64,
+    /// Records whose `sluice.flow` could not be read.
+    pub invalid: u64,
+}
+
+impl Ingested {
+    /// All records.
+    pub fn records(&self) -> u64 {
+        self.matched + self.without_flow + self.invalid
+    }
+}
+
+/// Turns OTLP log records into flow ends.
+#[derive(Clone)]
+pub struct AccessLogs {
+    engine: Arc<Engine>,
+    matched: IntCounter,
+    without_flow: IntCounter,
+    invalid: IntCounter,
+}
+
+/// The attributes of one record, for flux meters observing an attribute
+/// outside the contract.
+struct RecordAttributes<'a>(&'a [wire::KeyValue]);
+
+fn attr_value(value: Option<&wire::AnyValue>) -> Option<AttrValue<'_>> {
+    Some(match value?.value.as_ref()? {
+        Value::StringValue(b) | Value::BytesValue(b) => AttrValue::Text(String::from_utf8_lossy(b)),
+        Value::BoolValue(b) => AttrValue::Bool(*b),
+        Value::IntValue(i) => AttrValue::Int(*i),
+        Value::DoubleValue(d) => AttrValue::Double(*d),
+    })
+}
+
+impl ExtraAttributes for RecordAttributes<'_> {
+    fn number(&self, key: &str) -> Option<f64> {
+        let kv = self.0.iter().find(|kv| kv.key == key.as_bytes())?;
+        attr_value(kv.value.as_ref())?.number()
+    }
+}
+
+impl AccessLogs {
+    /// Ends flows on `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let counter = |result| engine.metrics().access_logs.with_label_values(&[result]);
+        AccessLogs {
+            matched: counter("matched"),
+            without_flow: counter("without_flow"),
+            invalid: counter("invalid"),
+            engine,
+        }
+    }
+
+    /// Ends one record's flow.
+    pub fn record(&self, record: &wire::LogRecord) -> EndOutcome {
+        let mut end = FlowEnd::default();
+        for kv in &record.attributes {
+            let Some(value) = attr_value(kv.value.as_ref()) else {
+                continue;
+            };
+            let key: Cow<'_, str> = String::from_utf8_lossy(&kv.key);
+            end.set(&key, value);
+        }
+        let outcome = self
+            .engine
+            .end_flow(&end, &RecordAttributes(&record.attributes));
+        match outcome {
+            EndOutcome::Matched => self.matched.inc(),
+            EndOutcome::WithoutFlow => self.without_flow.inc(),
+            EndOutcome::Invalid => self.invalid.inc(),
+        }
+        outcome
+    }
+
+    /// Ends every record's flow, yielding to the runtime now and then.
+    pub async fn export(&self, request: &wire::ExportLogsServiceRequest) -> Ingested {
+        let mut done = Ingested::default();
+        let records = request
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .flat_map(|s| &s.log_records);
+        for (i, record) in records.enumerate() {
+            if i > 0 && i % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
+            match self.record(record) {
+                EndOutcome::Matched => done.matched += 1,
+                EndOutcome::WithoutFlow => done.without_flow += 1,
+                EndOutcome::Invalid => done.invalid += 1,
+            }
+        }
+        done
+    }
+
+    /// The gRPC service, accepting requests up to `max_request_bytes`.
+    pub fn into_server(self, max_request_bytes: usize) -> LogsServiceServer<Self> {
+        LogsServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for AccessLogs {
+    async fn export(
+        &self,
+        request: Request<wire::ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        AccessLogs::export(self, request.get_ref()).await;
+        Ok(Response::new(ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}

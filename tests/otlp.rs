@@ -1,0 +1,218 @@
+//! The OTLP logs receiver: opentelemetry-proto's own client over gRPC, the
+//! OTLP/HTTP endpoint, and garbage on both.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use prost::Message;
+use sluice::harness::http;
+
+const POLICY: &str =
+    "name: p\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";
+
+fn attr(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(value.to_owned())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `n` records of accepted flows metered by p/latency, 200 in 5 ms.
+fn export(n: usize) -> ExportLogsServiceRequest {
+    let records = (0..n)
+        .map(|i| LogRecord {
+            attributes: vec![
+                attr(
+                    "sluice.flow",
+                    &format!("v=1;id={i:x};d=accepted;fm=p/latency"),
+                ),
+                attr("http.status_code", "200"),
+                attr("RESPONSE_DURATION", "6"),
+                attr("authz_duration", "1"),
+                attr("user_agent", "curl/8"),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: records,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn count(text: &str) -> f64 {
+    metric(
+        text,
+        r#"flux_meter_count{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="p"}"#,
+    )
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_records_in_one_export_are_processed() {
+    let policy = PolicyFile::new(POLICY);
+    let sidecar = sidecar(&policy).await;
+    let mut logs = LogsServiceClient::connect(format!("http://{}", sidecar.grpc_addr))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(64 << 20);
+    let request = export(100_000);
+    assert!(request.encoded_len() < 16 << 20, "within the default limit");
+    let response = logs.export(request).await.expect("export").into_inner();
+    assert_eq!(response.partial_success, None);
+    let text = metrics_text(&sidecar).await;
+    assert_eq!(count(&text), 100_000.0);
+    assert_eq!(
+        metric(&text, r#"flowcontrol_access_logs_total{result="matched"}"#),
+        100_000.0
+    );
+    // Checks go on being answered.
+    let mut checks = client(&sidecar).await;
+    let resp = checks
+        .check(check_request("GET", "/", &[]))
+        .await
+        .expect("check")
+        .into_inner();
+    assert_eq!(http_status(&resp), 200);
+    sidecar.stop(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn garbage_over_grpc_gets_an_error_and_odd_records_are_counted() {
+    let policy = PolicyFile::new(POLICY);
+    let sidecar = sidecar(&policy).await;
+    const EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+    let err = raw_unary::<ExportLogsServiceResponse>(
+        sidecar.grpc_addr,
+        EXPORT,
+        Bytes::from_static(b"\xff\xff\xff\x0fnot protobuf"),
+    )
+    .await
+    .expect_err("malformed");
+    assert_ne!(err.code(), tonic::Code::Ok);
+
+    // Records without sluice.flow, with a broken one, with values that are
+    // not UTF-8 or not numbers: processed and counted, nothing lost.
+    let mut odd = export(1);
+    let records = &mut odd.resource_logs[0].scope_logs[0].log_records;
+    records.push(LogRecord {
+        attributes: vec![attr("http.status_code", "200")],
+        ..Default::default()
+    });
+    records.push(LogRecord {
+        attributes: vec![attr("sluice.flow", "-")],
+        ..Default::default()
+    });
+    records.push(LogRecord {
+        attributes: vec![attr("sluice.flow", "v=2;nonsense")],
+        ..Default::default()
+    });
+    records.push(LogRecord {
+        attributes: vec![
+            attr("sluice.flow", "v=1;id=1;d=accepted;fm=p/latency"),
+            attr("RESPONSE_DURATION", "soon"),
+        ],
+        ..Default::default()
+    });
+    let mut bytes = odd.encode_to_vec();
+    // Make the first record's user_agent value invalid UTF-8 in place.
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"curl/8")
+        .expect("value in encoding");
+    bytes[at] = 0xff;
+    raw_unary::<ExportLogsServiceResponse>(sidecar.grpc_addr, EXPORT, Bytes::from(bytes))
+        .await
+        .expect("accepted");
+    let text = metrics_text(&sidecar).await;
+    assert_eq!(
+        metric(&text, r#"flowcontrol_access_logs_total{result="matched"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"flowcontrol_access_logs_total{result="without_flow"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, r#"flowcontrol_access_logs_total{result="invalid"}"#),
+        1.0
+    );
+    assert_eq!(count(&text), 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            r#"invalid_flux_meter_total{flux_meter_name="latency",policy_name="p"}"#
+        ),
+        1.0
+    );
+    sidecar.stop(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn otlp_http_accepts_protobuf_and_refuses_the_rest_clearly() {
+    let policy = PolicyFile::new(POLICY);
+    let sidecar = sidecar(&policy).await;
+    let post = |content_type: &'static str, encoding: &'static str, body: Vec<u8>| {
+        let addr = sidecar.admin_addr;
+        async move {
+            let mut headers = vec![("content-type", content_type)];
+            if !encoding.is_empty() {
+                headers.push(("content-encoding", encoding));
+            }
+            http::request(
+                addr,
+                "POST",
+                "/v1/logs",
+                &headers,
+                &body,
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("post")
+        }
+    };
+    let ok = post("application/x-protobuf", "", export(10).encode_to_vec()).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("content-type"), Some("application/x-protobuf"));
+    ExportLogsServiceResponse::decode(ok.body.clone()).expect("protobuf response");
+    assert_eq!(count(&metrics_text(&sidecar).await), 10.0);
+
+    let garbage = post("application/x-protobuf", "", b"\xff\xff\xff\x0f".to_vec()).await;
+    assert_eq!(garbage.status, 400);
+    assert!(
+        garbage
+            .text()
+            .contains("not an OTLP ExportLogsServiceRequest"),
+        "{}",
+        garbage.text()
+    );
+    let json = post("application/json", "", b"{}".to_vec()).await;
+    assert_eq!(json.status, 415);
+    let gzip = post("application/x-protobuf", "gzip", vec![0x1f, 0x8b]).await;
+    assert_eq!(gzip.status, 415);
+    let get = http::get(sidecar.admin_addr, "/v1/logs", &[])
+        .await
+        .expect("get");
+    assert_eq!(get.status, 405);
+    assert_eq!(count(&metrics_text(&sidecar).await), 10.0);
+    sidecar.stop(Duration::from_secs(2)).await;
+}
