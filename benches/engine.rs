@@ -1,7 +1,7 @@
 //! One decision through the engine, and one whole Check without the network
 //! (decode the request, decide, build the response), for an empty policy and
-//! for the benchmark policy: a classifier, a sampler and a per-user rate
-//! limiter over 10,000 users.
+//! for the benchmark policy (examples/bench.yaml: a classifier, a flux
+//! meter, a sampler and a per-user rate limiter) over 10,000 users.
 //!
 //! `cargo bench --bench engine`; the figures go to BENCHMARKS.md.
 
@@ -22,25 +22,12 @@ use sluice::telemetry::Metrics;
 
 const USERS: usize = 10_000;
 
-const BENCH_POLICY: &str = r#"
-name: bench
-classifiers:
-  - selectors: [{control_point: ingress}]
-    rules:
-      user: {from: request.http.headers.user-id}
-samplers:
-  - name: most
-    selectors: [{control_point: ingress}]
-    accept_percentage: 100
-    session_label_key: user
-rate_limiters:
-  - name: per-user
-    selectors: [{control_point: ingress}]
-    bucket_capacity: 1000000000
-    fill_amount: 1000000
-    interval: 1s
-    limit_by_label_key: user
-"#;
+/// The benchmark policy: a classifier, a flux meter, a sampler and a
+/// per-user rate limiter (examples/bench.yaml).
+fn bench_policy() -> String {
+    std::fs::read_to_string(sluice::harness::repo_root().join("examples/bench.yaml"))
+        .expect("examples/bench.yaml")
+}
 
 fn engine(policy: Option<&str>) -> Arc<Engine> {
     let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
@@ -90,8 +77,12 @@ fn request(user: usize) -> wire::CheckRequest {
 
 fn decisions(c: &mut Criterion) {
     let requests: Vec<wire::CheckRequest> = (0..USERS).map(request).collect();
+    let bench_policy = bench_policy();
     let mut group = c.benchmark_group("decision");
-    for (name, policy) in [("empty_policy", None), ("bench_policy", Some(BENCH_POLICY))] {
+    for (name, policy) in [
+        ("empty_policy", None),
+        ("bench_policy", Some(bench_policy.as_str())),
+    ] {
         let engine = engine(policy);
         let mut i = 0;
         group.bench_function(name, |b| {
@@ -118,7 +109,10 @@ fn decisions(c: &mut Criterion) {
         .map(|r| Bytes::from(r.encode_to_vec()))
         .collect();
     let mut group = c.benchmark_group("check_without_network");
-    for (name, policy) in [("empty_policy", None), ("bench_policy", Some(BENCH_POLICY))] {
+    for (name, policy) in [
+        ("empty_policy", None),
+        ("bench_policy", Some(bench_policy.as_str())),
+    ] {
         let service = AuthzService::new(engine(policy), "ingress", "any");
         let mut i = 0;
         group.bench_function(name, |b| {

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use sluice::harness::{Envoy, EnvoyPorts, Prometheus, Upstream, http, repo_root};
+use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root};
 use sluice::server::{Config, Sidecar};
+use sluice::telemetry::remote_write::RemoteWriteConfig;
 
 /// A simulated user: who, what path, how many requests per second.
 struct User {
@@ -121,10 +122,28 @@ fn describe(counts: Option<&BTreeMap<u16, u64>>) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = args().map_err(anyhow::Error::msg)?;
-    println!("Sluice demo: starting an upstream, Sluice, Envoy and Prometheus on 127.0.0.1 ...");
-    let upstream = Upstream::start(0).await?;
+    println!("Sluice demo: starting an upstream, Prometheus, Sluice and Envoy on 127.0.0.1 ...");
+    // 15 ms per request, 2 ms more per other request in flight.
+    let upstream = Upstream::start_with(
+        0,
+        Latency {
+            base: Duration::from_millis(15),
+            per_inflight: Duration::from_millis(2),
+        },
+    )
+    .await?;
+    let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
     let sidecar = Sidecar::start(&Config {
         policy: Some(args.policy.clone()),
+        remote_write: Some(RemoteWriteConfig {
+            url: prometheus.remote_write_url().parse()?,
+            interval: Duration::from_secs(1),
+            external_labels: vec![("job".to_owned(), "sluice-demo".to_owned())],
+            bearer_token: None,
+            ca_file: None,
+            max_queued_batches: 30,
+            timeout: Duration::from_secs(5),
+        }),
         ..Config::ephemeral()
     })
     .await?;
@@ -133,7 +152,6 @@ async fn main() -> anyhow::Result<()> {
         EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())?,
     )
     .await?;
-    let prometheus = Prometheus::start(&[sidecar.admin_addr], Duration::from_secs(1)).await?;
     let front = envoy.listener();
     println!("  upstream    http://{}", upstream.addr);
     println!(
@@ -144,7 +162,10 @@ async fn main() -> anyhow::Result<()> {
         "  envoy       http://{front}  (admin http://127.0.0.1:{})",
         envoy.ports.admin
     );
-    println!("  prometheus  http://{}", prometheus.addr);
+    println!(
+        "  prometheus  http://{}  (Sluice remote-writes to it every second)",
+        prometheus.addr
+    );
     println!("  policy      {}", args.policy.display());
     println!();
     println!(
@@ -196,10 +217,14 @@ async fn main() -> anyhow::Result<()> {
     for u in &USERS {
         println!("  {:<6} {}", u.name, describe(total.get(u.name)));
     }
-    // Give Prometheus one more scrape, then show Sluice's own account.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Let the last access logs arrive and one more remote-write go out,
+    // then show what Prometheus received.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     println!();
-    println!("Sluice's decisions, as Prometheus scraped them from /metrics:");
+    println!("What Prometheus received from Sluice by remote-write:");
+    const P50: &str = r#"histogram_quantile(0.5, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
+    const P99: &str = r#"histogram_quantile(0.99, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
+    const MEAN: &str = r#"sum(flux_meter_sum{flux_meter_name="latency",http_status_code="200"}) / sum(flux_meter_count{flux_meter_name="latency",http_status_code="200"})"#;
     for (title, query) in [
         (
             "decisions",
@@ -213,6 +238,13 @@ async fn main() -> anyhow::Result<()> {
             "sampler",
             "sum by (component, decision_type) (sampler_counter_total)",
         ),
+        (
+            "flux meter",
+            r#"sum by (http_status_code, decision_type) (flux_meter_count{flux_meter_name="latency"})"#,
+        ),
+        ("latency p50 ms", P50),
+        ("latency p99 ms", P99),
+        ("latency mean ms", MEAN),
     ] {
         match prometheus.query(query).await {
             Ok(samples) => {
@@ -222,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
                         .iter()
                         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
                         .collect();
-                    println!("  {title:<13} {:<45} {}", what.join(" "), s.value);
+                    println!("  {title:<15} {:<45} {:.1}", what.join(" "), s.value);
                 }
             }
             Err(e) => println!("  {title}: query failed: {e}"),

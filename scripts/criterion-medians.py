@@ -17,6 +17,11 @@ print("| --- | --- | ---: | ---: |")
 for group, benches in rows.items():
     base = benches.get("empty_policy")
     for bench, ns in benches.items():
-        shown = f"{ns / 1000:.2f} µs" if ns >= 1000 else f"{ns:.0f} ns"
+        if ns >= 1e6:
+            shown = f"{ns / 1e6:.2f} ms"
+        elif ns >= 1000:
+            shown = f"{ns / 1000:.2f} µs"
+        else:
+            shown = f"{ns:.0f} ns"
         ratio = f"{ns / base:.2f}" if base else ""
         print(f"| {group} | {bench} | {shown} | {ratio} |")

@@ -2,19 +2,26 @@
 //!
 //! Envoy asks Sluice, on every request, whether the request may pass now
 //! (External Authorization v3, gRPC); Sluice decides locally from its
-//! policies and answers in microseconds.
+//! policies and answers in microseconds. Envoy's OpenTelemetry access
+//! logger then reports how the request went; Sluice observes it in flux
+//! meters, returns its concurrency slots, and remote-writes the histograms
+//! to Prometheus.
 //!
 //! Layout, following a flow from the edge inwards:
 //!
 //! - [`envoy`]: the ext_authz Check service. Translates Envoy's protobufs to
 //!   the engine's [`flow::FlowRequest`] and the engine's [`flow::Decision`]
 //!   back; nothing else in the crate sees a protobuf.
+//! - [`otlp`]: the access-log edge (OTLP logs over gRPC and HTTP), turning
+//!   log records into [`flow::flow_end::FlowEnd`]s.
 //! - [`flow`]: the decision engine, one file per component kind
-//!   (selectors, classifiers, samplers, rate limiters), run in the stage
-//!   order of DESIGN.md over a compiled [`flow::Plan`].
+//!   (selectors, classifiers, flux meters, samplers, rate limiters,
+//!   concurrency limiters), run in the stage order of DESIGN.md over a
+//!   compiled [`flow::Plan`], and the flow's end.
 //! - [`policy`]: the policy language (YAML), its validation with
 //!   file/line/field errors, and hot reload.
-//! - [`telemetry`]: the sidecar's own metrics (Aperture's names).
+//! - [`telemetry`]: the sidecar's own metrics (Aperture's names) and
+//!   Prometheus remote-write.
 //! - [`admin`]: the HTTP admin server (`/metrics`, `/healthz`, `/readyz`,
 //!   `/control-points`).
 //! - [`server`]: wires the above into a running sidecar; [`cli`] is the

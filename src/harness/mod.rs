@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 pub use envoy::{Envoy, EnvoyPorts};
 pub use prometheus::Prometheus;
-pub use upstream::Upstream;
+pub use upstream::{Latency, Upstream};
 
 /// The repository root (where `Cargo.toml` is).
 pub fn repo_root() -> PathBuf {

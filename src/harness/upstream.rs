@@ -2,7 +2,9 @@
 //!
 //! - `/status/<code>`: answers `<code>`;
 //! - `/delay/<ms>`: answers 200 after `<ms>` milliseconds;
-//! - anything else: answers 200 `ok`.
+//! - anything else: answers 200 `ok`, after the upstream's own latency
+//!   ([`Latency`]): a base plus a cost per request in flight, so that it
+//!   slows down under load as a real service does.
 //!
 //! Every answer echoes the `baggage` header it received in `x-seen-baggage`,
 //! so tests can see what Sluice added upstream.
@@ -22,12 +24,23 @@ use tokio::net::TcpListener;
 
 use crate::shutdown::{self, Shutdown, Trigger};
 
+/// How long the upstream takes for an ordinary request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Latency {
+    /// Time taken when idle.
+    pub base: Duration,
+    /// Time added per other request in flight.
+    pub per_inflight: Duration,
+}
+
 /// A running upstream; stops when dropped.
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Requests it has answered.
     pub requests: Arc<AtomicU64>,
+    /// Requests in flight now.
+    pub inflight: Arc<AtomicU64>,
     _stop: Trigger,
 }
 
@@ -44,22 +57,42 @@ fn answer(path: &str) -> (u16, Option<Duration>) {
 }
 
 impl Upstream {
-    /// Starts on `port` of 127.0.0.1 (0 for any).
+    /// Starts on `port` of 127.0.0.1 (0 for any), answering at once.
     pub async fn start(port: u16) -> std::io::Result<Upstream> {
+        Upstream::start_with(port, Latency::default()).await
+    }
+
+    /// Starts on `port` with the given latency for ordinary requests.
+    pub async fn start_with(port: u16, latency: Latency) -> std::io::Result<Upstream> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let (stop, shutdown) = shutdown::channel();
-        let requests = Arc::new(AtomicU64::new(0));
-        tokio::spawn(serve(listener, requests.clone(), shutdown));
+        let counters = Counters {
+            requests: Arc::new(AtomicU64::new(0)),
+            inflight: Arc::new(AtomicU64::new(0)),
+        };
+        tokio::spawn(serve(listener, counters.clone(), latency, shutdown));
         Ok(Upstream {
             addr,
-            requests,
+            requests: counters.requests,
+            inflight: counters.inflight,
             _stop: stop,
         })
     }
 }
 
-async fn serve(listener: TcpListener, requests: Arc<AtomicU64>, mut shutdown: Shutdown) {
+#[derive(Clone)]
+struct Counters {
+    requests: Arc<AtomicU64>,
+    inflight: Arc<AtomicU64>,
+}
+
+async fn serve(
+    listener: TcpListener,
+    counters: Counters,
+    latency: Latency,
+    mut shutdown: Shutdown,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,16 +101,20 @@ async fn serve(listener: TcpListener, requests: Arc<AtomicU64>, mut shutdown: Sh
             },
             _ = shutdown.wait() => return,
         };
-        let requests = requests.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let requests = requests.clone();
+                let counters = counters.clone();
                 async move {
+                    let others = counters.inflight.fetch_add(1, Ordering::Relaxed);
                     let (status, delay) = answer(req.uri().path());
-                    if let Some(d) = delay {
-                        tokio::time::sleep(d).await;
+                    let own = latency.base + latency.per_inflight * others as u32;
+                    let wait = delay.unwrap_or(if status == 200 { own } else { Duration::ZERO });
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
                     }
-                    requests.fetch_add(1, Ordering::Relaxed);
+                    counters.inflight.fetch_sub(1, Ordering::Relaxed);
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
                     let mut response = http::Response::builder().status(status);
                     if let Some(b) = req.headers().get("baggage") {
                         response = response.header("x-seen-baggage", b);

@@ -1,0 +1,93 @@
+//! Access-log ingest: decode an OTLP Export of 1,000 records (as Envoy
+//! sends them, the full attribute contract) and end every flow: parse the
+//! attributes, find the flux meter, observe the histogram, look the flow up
+//! in the in-flight table.
+//!
+//! `cargo bench --bench ingest`; criterion reports records per second (one
+//! core: the benchmark is single-threaded).
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message;
+use sluice::clock::Clock;
+use sluice::flow::{Engine, EngineOptions};
+use sluice::otlp::{AccessLogs, wire};
+use sluice::policy::load::parse_sources;
+use sluice::telemetry::Metrics;
+
+const RECORDS: usize = 1_000;
+
+fn attr(key: &str, value: &str) -> wire::KeyValue {
+    wire::KeyValue {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Some(wire::AnyValue {
+            value: Some(wire::any_value::Value::StringValue(Bytes::copy_from_slice(
+                value.as_bytes(),
+            ))),
+        }),
+    }
+}
+
+fn export() -> Bytes {
+    let statuses = ["200", "200", "200", "200", "500", "429"];
+    let records = (0..RECORDS)
+        .map(|i| wire::LogRecord {
+            attributes: vec![
+                attr(
+                    "sluice.flow",
+                    &format!(
+                        "v=1;id={:016x};d=accepted;fm=bench/latency",
+                        fastrand::u64(..)
+                    ),
+                ),
+                attr("http.status_code", statuses[i % statuses.len()]),
+                attr("authz_duration", "1"),
+                attr("DURATION", &(5 + i % 40).to_string()),
+                attr("REQUEST_DURATION", "0"),
+                attr("REQUEST_TX_DURATION", "2"),
+                attr("RESPONSE_DURATION", &(4 + i % 40).to_string()),
+                attr("RESPONSE_TX_DURATION", "0"),
+                attr("BYTES_RECEIVED", "0"),
+                attr("BYTES_SENT", "367"),
+            ],
+        })
+        .collect();
+    let request = wire::ExportLogsServiceRequest {
+        resource_logs: vec![wire::ResourceLogs {
+            scope_logs: vec![wire::ScopeLogs {
+                log_records: records,
+            }],
+        }],
+    };
+    Bytes::from(request.encode_to_vec())
+}
+
+fn ingest(c: &mut Criterion) {
+    let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
+    let policy =
+        "name: bench\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";
+    let sources = vec![(PathBuf::from("bench.yaml"), policy.to_owned())];
+    engine.install(&parse_sources(&sources).expect("valid policy"));
+    let logs = AccessLogs::new(Arc::new(engine));
+    let body = export();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+
+    let mut group = c.benchmark_group("ingest");
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function("decode_and_end_1000_records", |b| {
+        b.iter(|| {
+            let request = wire::ExportLogsServiceRequest::decode(body.clone()).expect("decodes");
+            black_box(runtime.block_on(logs.export(&request)))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ingest);
+criterion_main!(benches);
