@@ -89,16 +89,12 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % USERS;
                 let view = CheckView::new(&requests[i]);
-                let plan = engine.plan();
-                let decision = engine.check(
-                    &plan,
-                    FlowRequest {
-                        control_point: "ingress",
-                        service: "any",
-                        labels: &view,
-                    },
-                );
-                black_box(decision.accepted())
+                let flow = FlowRequest {
+                    control_point: "ingress",
+                    service: "any",
+                    labels: &view,
+                };
+                black_box(engine.decide(flow, |d| d.accepted()))
             })
         });
     }

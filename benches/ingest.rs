@@ -15,54 +15,17 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 use sluice::clock::Clock;
 use sluice::flow::{Engine, EngineOptions};
+use sluice::harness::access_log::{self, accepted_flow};
 use sluice::otlp::{AccessLogs, wire};
 use sluice::policy::load::parse_sources;
 use sluice::telemetry::Metrics;
 
 const RECORDS: usize = 1_000;
 
-fn attr(key: &str, value: &str) -> wire::KeyValue {
-    wire::KeyValue {
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        value: Some(wire::AnyValue {
-            value: Some(wire::any_value::Value::StringValue(Bytes::copy_from_slice(
-                value.as_bytes(),
-            ))),
-        }),
-    }
-}
-
+/// One Export of `RECORDS` accepted flows' logs, encoded.
 fn export() -> Bytes {
-    let statuses = ["200", "200", "200", "200", "500", "429"];
-    let records = (0..RECORDS)
-        .map(|i| wire::LogRecord {
-            attributes: vec![
-                attr(
-                    "sluice.flow",
-                    &format!(
-                        "v=1;id={:016x};d=accepted;fm=bench/latency",
-                        fastrand::u64(..)
-                    ),
-                ),
-                attr("http.status_code", statuses[i % statuses.len()]),
-                attr("authz_duration", "1"),
-                attr("DURATION", &(5 + i % 40).to_string()),
-                attr("REQUEST_DURATION", "0"),
-                attr("REQUEST_TX_DURATION", "2"),
-                attr("RESPONSE_DURATION", &(4 + i % 40).to_string()),
-                attr("RESPONSE_TX_DURATION", "0"),
-                attr("BYTES_RECEIVED", "0"),
-                attr("BYTES_SENT", "367"),
-            ],
-        })
-        .collect();
-    let request = wire::ExportLogsServiceRequest {
-        resource_logs: vec![wire::ResourceLogs {
-            scope_logs: vec![wire::ScopeLogs {
-                log_records: records,
-            }],
-        }],
-    };
+    let request =
+        access_log::export((0..RECORDS).map(|i| accepted_flow("bench/latency", 4 + i as u64 % 40)));
     Bytes::from(request.encode_to_vec())
 }
 

@@ -29,9 +29,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use parking_lot::Mutex;
+use sluice::harness::access_log::{self, accepted_flow};
 use sluice::harness::repo_root;
 use sluice::server::{Config, Sidecar};
 use tokio::time::Instant;
@@ -98,41 +97,7 @@ fn check(user: u64) -> CheckRequest {
 }
 
 fn export(batch: usize) -> ExportLogsServiceRequest {
-    let attr = |k: &str, v: String| KeyValue {
-        key: k.to_owned(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(v)),
-        }),
-        ..Default::default()
-    };
-    let records = (0..batch)
-        .map(|i| LogRecord {
-            attributes: vec![
-                attr(
-                    "sluice.flow",
-                    format!(
-                        "v=1;id={:016x};d=accepted;fm=bench/latency",
-                        fastrand::u64(..)
-                    ),
-                ),
-                attr("http.status_code", "200".to_owned()),
-                attr("authz_duration", "1".to_owned()),
-                attr("DURATION", (5 + i % 40).to_string()),
-                attr("RESPONSE_DURATION", (4 + i % 40).to_string()),
-                attr("BYTES_SENT", "367".to_owned()),
-            ],
-            ..Default::default()
-        })
-        .collect();
-    ExportLogsServiceRequest {
-        resource_logs: vec![ResourceLogs {
-            scope_logs: vec![ScopeLogs {
-                log_records: records,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    access_log::export((0..batch).map(|i| accepted_flow("bench/latency", 4 + i as u64 % 40)))
 }
 
 /// Runs Checks at `rate` for `duration`; returns their latencies.

@@ -80,17 +80,15 @@ fn the_accept_path_does_not_allocate() {
     let requests: Vec<wire::CheckRequest> = (0..100).map(request).collect();
     let decide = |req: &wire::CheckRequest| {
         let view = CheckView::new(req);
-        let plan = engine.plan();
-        let d = engine.check(
-            &plan,
-            FlowRequest {
-                control_point: "ingress",
-                service: "any",
-                labels: &view,
-            },
-        );
-        assert!(d.accepted());
-        assert_eq!(d.baggage().count(), 2);
+        let flow = FlowRequest {
+            control_point: "ingress",
+            service: "any",
+            labels: &view,
+        };
+        engine.decide(flow, |d| {
+            assert!(d.accepted());
+            assert_eq!(d.baggage().count(), 2);
+        });
     };
     // First sight of each user creates its bucket (one key allocation) and
     // the control point's counter; that is allowed.

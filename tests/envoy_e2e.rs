@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sluice::harness::{Envoy, EnvoyPorts, Upstream, http};
+use sluice::harness::http;
 
 const POLICY: &str = r#"
 name: e2e
@@ -34,12 +34,7 @@ rate_limiters:
 #[tokio::test]
 async fn envoy_enforces_per_user_limits_and_sampling() {
     let policy = PolicyFile::new(POLICY);
-    let sidecar = sidecar(&policy).await;
-    let upstream = Upstream::start(0).await.expect("upstream");
-    let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port()).expect("ports");
-    let envoy = Envoy::start("envoy-configs/quickstart.yaml", ports)
-        .await
-        .expect("envoy starts");
+    let (sidecar, upstream, envoy) = stack(&policy, None).await;
     let front = envoy.listener();
 
     let as_user = |user: &'static str| async move {

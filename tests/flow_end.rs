@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::*;
-use sluice::harness::{Envoy, EnvoyPorts, Prometheus, Upstream, http};
-use sluice::server::{Config, Sidecar};
+use sluice::harness::{Prometheus, http};
+use sluice::server::Sidecar;
 use sluice::telemetry::remote_write::RemoteWriteConfig;
 
 fn remote_write(prometheus: &Prometheus, interval: Duration, batches: usize) -> RemoteWriteConfig {
@@ -27,25 +27,6 @@ fn remote_write(prometheus: &Prometheus, interval: Duration, batches: usize) -> 
         max_queued_batches: batches,
         timeout: Duration::from_secs(2),
     }
-}
-
-async fn start(
-    policy: &PolicyFile,
-    remote: Option<RemoteWriteConfig>,
-) -> (Sidecar, Upstream, Envoy) {
-    let sidecar = Sidecar::start(&Config {
-        policy: Some(policy.path.clone()),
-        remote_write: remote,
-        ..Config::ephemeral()
-    })
-    .await
-    .expect("sidecar");
-    let upstream = Upstream::start(0).await.expect("upstream");
-    let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port()).expect("ports");
-    let envoy = Envoy::start("envoy-configs/quickstart.yaml", ports)
-        .await
-        .expect("envoy");
-    (sidecar, upstream, envoy)
 }
 
 async fn matched_logs(sidecar: &Sidecar) -> f64 {
@@ -75,7 +56,7 @@ async fn flux_meters_reach_prometheus_with_the_status_split() {
         .await
         .expect("prometheus");
     let policy = PolicyFile::new(METERED);
-    let (sidecar, _upstream, envoy) = start(
+    let (sidecar, _upstream, envoy) = stack(
         &policy,
         Some(remote_write(&prometheus, Duration::from_millis(300), 30)),
     )
@@ -180,7 +161,7 @@ concurrency_limiters:
     max_inflight_duration: 60s
 "#,
     );
-    let (sidecar, _upstream, envoy) = start(&policy, None).await;
+    let (sidecar, _upstream, envoy) = stack(&policy, None).await;
     let front = envoy.listener();
     let burst = |n: usize| async move {
         let requests: Vec<_> = (0..n)
@@ -231,7 +212,7 @@ async fn a_dead_prometheus_costs_checks_nothing_and_data_resumes() {
     let policy = PolicyFile::new(
         "name: shop\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n",
     );
-    let (sidecar, _upstream, envoy) = start(
+    let (sidecar, _upstream, envoy) = stack(
         &policy,
         Some(remote_write(&prometheus, Duration::from_millis(500), 5)),
     )

@@ -11,50 +11,26 @@ use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsSe
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message;
+use sluice::harness::access_log::{self, accepted_flow, attribute};
 use sluice::harness::http;
 
 const POLICY: &str =
     "name: p\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";
 
 fn attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(value.to_owned())),
-        }),
-        ..Default::default()
-    }
+    attribute(key, value)
 }
 
 /// `n` records of accepted flows metered by p/latency, 200 in 5 ms.
 fn export(n: usize) -> ExportLogsServiceRequest {
-    let records = (0..n)
-        .map(|i| LogRecord {
-            attributes: vec![
-                attr(
-                    "sluice.flow",
-                    &format!("v=1;id={i:x};d=accepted;fm=p/latency"),
-                ),
-                attr("http.status_code", "200"),
-                attr("RESPONSE_DURATION", "6"),
-                attr("authz_duration", "1"),
-                attr("user_agent", "curl/8"),
-            ],
-            ..Default::default()
-        })
-        .collect();
-    ExportLogsServiceRequest {
-        resource_logs: vec![ResourceLogs {
-            scope_logs: vec![ScopeLogs {
-                log_records: records,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    access_log::export((0..n).map(|_| {
+        let mut attrs = accepted_flow("p/latency", 5);
+        attrs.push(attr("user_agent", "curl/8"));
+        attrs
+    }))
 }
 
 fn count(text: &str) -> f64 {
@@ -72,7 +48,26 @@ async fn a_hundred_thousand_records_in_one_export_are_processed() {
         .await
         .expect("connect")
         .max_encoding_message_size(64 << 20);
-    let request = export(100_000);
+    // The whole contract per record makes 100k records larger than the
+    // default --max-log-request-bytes (16 MiB): a clear error, nothing half
+    // done.
+    let too_big = export(100_000);
+    assert!(too_big.encoded_len() > 16 << 20);
+    let err = logs.export(too_big).await.expect_err("over the limit");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert_eq!(count(&metrics_text(&sidecar).await), 0.0);
+    // The same 100k flows with the attributes a flux meter needs fit, and
+    // are all processed.
+    let request = access_log::export((0..100_000u64).map(|i| {
+        vec![
+            attr(
+                "sluice.flow",
+                &format!("v=1;id={i:x};d=accepted;fm=p/latency"),
+            ),
+            attr("http.status_code", "200"),
+            attr("RESPONSE_DURATION", "6"),
+        ]
+    }));
     assert!(request.encoded_len() < 16 << 20, "within the default limit");
     let response = logs.export(request).await.expect("export").into_inner();
     assert_eq!(response.partial_success, None);

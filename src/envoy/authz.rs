@@ -71,16 +71,13 @@ impl AuthzService {
             .unwrap_or(&self.default_service);
 
         let view = CheckView::new(request);
-        let plan = self.engine.plan();
-        let decision = self.engine.check(
-            &plan,
-            FlowRequest {
-                control_point,
-                service,
-                labels: &view,
-            },
-        );
-        response::build(&decision, &view)
+        let flow = FlowRequest {
+            control_point,
+            service,
+            labels: &view,
+        };
+        self.engine
+            .decide(flow, |decision| response::build(decision, &view))
     }
 }
 

@@ -110,17 +110,7 @@ impl ConcurrencyLimiter {
                 global: AtomicU64::new(0),
                 per_label: LabelTable::new(
                     max_label_values,
-                    TableMetrics {
-                        evicted: metrics
-                            .label_state_evicted
-                            .with_label_values(&[policy, &name]),
-                        expired: metrics
-                            .label_state_expired
-                            .with_label_values(&[policy, &name]),
-                        entries: metrics
-                            .label_state_entries
-                            .with_label_values(&[policy, &name]),
-                    },
+                    TableMetrics::of_component(metrics, policy, &name),
                 ),
             }),
         };

@@ -36,6 +36,22 @@ pub struct TableMetrics {
     pub entries: IntGauge,
 }
 
+impl TableMetrics {
+    /// The `label_state_*` series of one component.
+    pub fn of_component(
+        metrics: &crate::telemetry::Metrics,
+        policy: &str,
+        component: &str,
+    ) -> Self {
+        let labels = &[policy, component];
+        TableMetrics {
+            evicted: metrics.label_state_evicted.with_label_values(labels),
+            expired: metrics.label_state_expired.with_label_values(labels),
+            entries: metrics.label_state_entries.with_label_values(labels),
+        }
+    }
+}
+
 struct Slot<V> {
     value: V,
     last_used: Nanos,

@@ -273,7 +273,14 @@ impl Engine {
         self.plan.load()
     }
 
-    /// Decides one flow.
+    /// Decides one flow under the plan in force and hands the decision to
+    /// `f` (the decision borrows from the plan, which is held meanwhile).
+    pub fn decide<R>(&self, flow: FlowRequest<'_>, f: impl FnOnce(&Decision<'_>) -> R) -> R {
+        let plan = self.plan();
+        f(&self.check(&plan, flow))
+    }
+
+    /// Decides one flow under `plan` (from [`Engine::plan`]).
     pub fn check<'a>(&self, plan: &'a Plan, flow: FlowRequest<'a>) -> Decision<'a> {
         self.metrics.requests.inc();
         self.control_points.record(flow.control_point, flow.service);

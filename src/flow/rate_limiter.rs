@@ -205,17 +205,7 @@ impl RateLimiter {
                 global: Mutex::new(TokenBucket::full(&params, 0)),
                 per_label: LabelTable::new(
                     max_label_values,
-                    TableMetrics {
-                        evicted: metrics
-                            .label_state_evicted
-                            .with_label_values(&[policy, &name]),
-                        expired: metrics
-                            .label_state_expired
-                            .with_label_values(&[policy, &name]),
-                        entries: metrics
-                            .label_state_entries
-                            .with_label_values(&[policy, &name]),
-                    },
+                    TableMetrics::of_component(metrics, policy, &name),
                 ),
             }),
         };

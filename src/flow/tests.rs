@@ -28,29 +28,31 @@ type Rejected = (String, u16, Option<Duration>);
 
 /// Decides a flow at `ingress` of service `shop`; returns the rejection as
 /// (component, status, retry-after) and the baggage.
+/// A flow at `ingress` of service `shop`.
+fn ingress(labels: &dyn LabelSource) -> FlowRequest<'_> {
+    FlowRequest {
+        control_point: "ingress",
+        service: "shop",
+        labels,
+    }
+}
+
 fn check(engine: &Engine, labels: &[(&str, &str)]) -> (Option<Rejected>, Vec<(String, String)>) {
     let source = MapLabels::from_pairs(labels.iter().copied());
-    let plan = engine.plan();
-    let d = engine.check(
-        &plan,
-        FlowRequest {
-            control_point: "ingress",
-            service: "shop",
-            labels: &source,
-        },
-    );
-    let rejection = d.rejection.as_ref().map(|r| {
-        (
-            format!("{}/{}", r.policy, r.component),
-            r.status,
-            r.retry_after,
-        )
-    });
-    let baggage = d
-        .baggage()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    (rejection, baggage)
+    engine.decide(ingress(&source), |d| {
+        let rejection = d.rejection.as_ref().map(|r| {
+            (
+                format!("{}/{}", r.policy, r.component),
+                r.status,
+                r.retry_after,
+            )
+        });
+        let baggage = d
+            .baggage()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        (rejection, baggage)
+    })
 }
 
 const USER_LIMIT: &str = r#"
@@ -265,16 +267,7 @@ concurrency_limiters:
 /// Checks a flow; returns its `sluice.flow` metadata and whether it passed.
 fn check_meta(engine: &Engine) -> (String, bool) {
     let source = MapLabels::default();
-    let plan = engine.plan();
-    let d = engine.check(
-        &plan,
-        FlowRequest {
-            control_point: "ingress",
-            service: "shop",
-            labels: &source,
-        },
-    );
-    (d.metadata(), d.accepted())
+    engine.decide(ingress(&source), |d| (d.metadata(), d.accepted()))
 }
 
 fn end_of(

@@ -6,6 +6,7 @@
 //! its path; [`http`] sends one HTTP/1.1 request. Everything binds to
 //! 127.0.0.1 and stops when dropped.
 
+pub mod access_log;
 pub mod envoy;
 pub mod http;
 pub mod process;

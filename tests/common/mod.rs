@@ -233,3 +233,26 @@ pub async fn metrics_text(sidecar: &Sidecar) -> String {
         .expect("metrics")
         .text()
 }
+
+/// Sluice (with `policy`, remote-writing when `remote` is given), an
+/// upstream, and Envoy on the quickstart config in front of both.
+pub async fn stack(
+    policy: &PolicyFile,
+    remote: Option<sluice::telemetry::remote_write::RemoteWriteConfig>,
+) -> (Sidecar, sluice::harness::Upstream, sluice::harness::Envoy) {
+    let sidecar = Sidecar::start(&Config {
+        policy: Some(policy.path.clone()),
+        policy_poll_interval: Duration::from_millis(50),
+        remote_write: remote,
+        ..Config::ephemeral()
+    })
+    .await
+    .expect("sidecar starts");
+    let upstream = sluice::harness::Upstream::start(0).await.expect("upstream");
+    let ports = sluice::harness::EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())
+        .expect("ports");
+    let envoy = sluice::harness::Envoy::start("envoy-configs/quickstart.yaml", ports)
+        .await
+        .expect("envoy starts");
+    (sidecar, upstream, envoy)
+}
