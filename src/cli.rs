@@ -94,6 +94,12 @@ pub struct RunArgs {
     /// Largest OTLP logs Export accepted, in bytes, over gRPC or HTTP.
     #[arg(long, env = "SLUICE_MAX_LOG_REQUEST_BYTES", default_value_t = 16 << 20)]
     pub max_log_request_bytes: usize,
+    /// Accept OTLP/HTTP access logs at POST /v1/logs on the admin
+    /// listener. Anyone who can reach that listener can then feed flux
+    /// meters: set false where the admin port is reachable from outside the
+    /// pod (Envoy's logger uses the gRPC listener anyway).
+    #[arg(long, env = "SLUICE_OTLP_HTTP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub otlp_http: bool,
     /// Prometheus remote-write receiver for flux meters and the sidecar's
     /// own metrics, e.g. http://prometheus:9090/api/v1/write (Prometheus
     /// needs --web.enable-remote-write-receiver). Off when unset.
@@ -191,6 +197,7 @@ impl RunArgs {
             max_inflight_flows: self.max_inflight_flows,
             max_check_request_bytes: self.max_check_request_bytes,
             max_log_request_bytes: self.max_log_request_bytes,
+            otlp_http: self.otlp_http,
         })
     }
 }

@@ -58,6 +58,11 @@ pub struct Config {
     pub max_check_request_bytes: usize,
     /// Largest OTLP logs Export accepted (gRPC or HTTP).
     pub max_log_request_bytes: usize,
+    /// Serve `POST /v1/logs` on the admin listener. Anyone who can reach
+    /// that listener can then feed flux meters (and through them the
+    /// controller); turn it off where the admin port is exposed beyond the
+    /// pod and Envoy sends logs over gRPC anyway.
+    pub otlp_http: bool,
     /// Where to remote-write metrics, if anywhere. An `instance` label
     /// (`<hostname>:<admin port>`) is added unless one is given.
     pub remote_write: Option<RemoteWriteConfig>,
@@ -76,6 +81,7 @@ impl Default for Config {
             max_inflight_flows: 100_000,
             max_check_request_bytes: 16 << 20,
             max_log_request_bytes: 16 << 20,
+            otlp_http: true,
             remote_write: None,
         }
     }
@@ -176,6 +182,7 @@ impl Sidecar {
             ready: false.into(),
             access_logs,
             max_log_request_bytes: config.max_log_request_bytes,
+            otlp_http: config.otlp_http,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin,

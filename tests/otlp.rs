@@ -211,3 +211,29 @@ async fn otlp_http_accepts_protobuf_and_refuses_the_rest_clearly() {
     assert_eq!(count(&metrics_text(&sidecar).await), 10.0);
     sidecar.stop(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn otlp_http_can_be_turned_off() {
+    let policy = PolicyFile::new(POLICY);
+    let sidecar = sluice::server::Sidecar::start(&sluice::server::Config {
+        policy: Some(policy.path.clone()),
+        otlp_http: false,
+        ..sluice::server::Config::ephemeral()
+    })
+    .await
+    .expect("sidecar");
+    let reply = http::request(
+        sidecar.admin_addr,
+        "POST",
+        "/v1/logs",
+        &[("content-type", "application/x-protobuf")],
+        &export(3).encode_to_vec(),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("post");
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(reply.text().contains("--otlp-http=false"));
+    assert_eq!(count(&metrics_text(&sidecar).await), 0.0);
+    sidecar.stop(Duration::from_secs(2)).await;
+}

@@ -35,6 +35,8 @@ pub struct AdminState {
     pub access_logs: AccessLogs,
     /// Largest `POST /v1/logs` body accepted.
     pub max_log_request_bytes: usize,
+    /// Whether `POST /v1/logs` is served (`--otlp-http`).
+    pub otlp_http: bool,
 }
 
 type Body = Full<Bytes>;
@@ -82,7 +84,12 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
                 Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
             }
         }
-        (&Method::POST, "/v1/logs") => otlp_http(state, req).await,
+        (&Method::POST, "/v1/logs") if state.otlp_http => otlp_http(state, req).await,
+        (&Method::POST, "/v1/logs") => respond(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "OTLP/HTTP logs are off on this sidecar (--otlp-http=false)\n",
+        ),
         (_, "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
         }

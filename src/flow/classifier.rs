@@ -123,8 +123,10 @@ enum Segment {
 
 impl PathTemplate {
     fn compile(text: &str) -> Self {
+        // A trailing slash is the same template, as it is the same path.
         let segments = text
             .trim_start_matches('/')
+            .trim_end_matches('/')
             .split('/')
             .map(|seg| {
                 if seg == "*" {
@@ -166,9 +168,29 @@ impl PathTemplate {
 /// same body or token parse it once.
 #[derive(Default)]
 struct Parsed {
-    body: Option<Option<serde_json::Value>>,
-    bearer_claims: Option<Option<serde_json::Value>>,
+    /// Per (source, parser): the body or bearer token read as JSON or as a
+    /// JWT. A rule's parse must never stand in for another parser's.
+    body_json: Option<Option<serde_json::Value>>,
+    body_jwt: Option<Option<serde_json::Value>>,
+    bearer_json: Option<Option<serde_json::Value>>,
+    bearer_jwt: Option<Option<serde_json::Value>>,
     scratch: Option<Option<serde_json::Value>>,
+}
+
+/// How a document is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parser {
+    Json,
+    Jwt,
+}
+
+impl Parser {
+    fn parse(self, bytes: &[u8]) -> Option<serde_json::Value> {
+        match self {
+            Parser::Json => serde_json::from_slice(bytes).ok(),
+            Parser::Jwt => parse_jwt_claims(bytes),
+        }
+    }
 }
 
 /// One classifier output: label, value, and whether it goes to `baggage`.
@@ -240,11 +262,11 @@ impl Classifier {
                         .map(|t| Cow::Borrowed(&*t.text))
                 }),
                 Extractor::Json { from, pointer } => {
-                    let doc = document(from, labels, &mut parsed, &self.errors, parse_json);
+                    let doc = document(from, labels, &mut parsed, &self.errors, Parser::Json);
                     doc.and_then(|d| d.pointer(pointer)).and_then(json_text)
                 }
                 Extractor::Jwt { from, claim } => {
-                    let doc = document(from, labels, &mut parsed, &self.errors, parse_jwt_claims);
+                    let doc = document(from, labels, &mut parsed, &self.errors, Parser::Jwt);
                     doc.and_then(|d| match claim {
                         Claim::Name(n) => d.get(&**n),
                         Claim::Pointer(p) => d.pointer(p),
@@ -283,7 +305,7 @@ fn document<'p>(
     labels: &FlowLabels<'_>,
     parsed: &'p mut Parsed,
     errors: &IntCounter,
-    parse: fn(&[u8]) -> Option<serde_json::Value>,
+    parser: Parser,
 ) -> Option<&'p serde_json::Value> {
     let run = || {
         let text: Cow<'_, [u8]> = match source {
@@ -293,26 +315,24 @@ fn document<'p>(
                 Cow::Owned(s) => Cow::Owned(s.into_bytes()),
             },
         };
-        let doc = parse(&text);
+        let doc = parser.parse(&text);
         if doc.is_none() {
             errors.inc();
         }
         doc
     };
-    let slot = match source {
-        Source::Body => &mut parsed.body,
-        Source::Bearer(_) => &mut parsed.bearer_claims,
+    let slot = match (source, parser) {
+        (Source::Body, Parser::Json) => &mut parsed.body_json,
+        (Source::Body, Parser::Jwt) => &mut parsed.body_jwt,
+        (Source::Bearer(_), Parser::Json) => &mut parsed.bearer_json,
+        (Source::Bearer(_), Parser::Jwt) => &mut parsed.bearer_jwt,
         // Another label holding a document: rare, so parsed every time.
-        Source::Label(_) => {
+        (Source::Label(_), _) => {
             parsed.scratch = None;
             &mut parsed.scratch
         }
     };
     slot.get_or_insert_with(run).as_ref()
-}
-
-fn parse_json(bytes: &[u8]) -> Option<serde_json::Value> {
-    serde_json::from_slice(bytes).ok()
 }
 
 /// The claims of a JWT, without verifying its signature.
@@ -468,5 +488,28 @@ mod tests {
         assert_eq!(route("/users/").as_deref(), None);
         assert_eq!(route("/users/42/orders/7").as_deref(), None);
         assert_eq!(route("/other").as_deref(), None);
+        let (c, _) = classifier("  route: {path_template: [\"/users/\"]}\n");
+        let route = |path: &str| run(&c, &MapLabels::from_pairs([("http.path", path)])).len();
+        assert_eq!(route("/users"), 1, "a template's trailing slash is ignored");
+        assert_eq!(route("/users/"), 1);
+    }
+
+    #[test]
+    fn json_and_jwt_rules_on_one_source_do_not_share_a_parse() {
+        let (c, m) = classifier(
+            "  a_raw: {json: {from: request.http.bearer, pointer: /x}}\n  tenant: {jwt: {claim: tenant}}\n",
+        );
+        let header = format!("Bearer {}", jwt(r#"{"tenant": "t1"}"#));
+        let source =
+            MapLabels::from_pairs([("http.request.header.authorization", header.as_str())]);
+        let out = run(&c, &source);
+        assert_eq!(out, vec![("tenant".into(), "t1".into(), true)]);
+        // The token is not JSON: one error, from the json rule only.
+        assert_eq!(
+            m.classifier_errors
+                .with_label_values(&["p", "classifiers[0]"])
+                .get(),
+            1
+        );
     }
 }

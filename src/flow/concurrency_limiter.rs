@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::RejectReason;
-use super::label_table::{LabelTable, TableMetrics};
+use super::label_table::{Digest, LabelTable, TableMetrics};
 use super::labels::{FlowLabels, LabelRef};
 use super::selector::Selector;
 use crate::clock::{Nanos, nanos};
@@ -26,26 +26,42 @@ pub struct ConcurrencyState {
     per_label: LabelTable<u64>,
 }
 
+/// Something that lends slots to flows in flight (a concurrency limiter or
+/// a concurrency scheduler).
+pub trait SlotOwner: Send + Sync {
+    /// Takes back the slot lent for `key`.
+    fn release(&self, key: Option<Digest>);
+}
+
 /// A slot held by a flow in flight; give it back with [`Slot::release`].
 pub struct Slot {
-    state: Arc<ConcurrencyState>,
-    key: Option<Box<str>>,
+    owner: Arc<dyn SlotOwner>,
+    key: Option<Digest>,
 }
 
 impl Slot {
+    /// A slot of `owner` for `key`.
+    pub fn new(owner: Arc<dyn SlotOwner>, key: Option<Digest>) -> Self {
+        Slot { owner, key }
+    }
+
     /// Returns the slot.
     pub fn release(self) {
-        match &self.key {
+        self.owner.release(self.key);
+    }
+}
+
+impl SlotOwner for ConcurrencyState {
+    fn release(&self, key: Option<Digest>) {
+        match key {
             None => {
                 let _ = self
-                    .state
                     .global
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             }
             Some(key) => {
-                // The entry may have been evicted (table full): nothing to give back.
-                self.state
-                    .per_label
+                // Entries holding slots are never evicted, so it is there.
+                self.per_label
                     .with_existing(key, |n| *n = n.saturating_sub(1));
             }
         }
@@ -111,6 +127,9 @@ impl ConcurrencyLimiter {
                 per_label: LabelTable::new(
                     max_label_values,
                     TableMetrics::of_component(metrics, policy, &name),
+                    // A count holding slots must stay, or the flows in
+                    // flight would be forgotten and the limit exceeded.
+                    |n| *n == 0,
                 ),
             }),
         };
@@ -141,14 +160,14 @@ impl ConcurrencyLimiter {
         let key = match &self.limit_by {
             None => None,
             Some(label) => match labels.get(label) {
-                Some(value) => Some(value),
+                Some(value) => Some(self.state.per_label.digest(&value)),
                 None => {
                     self.counters.count(true);
                     return Ok(None);
                 }
             },
         };
-        let taken = match &key {
+        let taken = match key {
             None => self
                 .state
                 .global
@@ -156,7 +175,7 @@ impl ConcurrencyLimiter {
                     (n < max).then_some(n + 1)
                 })
                 .is_ok(),
-            Some(key) => self.state.per_label.with(
+            Some(key) => self.state.per_label.with_digest(
                 key,
                 now,
                 || 0,
@@ -173,10 +192,7 @@ impl ConcurrencyLimiter {
         if !taken {
             return Err(Busy);
         }
-        Ok(Some(Slot {
-            state: self.state.clone(),
-            key: key.map(|k| Box::from(&*k)),
-        }))
+        Ok(Some(Slot::new(self.state.clone(), key)))
     }
 
     /// Changes the limit (the controller's actuator).
@@ -191,7 +207,7 @@ impl ConcurrencyLimiter {
 
     /// Drops per-label counts that reached zero.
     pub fn sweep(&self, now: Nanos) {
-        self.state.per_label.sweep(now, 0, |n| *n > 0);
+        self.state.per_label.sweep(now, 0);
     }
 }
 

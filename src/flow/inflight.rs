@@ -1,15 +1,14 @@
 //! Flows in flight: the concurrency slots an accepted flow holds until its
 //! access log arrives.
 //!
-//! Keyed by flow id (random 64-bit, carried in `sluice.flow`). Bounded:
+//! Keyed by flow id (random 64-bit, carried in `sluice.flow`). Each slot
+//! has its own deadline (its limiter's `max_inflight_duration`), past which
+//! [`InFlight::sweep`] returns it and counts the flow as expired. Bounded:
 //! when a shard is full, the entry closest to its deadline among a few
-//! sampled is finished early (its slots returned) and counted as evicted.
-//! Entries past their deadline (`max_inflight_duration`) are finished by
-//! [`InFlight::sweep`] and counted as expired. Slots are always released
-//! outside the shard lock.
+//! sampled at random is finished early (its slots returned) and counted as
+//! evicted. Slots are always released outside the shard lock.
 
-use std::collections::HashMap;
-
+use indexmap::IndexMap;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 use smallvec::SmallVec;
@@ -20,12 +19,22 @@ use crate::clock::Nanos;
 const SHARDS: usize = 16;
 const EVICTION_SAMPLE: usize = 8;
 
-/// The slots of one flow.
-pub type Slots = SmallVec<[Slot; 1]>;
+/// The slots of one flow, each with the time it is returned by if the
+/// flow's access log never comes.
+pub type Slots = SmallVec<[(Slot, Nanos); 1]>;
 
 struct Entry {
+    /// The earliest deadline of its slots.
     deadline: Nanos,
     slots: Slots,
+}
+
+fn earliest(slots: &Slots) -> Nanos {
+    slots.iter().map(|(_, d)| *d).min().unwrap_or(0)
+}
+
+fn release_all(slots: Slots) {
+    slots.into_iter().for_each(|(slot, _)| slot.release());
 }
 
 /// Counters of the table.
@@ -39,9 +48,11 @@ pub struct InFlightMetrics {
     pub evicted: IntCounter,
 }
 
+type Shard = IndexMap<u64, Entry, ahash::RandomState>;
+
 /// The table.
 pub struct InFlight {
-    shards: Box<[Mutex<HashMap<u64, Entry, ahash::RandomState>>]>,
+    shards: Box<[Mutex<Shard>]>,
     shard_capacity: usize,
     metrics: InFlightMetrics,
 }
@@ -51,29 +62,30 @@ impl InFlight {
     pub fn new(capacity: usize, metrics: InFlightMetrics) -> Self {
         InFlight {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
+                .map(|_| Mutex::new(IndexMap::default()))
                 .collect(),
             shard_capacity: capacity.div_ceil(SHARDS).max(1),
             metrics,
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry, ahash::RandomState>> {
+    fn shard(&self, id: u64) -> &Mutex<Shard> {
         // Flow ids are uniformly random: their low bits pick the shard.
         &self.shards[(id as usize) % SHARDS]
     }
 
-    /// Records that flow `id` holds `slots` until `deadline`.
-    pub fn insert(&self, id: u64, deadline: Nanos, slots: Slots) {
+    /// Records that flow `id` holds `slots`.
+    pub fn insert(&self, id: u64, slots: Slots) {
+        let deadline = earliest(&slots);
         let evicted = {
             let mut shard = self.shard(id).lock();
             let victim = if shard.len() >= self.shard_capacity {
-                let key = shard
-                    .iter()
-                    .take(EVICTION_SAMPLE)
-                    .min_by_key(|(_, e)| e.deadline)
-                    .map(|(k, _)| *k);
-                key.and_then(|k| shard.remove(&k))
+                let len = shard.len();
+                (0..EVICTION_SAMPLE.min(len))
+                    .map(|_| fastrand::usize(..len))
+                    .min_by_key(|&i| shard.get_index(i).map_or(Nanos::MAX, |(_, e)| e.deadline))
+                    .and_then(|i| shard.swap_remove_index(i))
+                    .map(|(_, e)| e)
             } else {
                 None
             };
@@ -87,44 +99,55 @@ impl InFlight {
         };
         for e in evicted {
             self.metrics.evicted.inc();
-            e.slots.into_iter().for_each(Slot::release);
+            release_all(e.slots);
         }
     }
 
     /// Flow `id` ended: gives its slots back. False if it held none (or
     /// had expired or been evicted already).
     pub fn finish(&self, id: u64) -> bool {
-        let entry = self.shard(id).lock().remove(&id);
+        let entry = self.shard(id).lock().swap_remove(&id);
         match entry {
             Some(e) => {
-                e.slots.into_iter().for_each(Slot::release);
+                release_all(e.slots);
                 true
             }
             None => false,
         }
     }
 
-    /// Finishes every flow past its deadline; returns how many.
+    /// Returns every slot past its deadline; a flow all of whose slots are
+    /// returned leaves the table and counts as expired. Returns how many
+    /// flows left.
     pub fn sweep(&self, now: Nanos) -> usize {
-        let mut expired = Vec::new();
+        let mut due: Vec<(Slot, Nanos)> = Vec::new();
+        let mut expired = 0;
         let mut held = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            let stale: SmallVec<[u64; 16]> = shard
-                .iter()
-                .filter(|(_, e)| e.deadline <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            expired.extend(stale.iter().filter_map(|k| shard.remove(k)));
+            shard.retain(|_, e| {
+                if e.deadline > now {
+                    return true;
+                }
+                let (late, kept): (Slots, Slots) = e.slots.drain(..).partition(|(_, d)| *d <= now);
+                due.extend(late);
+                e.slots = kept;
+                e.deadline = earliest(&e.slots);
+                if e.slots.is_empty() {
+                    expired += 1;
+                    false
+                } else {
+                    true
+                }
+            });
             held += shard.len();
         }
-        let n = expired.len();
-        self.metrics.expired.inc_by(n as u64);
+        self.metrics.expired.inc_by(expired as u64);
         self.metrics.flows.set(held as i64);
-        for e in expired {
-            e.slots.into_iter().for_each(Slot::release);
+        for (slot, _) in due {
+            slot.release();
         }
-        n
+        expired
     }
 
     /// Flows held now.
@@ -161,20 +184,20 @@ mod tests {
         ConcurrencyLimiter::compile(&"p".into(), &spec, &Metrics::new(), 10, None)
     }
 
-    fn slot(l: &ConcurrencyLimiter) -> Slots {
+    fn slot(l: &ConcurrencyLimiter, deadline: Nanos) -> Slots {
         let source = MapLabels::default();
         let s = l
             .acquire(&FlowLabels::new(&source), 0)
             .expect("free")
             .expect("slot");
-        SmallVec::from_iter([s])
+        SmallVec::from_iter([(s, deadline)])
     }
 
     #[test]
     fn finishing_a_flow_returns_its_slots_once() {
         let l = limiter(1);
         let t = InFlight::new(100, metrics());
-        t.insert(7, 1_000, slot(&l));
+        t.insert(7, slot(&l, 1_000));
         assert_eq!(l.in_flight(), 1);
         assert!(t.finish(7));
         assert!(!t.finish(7), "a second log for the flow changes nothing");
@@ -185,8 +208,8 @@ mod tests {
     fn expiry_on_simulated_time() {
         let l = limiter(3);
         let t = InFlight::new(100, metrics());
-        t.insert(1, 1_000, slot(&l));
-        t.insert(2, 5_000, slot(&l));
+        t.insert(1, slot(&l, 1_000));
+        t.insert(2, slot(&l, 5_000));
         assert_eq!(t.sweep(999), 0);
         assert_eq!(t.sweep(1_000), 1);
         assert_eq!(l.in_flight(), 1);
@@ -197,11 +220,31 @@ mod tests {
     }
 
     #[test]
+    fn each_slot_keeps_its_own_deadline() {
+        let short = limiter(1);
+        let long = limiter(1);
+        let t = InFlight::new(100, metrics());
+        let mut both = slot(&short, 5_000);
+        both.extend(slot(&long, 60_000));
+        t.insert(9, both);
+        assert_eq!(
+            t.sweep(5_000),
+            0,
+            "the flow is still in flight for the long limiter"
+        );
+        assert_eq!(short.in_flight(), 0);
+        assert_eq!(long.in_flight(), 1);
+        assert_eq!(t.sweep(60_000), 1);
+        assert_eq!(long.in_flight(), 0);
+        assert_eq!(t.metrics.expired.get(), 1);
+    }
+
+    #[test]
     fn a_full_table_evicts_and_releases() {
         let l = limiter(1000);
         let t = InFlight::new(16, metrics());
         for id in 0..200u64 {
-            t.insert(id, id, slot(&l));
+            t.insert(id, slot(&l, id));
         }
         assert!(t.len() <= 16);
         assert_eq!(t.metrics.evicted.get() as usize, 200 - t.len());

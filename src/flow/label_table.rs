@@ -1,20 +1,27 @@
 //! Bounded per-label state: one value (a token bucket, an in-flight count)
 //! per value of a label, for components with `limit_by_label_key`.
 //!
-//! Label values come from requests, so their number is the client's choice.
-//! The table therefore has a hard capacity: when a new value arrives and its
-//! shard is full, the least recently used of a few sampled entries is evicted
-//! (as Redis does), which is O(1) and needs no global LRU list on the request
-//! path. Entries unused for the component's `max_idle_time` are swept out by
-//! a background task. Both are counted.
+//! Label values come from requests, so both their number and their size are
+//! the client's choice. Values are therefore stored as a 128-bit digest
+//! (xxh3 with a per-table random seed, so collisions cannot be aimed at):
+//! an entry costs the same for a 3-byte user id and a 60 KiB header, and a
+//! new value allocates nothing. The number of entries is bounded: when a
+//! new value arrives and its shard is full, the least recently used of a
+//! few entries sampled at random positions is evicted (as Redis does),
+//! which is O(1) and needs no global LRU list on the request path. Entries
+//! the component marks as not evictable (a concurrency count that still
+//! holds slots) are never evicted: if a whole sample is busy, the table
+//! grows past its bound, by at most the flows in flight, which their own
+//! table bounds. Entries unused for the component's idle time are swept out
+//! by a background task. Evictions and expiries are counted.
 //!
 //! Why not a cache crate (moka, quick_cache)? Their clocks cannot be driven
 //! by the engine's [`Clock`](crate::clock::Clock), so expiry could not be
-//! tested on simulated time, and their per-access bookkeeping costs more than
-//! the token-bucket arithmetic this table guards.
+//! tested on simulated time, they cannot be told that an entry is in use,
+//! and their per-access bookkeeping costs more than the token-bucket
+//! arithmetic this table guards.
 
-use std::collections::HashMap;
-
+use indexmap::IndexMap;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 
@@ -24,6 +31,9 @@ use crate::clock::Nanos;
 const SHARDS: usize = 16;
 /// Entries examined to pick a victim when a shard is full.
 const EVICTION_SAMPLE: usize = 8;
+
+/// A label value as the table keys it.
+pub type Digest = u128;
 
 /// Counters a table reports to.
 #[derive(Clone, Debug)]
@@ -57,40 +67,48 @@ struct Slot<V> {
     last_used: Nanos,
 }
 
-type Shard<V> = HashMap<Box<str>, Slot<V>, ahash::RandomState>;
+type Shard<V> = IndexMap<Digest, Slot<V>, ahash::RandomState>;
 
 /// A bounded, sharded map from label value to `V`.
 pub struct LabelTable<V> {
-    /// The entries, spread over shards by hash of the label value.
+    /// The entries, spread over shards by digest.
     shards: Box<[Mutex<Shard<V>>]>,
-    /// Picks the shard; seeded per table.
-    hasher: ahash::RandomState,
-    /// Most entries one shard holds.
+    /// Seed of the digest, random per table.
+    seed: u64,
+    /// Most entries one shard holds (unless all sampled are busy).
     shard_capacity: usize,
+    /// Whether an entry may be evicted to make room.
+    evictable: fn(&V) -> bool,
     /// Where evictions and expiries are counted.
     metrics: TableMetrics,
 }
 
 impl<V> LabelTable<V> {
-    /// A table holding at most about `capacity` entries.
-    pub fn new(capacity: usize, metrics: TableMetrics) -> Self {
+    /// A table holding at most about `capacity` entries; `evictable` says
+    /// which may make room for new ones.
+    pub fn new(capacity: usize, metrics: TableMetrics, evictable: fn(&V) -> bool) -> Self {
         LabelTable {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
+                .map(|_| Mutex::new(IndexMap::default()))
                 .collect(),
-            hasher: ahash::RandomState::new(),
+            seed: fastrand::u64(..),
             shard_capacity: capacity.div_ceil(SHARDS).max(1),
+            evictable,
             metrics,
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard<V>> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
-        &self.shards[i]
+    /// The digest of a label value in this table.
+    #[inline]
+    pub fn digest(&self, value: &str) -> Digest {
+        xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), self.seed)
+    }
+
+    fn shard(&self, key: Digest) -> &Mutex<Shard<V>> {
+        &self.shards[(key as usize) % SHARDS]
     }
 
     /// Runs `f` on the entry for `key`, creating it with `init` if needed.
-    /// Allocates only when the key is new.
     #[inline]
     pub fn with<R>(
         &self,
@@ -99,52 +117,71 @@ impl<V> LabelTable<V> {
         init: impl FnOnce() -> V,
         f: impl FnOnce(&mut V) -> R,
     ) -> R {
+        self.with_digest(self.digest(key), now, init, f)
+    }
+
+    /// As [`LabelTable::with`], for a digest from [`LabelTable::digest`].
+    pub fn with_digest<R>(
+        &self,
+        key: Digest,
+        now: Nanos,
+        init: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R {
         let mut shard = self.shard(key).lock();
-        if let Some(slot) = shard.get_mut(key) {
+        if let Some(slot) = shard.get_mut(&key) {
             slot.last_used = now;
             return f(&mut slot.value);
         }
-        if shard.len() >= self.shard_capacity {
-            Self::evict_one(&mut shard);
+        if shard.len() >= self.shard_capacity && self.evict_one(&mut shard) {
             self.metrics.evicted.inc();
         }
-        let slot = shard.entry(key.into()).or_insert(Slot {
+        let slot = shard.entry(key).or_insert(Slot {
             value: init(),
             last_used: now,
         });
         f(&mut slot.value)
     }
 
-    /// Runs `f` on the entry for `key` if there is one.
-    pub fn with_existing<R>(&self, key: &str, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+    /// Runs `f` on the entry for a digest if there is one.
+    pub fn with_existing<R>(&self, key: Digest, f: impl FnOnce(&mut V) -> R) -> Option<R> {
         self.shard(key)
             .lock()
-            .get_mut(key)
+            .get_mut(&key)
             .map(|slot| f(&mut slot.value))
     }
 
-    fn evict_one(shard: &mut Shard<V>) {
-        let victim = shard
-            .iter()
-            .take(EVICTION_SAMPLE)
-            .min_by_key(|(_, slot)| slot.last_used)
-            .map(|(key, _)| key.clone());
-        if let Some(key) = victim {
-            shard.remove(&key);
+    /// Evicts the least recently used evictable entry of a random sample;
+    /// false when every sampled entry is busy.
+    fn evict_one(&self, shard: &mut Shard<V>) -> bool {
+        let len = shard.len();
+        let victim = (0..EVICTION_SAMPLE.min(len))
+            .map(|_| fastrand::usize(..len))
+            .filter(|&i| {
+                shard
+                    .get_index(i)
+                    .is_some_and(|(_, s)| (self.evictable)(&s.value))
+            })
+            .min_by_key(|&i| shard.get_index(i).map_or(Nanos::MAX, |(_, s)| s.last_used));
+        match victim {
+            Some(i) => {
+                shard.swap_remove_index(i);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Drops entries unused for longer than `max_idle` (and, when `keep` is
-    /// given, only those for which it returns false), then updates the
-    /// entries gauge. Returns how many were dropped.
-    pub fn sweep(&self, now: Nanos, max_idle: Nanos, keep: impl Fn(&V) -> bool) -> usize {
+    /// Drops evictable entries unused for longer than `max_idle`, then
+    /// updates the entries gauge. Returns how many were dropped.
+    pub fn sweep(&self, now: Nanos, max_idle: Nanos) -> usize {
         let mut dropped = 0;
         let mut total = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let before = shard.len();
             shard.retain(|_, slot| {
-                now.saturating_sub(slot.last_used) <= max_idle || keep(&slot.value)
+                now.saturating_sub(slot.last_used) <= max_idle || !(self.evictable)(&slot.value)
             });
             dropped += before - shard.len();
             total += shard.len();
@@ -170,19 +207,29 @@ impl<V> LabelTable<V> {
     }
 }
 
+/// For tables whose every entry may be evicted.
+pub fn always<V>(_: &V) -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn metrics() -> TableMetrics {
+        TableMetrics {
+            evicted: IntCounter::new("e", "e").unwrap(),
+            expired: IntCounter::new("x", "x").unwrap(),
+            entries: IntGauge::new("n", "n").unwrap(),
+        }
+    }
+
     fn table(capacity: usize) -> LabelTable<u32> {
-        LabelTable::new(
-            capacity,
-            TableMetrics {
-                evicted: IntCounter::new("e", "e").unwrap(),
-                expired: IntCounter::new("x", "x").unwrap(),
-                entries: IntGauge::new("n", "n").unwrap(),
-            },
-        )
+        LabelTable::new(capacity, metrics(), always)
+    }
+
+    fn get(t: &LabelTable<u32>, key: &str) -> Option<u32> {
+        t.with_existing(t.digest(key), |v| *v)
     }
 
     #[test]
@@ -191,9 +238,9 @@ mod tests {
         t.with("a", 0, || 0, |v| *v += 1);
         t.with("a", 0, || 0, |v| *v += 1);
         t.with("b", 0, || 0, |v| *v += 5);
-        assert_eq!(t.with_existing("a", |v| *v), Some(2));
-        assert_eq!(t.with_existing("b", |v| *v), Some(5));
-        assert_eq!(t.with_existing("c", |v| *v), None);
+        assert_eq!(get(&t, "a"), Some(2));
+        assert_eq!(get(&t, "b"), Some(5));
+        assert_eq!(get(&t, "c"), None);
     }
 
     #[test]
@@ -207,12 +254,53 @@ mod tests {
     }
 
     #[test]
-    fn eviction_prefers_the_least_recently_used() {
-        // One entry per shard at most: the newest key must survive.
-        let t = table(1);
-        t.with("old", 1, || 1, |_| ());
-        t.with("new", 2, || 2, |_| ());
-        assert_eq!(t.with_existing("new", |v| *v), Some(2));
+    fn huge_values_cost_no_more_than_small_ones() {
+        let t = table(10);
+        let huge = "x".repeat(1 << 20);
+        t.with(&huge, 0, || 7, |_| ());
+        assert_eq!(get(&t, &huge), Some(7));
+        assert_eq!(std::mem::size_of::<Digest>(), 16);
+    }
+
+    #[test]
+    fn eviction_prefers_the_least_recently_used_at_random_positions() {
+        // Fill, then keep touching the first half while new keys arrive:
+        // the untouched half goes, the busy half stays.
+        let t = table(1600);
+        let old: Vec<String> = (0..1600).map(|i| format!("old-{i}")).collect();
+        for k in &old {
+            t.with(k, 0, || 0, |_| ());
+        }
+        for i in 0..3200u64 {
+            for k in old.iter().take(800) {
+                if fastrand::u64(..100) == 0 {
+                    t.with(k, i + 1, || 0, |_| ());
+                }
+            }
+            t.with(&format!("new-{i}"), i + 1, || 0, |_| ());
+        }
+        let stale_left = old[800..].iter().filter(|k| get(&t, k).is_some()).count();
+        assert!(
+            stale_left < 40,
+            "{stale_left} of 800 untouched old keys survived"
+        );
+    }
+
+    #[test]
+    fn busy_entries_are_never_evicted() {
+        let t: LabelTable<u32> = LabelTable::new(16, metrics(), |n| *n == 0);
+        for i in 0..16 {
+            t.with(&format!("busy-{i}"), 0, || 1, |_| ());
+        }
+        for i in 0..100 {
+            t.with(&format!("idle-{i}"), 1, || 0, |_| ());
+        }
+        for i in 0..16 {
+            assert_eq!(get(&t, &format!("busy-{i}")), Some(1), "busy-{i}");
+        }
+        let idle = t.len() - 16;
+        assert_eq!(t.sweep(1_000, 0), idle);
+        assert_eq!(t.len(), 16);
     }
 
     #[test]
@@ -221,14 +309,10 @@ mod tests {
         t.with("stale", 0, || 0, |_| ());
         t.with("fresh", 0, || 0, |_| ());
         t.with("fresh", 900, || 0, |_| ());
-        assert_eq!(t.sweep(1_000, 500, |_| false), 1);
-        assert_eq!(t.with_existing("stale", |v| *v), None);
-        assert_eq!(t.with_existing("fresh", |v| *v), Some(0));
+        assert_eq!(t.sweep(1_000, 500), 1);
+        assert_eq!(get(&t, "stale"), None);
+        assert_eq!(get(&t, "fresh"), Some(0));
         assert_eq!(t.metrics().expired.get(), 1);
         assert_eq!(t.metrics().entries.get(), 1);
-        // `keep` protects entries that still hold something.
-        t.with("busy", 1_000, || 7, |_| ());
-        assert_eq!(t.sweep(10_000, 500, |v| *v == 7), 1);
-        assert_eq!(t.with_existing("busy", |v| *v), Some(7));
     }
 }

@@ -33,6 +33,7 @@ pub mod metadata;
 pub mod plan;
 pub mod rate_limiter;
 pub mod sampler;
+pub mod scheduler;
 pub mod selector;
 
 use std::sync::Arc;
@@ -194,6 +195,9 @@ impl Default for EngineOptions {
     }
 }
 
+/// Flux meters one access-log record may name; more are ignored.
+const MAX_METERS_PER_FLOW: usize = 64;
+
 /// What became of one access-log record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndOutcome {
@@ -328,7 +332,7 @@ impl Engine {
 
         for f in &stages.flux_meters {
             if admits(&f.selectors, labels) {
-                decision.flux_meters.push(f);
+                decision.flux_meters.push(&f.component);
             }
         }
 
@@ -368,7 +372,6 @@ impl Engine {
             }
         }
         let mut slots = inflight::Slots::new();
-        let mut deadline = u64::MAX;
         for c in &stages.concurrency_limiters {
             if !admits(&c.selectors, labels) {
                 continue;
@@ -376,15 +379,12 @@ impl Engine {
             match c.acquire(labels, now) {
                 Ok(slot) => {
                     if let Some(slot) = slot {
-                        slots.push(slot);
-                        deadline = deadline.min(now.saturating_add(c.max_inflight));
+                        slots.push((slot, now.saturating_add(c.max_inflight)));
                     }
                 }
                 Err(concurrency_limiter::Busy) => {
                     holds.into_iter().for_each(rate_limiter::Hold::release);
-                    slots
-                        .into_iter()
-                        .for_each(concurrency_limiter::Slot::release);
+                    slots.into_iter().for_each(|(slot, _)| slot.release());
                     return Some(Rejection {
                         policy: &c.policy,
                         component: &c.name,
@@ -396,7 +396,7 @@ impl Engine {
             }
         }
         if !slots.is_empty() {
-            self.inflight.insert(decision.flow_id, deadline, slots);
+            self.inflight.insert(decision.flow_id, slots);
         }
         None
     }
@@ -417,7 +417,14 @@ impl Engine {
         let mut meters = meta.flux_meters().peekable();
         if meters.peek().is_some() {
             let plan = self.plan.load();
-            for key in meters {
+            // Each meter observes a flow once, however often a (forged or
+            // garbled) record names it, and a record names a bounded number.
+            let mut seen: SmallVec<[&str; 4]> = SmallVec::new();
+            for key in meters.take(MAX_METERS_PER_FLOW) {
+                if seen.contains(&key) {
+                    continue;
+                }
+                seen.push(key);
                 if let Some(meter) = plan.flux_meters.get(key) {
                     meter.observe(end, meta.accepted, extras);
                 }

@@ -17,20 +17,38 @@ use super::selector::Selector;
 use crate::policy::PolicySet;
 use crate::telemetry::Metrics;
 
+/// A component as one control point sees it: with only its selectors for
+/// that control point, so that a selector written for another control
+/// point can never admit this one's flows.
+#[derive(Debug)]
+pub struct Staged<T> {
+    /// The component.
+    pub component: Arc<T>,
+    /// Its selectors naming this control point.
+    pub selectors: Box<[Selector]>,
+}
+
+impl<T> std::ops::Deref for Staged<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.component
+    }
+}
+
 /// The components of one control point, per stage, in policy-name then
 /// file order.
 #[derive(Default, Debug)]
 pub struct Stages {
     /// Stage 2.
-    pub classifiers: Vec<Arc<Classifier>>,
+    pub classifiers: Vec<Staged<Classifier>>,
     /// Stage 3.
-    pub flux_meters: Vec<Arc<FluxMeter>>,
+    pub flux_meters: Vec<Staged<FluxMeter>>,
     /// Stage 4.
-    pub samplers: Vec<Arc<Sampler>>,
+    pub samplers: Vec<Staged<Sampler>>,
     /// Stage 5, first part.
-    pub rate_limiters: Vec<Arc<RateLimiter>>,
+    pub rate_limiters: Vec<Staged<RateLimiter>>,
     /// Stage 5, second part.
-    pub concurrency_limiters: Vec<Arc<ConcurrencyLimiter>>,
+    pub concurrency_limiters: Vec<Staged<ConcurrencyLimiter>>,
 }
 
 /// One policy, compiled.
@@ -78,12 +96,25 @@ pub struct Plan {
     pub flux_meters: AHashMap<Box<str>, Arc<FluxMeter>>,
 }
 
-/// Control points a component's selectors name (each once).
-fn control_points(selectors: &[Selector]) -> Vec<Arc<str>> {
+/// A component's selectors grouped by the control point they name.
+fn by_control_point<T>(component: &Arc<T>, selectors: &[Selector]) -> Vec<(Arc<str>, Staged<T>)> {
     let mut cps: Vec<Arc<str>> = selectors.iter().map(|s| s.control_point.clone()).collect();
     cps.sort();
     cps.dedup();
-    cps
+    cps.into_iter()
+        .map(|cp| {
+            let selectors = selectors
+                .iter()
+                .filter(|s| s.control_point == cp)
+                .cloned()
+                .collect();
+            let staged = Staged {
+                component: component.clone(),
+                selectors,
+            };
+            (cp, staged)
+        })
+        .collect()
 }
 
 /// The component of `old` (a policy of the previous plan) named `name`.
@@ -169,29 +200,29 @@ impl Plan {
                 hash: loaded.hash,
             };
             for c in &compiled.classifiers {
-                for cp in control_points(&c.selectors) {
-                    plan.stages(&cp).classifiers.push(c.clone());
+                for (cp, staged) in by_control_point(c, &c.selectors) {
+                    plan.stages(&cp).classifiers.push(staged);
                 }
             }
             for f in &compiled.flux_meters {
-                for cp in control_points(&f.selectors) {
-                    plan.stages(&cp).flux_meters.push(f.clone());
+                for (cp, staged) in by_control_point(f, &f.selectors) {
+                    plan.stages(&cp).flux_meters.push(staged);
                 }
                 plan.flux_meters.insert(f.key.clone(), f.clone());
             }
             for s in &compiled.samplers {
-                for cp in control_points(&s.selectors) {
-                    plan.stages(&cp).samplers.push(s.clone());
+                for (cp, staged) in by_control_point(s, &s.selectors) {
+                    plan.stages(&cp).samplers.push(staged);
                 }
             }
             for r in &compiled.rate_limiters {
-                for cp in control_points(&r.selectors) {
-                    plan.stages(&cp).rate_limiters.push(r.clone());
+                for (cp, staged) in by_control_point(r, &r.selectors) {
+                    plan.stages(&cp).rate_limiters.push(staged);
                 }
             }
             for c in &compiled.concurrency_limiters {
-                for cp in control_points(&c.selectors) {
-                    plan.stages(&cp).concurrency_limiters.push(c.clone());
+                for (cp, staged) in by_control_point(c, &c.selectors) {
+                    plan.stages(&cp).concurrency_limiters.push(staged);
                 }
             }
             plan.policies.push(compiled);

@@ -9,13 +9,12 @@
 //! `retry-after`). A flow that asks for more than the capacity can never
 //! pass; it is rejected without a `retry-after`.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use super::RejectReason;
-use super::label_table::{LabelTable, TableMetrics};
+use super::label_table::{Digest, LabelTable, TableMetrics, always};
 use super::labels::{FlowLabels, LabelRef};
 use super::selector::Selector;
 use crate::clock::{Nanos, nanos};
@@ -87,8 +86,11 @@ impl TokenBucket {
         let wait = if p.continuous {
             (missing * p.interval as f64 / p.fill_amount).ceil() as Nanos
         } else {
+            // Saturating: a tiny fill_amount must not overflow into nonsense.
             let intervals = (missing / p.fill_amount).ceil() as Nanos;
-            (self.last + intervals * p.interval).saturating_sub(now)
+            self.last
+                .saturating_add(intervals.saturating_mul(p.interval))
+                .saturating_sub(now)
         };
         Err(Some(wait.max(1)))
     }
@@ -151,21 +153,50 @@ impl std::fmt::Debug for RateLimiter {
 /// Tokens a flow holds from one limiter until the flow's fate is known.
 pub struct Hold<'a> {
     limiter: &'a RateLimiter,
-    key: Option<Cow<'a, str>>,
+    key: Option<Digest>,
     tokens: f64,
 }
 
 impl Hold<'_> {
     /// Gives the tokens back (a later stage rejected the flow).
     pub fn release(self) {
-        let p = &self.limiter.params;
-        match &self.key {
-            None => self.limiter.state.global.lock().give_back(p, self.tokens),
+        self.limiter.give_back(self.key, self.tokens);
+    }
+
+    /// The same hold, independent of the plan's lifetime, for a flow that
+    /// waits in a scheduler.
+    pub fn into_owned(self) -> OwnedHold {
+        OwnedHold {
+            state: self.limiter.state.clone(),
+            params: self.limiter.params,
+            key: self.key,
+            tokens: self.tokens,
+        }
+    }
+}
+
+/// A [`Hold`] that owns what it needs.
+pub struct OwnedHold {
+    state: Arc<LimiterState>,
+    params: BucketParams,
+    key: Option<Digest>,
+    tokens: f64,
+}
+
+impl OwnedHold {
+    /// Gives the tokens back.
+    pub fn release(self) {
+        self.state.give_back(&self.params, self.key, self.tokens);
+    }
+}
+
+impl LimiterState {
+    fn give_back(&self, p: &BucketParams, key: Option<Digest>, tokens: f64) {
+        match key {
+            None => self.global.lock().give_back(p, tokens),
             Some(key) => {
-                self.limiter
-                    .state
-                    .per_label
-                    .with_existing(key, |b| b.give_back(p, self.tokens));
+                self.per_label
+                    .with_existing(key, |b| b.give_back(p, tokens));
             }
         }
     }
@@ -206,6 +237,7 @@ impl RateLimiter {
                 per_label: LabelTable::new(
                     max_label_values,
                     TableMetrics::of_component(metrics, policy, &name),
+                    always,
                 ),
             }),
         };
@@ -232,7 +264,7 @@ impl RateLimiter {
     /// Charges the flow, or says why not. Counts the decision.
     pub fn acquire<'a>(
         &'a self,
-        labels: &FlowLabels<'a>,
+        labels: &FlowLabels<'_>,
         now: Nanos,
     ) -> Result<Option<Hold<'a>>, Limited> {
         let tokens = self
@@ -247,12 +279,13 @@ impl RateLimiter {
             None => (self.state.global.lock().take(p, now, tokens), None),
             Some(label) => {
                 // A flow without the label is not limited by this limiter.
-                let Some(key) = labels.get_detached(label) else {
+                let Some(value) = labels.get(label) else {
                     self.counters.count(true);
                     return Ok(None);
                 };
-                let r = self.state.per_label.with(
-                    &key,
+                let key = self.state.per_label.digest(&value);
+                let r = self.state.per_label.with_digest(
+                    key,
                     now,
                     || TokenBucket::full(p, now),
                     |b| b.take(p, now, tokens),
@@ -271,9 +304,14 @@ impl RateLimiter {
         }
     }
 
+    /// Gives back tokens a flow took (a later stage rejected it).
+    pub fn give_back(&self, key: Option<Digest>, tokens: f64) {
+        self.state.give_back(&self.params, key, tokens);
+    }
+
     /// Forgets buckets unused for `max_idle_time`.
     pub fn sweep(&self, now: Nanos) {
-        self.state.per_label.sweep(now, self.max_idle, |_| false);
+        self.state.per_label.sweep(now, self.max_idle);
     }
 
     /// Buckets held per label value.
@@ -338,6 +376,14 @@ mod tests {
         // 9 tokens are one more step away, at 4 s.
         assert_eq!(b.take(&p, SEC * 7 / 2, 9.0), Err(Some(SEC / 2)));
         assert_eq!(b.take(&p, SEC * 7 / 2, 8.0), Ok(()));
+    }
+
+    #[test]
+    fn a_tiny_interval_fill_saturates_instead_of_overflowing() {
+        let p = params(5.0, 1e-7, 3_600 * SEC, false);
+        let mut b = TokenBucket::full(&p, 0);
+        assert_eq!(b.take(&p, 0, 5.0), Ok(()));
+        assert_eq!(b.take(&p, 0, 1.0), Err(Some(u64::MAX)));
     }
 
     #[test]

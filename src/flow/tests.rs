@@ -382,3 +382,42 @@ fn removed_flux_meters_leave_the_registry() {
         EndOutcome::Matched
     );
 }
+
+#[test]
+fn a_selector_for_another_control_point_never_admits_this_ones_flows() {
+    let doc = r#"
+name: xcp
+rate_limiters:
+  - name: checkout
+    selectors:
+      - control_point: ingress
+        label_matcher: {match_labels: {http.path: /checkout}}
+      - control_point: egress
+    bucket_capacity: 0
+    fill_amount: 0
+    interval: 1s
+"#;
+    let (engine, _) = engine(&[doc]);
+    assert_eq!(check(&engine, &[("http.path", "/home")]).0, None);
+    assert!(check(&engine, &[("http.path", "/checkout")]).0.is_some());
+    let source = MapLabels::from_pairs([("http.path", "/home")]);
+    let egress = FlowRequest {
+        control_point: "egress",
+        service: "shop",
+        labels: &source,
+    };
+    assert!(
+        !engine.decide(egress, |d| d.accepted()),
+        "egress is limited whatever the path"
+    );
+}
+
+#[test]
+fn a_record_naming_a_meter_many_times_is_observed_once() {
+    let (engine, _) = engine(&[METERED]);
+    let (meta, _) = check_meta(&engine);
+    let repeated = format!("{meta},m/latency,m/latency,m/latency");
+    engine.end_flow(&end_of(&repeated, "200", "5"), &flow_end::NoExtras);
+    let text = engine.metrics().encode_text();
+    assert!(text.contains(r#"flux_meter_count{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="m"} 1"#), "{text}");
+}

@@ -175,12 +175,21 @@ fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
         .map(|(i, f)| (format!("flux_meters[{i}].name"), &f.name));
     let concurrency = (policy.concurrency_limiters.iter().enumerate())
         .map(|(i, c)| (format!("concurrency_limiters[{i}].name"), &c.name));
+    let concurrency_schedulers = (policy.concurrency_schedulers.iter().enumerate())
+        .map(|(i, c)| (format!("concurrency_schedulers[{i}].name"), &c.name));
+    let quota_schedulers = (policy.quota_schedulers.iter().enumerate())
+        .map(|(i, q)| (format!("quota_schedulers[{i}].name"), &q.name));
+    let load_schedulers = (policy.load_schedulers.iter().enumerate())
+        .map(|(i, l)| (format!("load_schedulers[{i}].name"), &l.name));
     let mut seen: Vec<Named<'_>> = Vec::new();
     let all = classifiers
         .chain(samplers)
         .chain(limiters)
         .chain(meters)
-        .chain(concurrency);
+        .chain(concurrency)
+        .chain(concurrency_schedulers)
+        .chain(quota_schedulers)
+        .chain(load_schedulers);
     for (field, name) in all {
         if let Some((other, _)) = seen.iter().find(|(_, n)| n.value == name.value) {
             return Err(PolicyError::at(

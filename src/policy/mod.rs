@@ -18,7 +18,7 @@ use serde_saphyr::Spanned;
 
 pub use load::{PolicyError, PolicySet, load_path, parse_policy};
 use types::{
-    DeniedStatus, DurationSpec, LabelName, Name, NonEmpty, NonNegative, Percentage,
+    DeniedStatus, DurationSpec, LabelName, Name, NonEmpty, NonNegative, Percentage, Positive,
     PositiveDuration, RegexSpec,
 };
 
@@ -43,6 +43,16 @@ pub struct Policy {
     /// Bounds on flows in flight, optionally per value of a label.
     #[serde(default)]
     pub concurrency_limiters: Vec<ConcurrencyLimiterSpec>,
+    /// Weighted-fair queues admitting at most `max_concurrency` in flight.
+    #[serde(default)]
+    pub concurrency_schedulers: Vec<ConcurrencySchedulerSpec>,
+    /// Weighted-fair queues in front of a token bucket.
+    #[serde(default)]
+    pub quota_schedulers: Vec<QuotaSchedulerSpec>,
+    /// Weighted-fair queues admitting a share (the load multiplier) of the
+    /// incoming token rate.
+    #[serde(default)]
+    pub load_schedulers: Vec<LoadSchedulerSpec>,
 }
 
 /// Which flows a component applies to. A component applies to a flow when
@@ -559,4 +569,195 @@ pub struct ConcurrencyLimiterSpec {
 
 fn one_minute() -> PositiveDuration {
     PositiveDuration(std::time::Duration::from_secs(60))
+}
+
+/// How a scheduler orders and bounds the requests it queues.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSpec {
+    /// Classes of requests; the first whose label matcher matches wins.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Parameters of requests no workload matches.
+    #[serde(default)]
+    pub default_workload_parameters: WorkloadParameters,
+    /// A label whose value (a number > 0) overrides a request's priority.
+    #[serde(default)]
+    pub priority_label_key: Option<LabelName>,
+    /// A label whose value (a number >= 0) overrides a request's tokens.
+    #[serde(default)]
+    pub tokens_label_key: Option<LabelName>,
+    /// A label whose value names the request's workload (overriding the
+    /// label matchers).
+    #[serde(default)]
+    pub workload_label_key: Option<LabelName>,
+    /// Requests of one workload share its capacity evenly across the values
+    /// of this label (users, tenants...).
+    #[serde(default)]
+    pub fairness_label_key: Option<LabelName>,
+    /// Time kept back from Envoy's gRPC deadline, so that the answer
+    /// arrives before Envoy gives up.
+    #[serde(default = "ten_ms")]
+    pub decision_deadline_margin: DurationSpec,
+    /// Status of a rejected request.
+    #[serde(default = "DeniedStatus::service_unavailable")]
+    pub denied_status_code: DeniedStatus,
+    /// Most requests waiting at once; a request finding it full is
+    /// rejected at once.
+    #[serde(default = "thousand")]
+    pub max_queued_requests: usize,
+}
+
+fn ten_ms() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_millis(10))
+}
+
+fn thousand() -> usize {
+    1000
+}
+
+/// A class of requests.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Names the workload (for `workload_label_key` and metrics).
+    #[serde(default)]
+    pub name: Option<Name>,
+    /// Which requests belong to it; none matches all.
+    #[serde(default)]
+    pub label_matcher: Option<LabelMatcherSpec>,
+    /// How its requests are scheduled.
+    #[serde(default)]
+    pub parameters: WorkloadParameters,
+}
+
+/// How a workload's requests are scheduled.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadParameters {
+    /// Weight (> 0): a workload of priority 2 gets twice the tokens of one
+    /// of priority 1 when both wait.
+    #[serde(default = "one")]
+    pub priority: Positive,
+    /// What one request costs (>= 0).
+    #[serde(default = "one_nonneg")]
+    pub tokens: NonNegative,
+    /// Longest wait in the queue (also bounded by Envoy's deadline).
+    #[serde(default = "one_second")]
+    pub queue_timeout: DurationSpec,
+}
+
+impl Default for WorkloadParameters {
+    fn default() -> Self {
+        WorkloadParameters {
+            priority: one(),
+            tokens: one_nonneg(),
+            queue_timeout: one_second(),
+        }
+    }
+}
+
+fn one() -> Positive {
+    Positive(1.0)
+}
+
+fn one_nonneg() -> NonNegative {
+    NonNegative(1.0)
+}
+
+fn one_second() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(1))
+}
+
+/// Admits a share of the incoming token rate; protects a service under
+/// load (the controller moves the share).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSchedulerSpec {
+    /// Unique among the policy's components.
+    pub name: Spanned<Name>,
+    /// Which flows it schedules.
+    pub selectors: NonEmpty<Selector>,
+    /// Share of the incoming token rate admitted; 1.0 or more passes
+    /// everything. The controller overrides it for a while.
+    #[serde(default = "one_nonneg")]
+    pub load_multiplier: NonNegative,
+    /// Window over which the incoming token rate is observed.
+    #[serde(default = "ten_seconds")]
+    pub rate_window: PositiveDuration,
+    /// Estimate each workload's tokens per request from its observed
+    /// latency (ms, from the access logs) instead of `tokens`.
+    #[serde(default)]
+    pub workload_latency_based_tokens: bool,
+    /// Decide and count, but admit everything.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Queueing and ordering.
+    #[serde(default)]
+    pub scheduler: SchedulerSpec,
+}
+
+fn ten_seconds() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(10))
+}
+
+impl Default for SchedulerSpec {
+    fn default() -> Self {
+        SchedulerSpec {
+            workloads: Vec::new(),
+            default_workload_parameters: WorkloadParameters::default(),
+            priority_label_key: None,
+            tokens_label_key: None,
+            workload_label_key: None,
+            fairness_label_key: None,
+            decision_deadline_margin: ten_ms(),
+            denied_status_code: DeniedStatus::service_unavailable(),
+            max_queued_requests: thousand(),
+        }
+    }
+}
+
+/// A token bucket whose excess requests queue in fair order.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSchedulerSpec {
+    /// Unique among the policy's components.
+    pub name: Spanned<Name>,
+    /// Which flows it schedules.
+    pub selectors: NonEmpty<Selector>,
+    /// Most tokens a bucket holds; a new bucket starts full.
+    pub bucket_capacity: NonNegative,
+    /// Tokens added per `interval`.
+    pub fill_amount: NonNegative,
+    /// The refill period.
+    pub interval: PositiveDuration,
+    /// Refill smoothly (default) or all at once at each interval boundary.
+    #[serde(default = "yes")]
+    pub continuous_fill: bool,
+    /// One bucket (and queue) per value of this label; a flow without the
+    /// label passes.
+    #[serde(default)]
+    pub limit_by_label_key: Option<LabelName>,
+    /// Queueing and ordering.
+    #[serde(default)]
+    pub scheduler: SchedulerSpec,
+}
+
+/// At most `max_concurrency` flows in flight; the excess queues in fair order.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencySchedulerSpec {
+    /// Unique among the policy's components.
+    pub name: Spanned<Name>,
+    /// Which flows it schedules.
+    pub selectors: NonEmpty<Selector>,
+    /// Most flows in flight.
+    pub max_concurrency: u64,
+    /// A flow whose access log has not arrived after this long is taken to
+    /// have ended.
+    #[serde(default = "one_minute")]
+    pub max_inflight_duration: PositiveDuration,
+    /// Queueing and ordering.
+    #[serde(default)]
+    pub scheduler: SchedulerSpec,
 }

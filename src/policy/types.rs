@@ -80,6 +80,22 @@ impl<'de> Deserialize<'de> for NonNegative {
     }
 }
 
+/// A finite number above zero.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Positive(pub f64);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || v <= 0.0 {
+            return Err(de::Error::custom(format!(
+                "must be a finite number > 0, got {v}"
+            )));
+        }
+        Ok(Positive(v))
+    }
+}
+
 /// A percentage in `[0, 100]`.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Percentage(pub f64);
@@ -108,6 +124,10 @@ impl DeniedStatus {
     /// Limiters' default, as in Aperture.
     pub fn too_many_requests() -> Self {
         DeniedStatus(429)
+    }
+    /// Schedulers' default, as in Aperture.
+    pub fn service_unavailable() -> Self {
+        DeniedStatus(503)
     }
 }
 

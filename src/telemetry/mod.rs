@@ -8,7 +8,10 @@
 
 pub mod remote_write;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
 
 /// `decision_type` label values.
 pub const ACCEPTED: &str = "accepted";
@@ -51,6 +54,31 @@ pub struct Metrics {
     /// `flowcontrol_inflight_flows_evicted_total`: flows whose slots were
     /// returned early because the table of flows in flight was full.
     pub inflight_evicted: IntCounter,
+    /// `workload_requests_total{policy_name, component, workload_index,
+    /// decision_type}`: scheduler decisions per workload.
+    pub workload_requests: IntCounterVec,
+    /// `incoming_tokens_total{policy_name, component, workload_index}`.
+    pub incoming_tokens: CounterVec,
+    /// `accepted_tokens_total{policy_name, component, workload_index}`.
+    pub accepted_tokens: CounterVec,
+    /// `rejected_tokens_total{policy_name, component, workload_index}`.
+    pub rejected_tokens: CounterVec,
+    /// `request_in_queue_duration_ms{policy_name, component, workload_index}`.
+    pub request_in_queue_duration: HistogramVec,
+    /// `workload_latency_ms{policy_name, component, workload_index}`: the
+    /// upstream's latency of admitted flows, from their access logs.
+    pub workload_latency: HistogramVec,
+    /// `token_bucket_lm_ratio{policy_name, component}`: the load multiplier
+    /// in force (1 when passing everything).
+    pub lm_ratio: GaugeVec,
+    /// `token_bucket_fill_rate{policy_name, component}`: tokens per second.
+    pub fill_rate: GaugeVec,
+    /// `token_bucket_available_tokens_total{policy_name, component}`.
+    pub available_tokens: GaugeVec,
+    /// `load_multiplier_expired{policy_name, component}`: 1 while a load
+    /// scheduler passes everything because the controller's multiplier
+    /// lapsed.
+    pub lm_expired: IntGaugeVec,
     /// `classifier_counter_total{policy_name, component}`: flows classified.
     pub classifier: IntCounterVec,
     /// `classifier_errors_total{policy_name, component}`: rules whose
@@ -149,7 +177,95 @@ impl Metrics {
         }
         let component = &["policy_name", "component"];
         let with_decision = &["policy_name", "component", "decision_type"];
+        let workload = &["policy_name", "component", "workload_index"];
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                CounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauges = |name: &str, help: &str| {
+            let g =
+                GaugeVec::new(Opts::new(name, help), component).expect("valid metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let histograms = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), workload)
+                .expect("valid metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let lm_expired = IntGaugeVec::new(
+            Opts::new(
+                "load_multiplier_expired",
+                "1 while a load scheduler passes everything because its multiplier's valid_until passed.",
+            ),
+            component,
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(lm_expired.clone()))
+            .expect("metric registered once");
         Metrics {
+            workload_requests: counter_vec(
+                &registry,
+                "workload_requests_total",
+                "Scheduler decisions per workload.",
+                &[
+                    "policy_name",
+                    "component",
+                    "workload_index",
+                    "decision_type",
+                ],
+            ),
+            incoming_tokens: counters(
+                "incoming_tokens_total",
+                "Tokens of the requests a scheduler saw, per workload.",
+                workload,
+            ),
+            accepted_tokens: counters(
+                "accepted_tokens_total",
+                "Tokens of the requests a scheduler admitted, per workload.",
+                workload,
+            ),
+            rejected_tokens: counters(
+                "rejected_tokens_total",
+                "Tokens of the requests a scheduler rejected, per workload.",
+                workload,
+            ),
+            request_in_queue_duration: histograms(
+                "request_in_queue_duration_ms",
+                "Time requests spent in a scheduler's queue, ms.",
+                vec![
+                    0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+                    5000.0,
+                ],
+            ),
+            workload_latency: histograms(
+                "workload_latency_ms",
+                "Upstream latency of admitted flows per workload, ms, from access logs.",
+                crate::policy::DEFAULT_FLUX_METER_BUCKETS.to_vec(),
+            ),
+            lm_ratio: gauges(
+                "token_bucket_lm_ratio",
+                "Load multiplier in force (1: passing everything).",
+            ),
+            fill_rate: gauges(
+                "token_bucket_fill_rate",
+                "Token bucket fill rate, tokens/s.",
+            ),
+            available_tokens: gauges(
+                "token_bucket_available_tokens_total",
+                "Tokens available in the bucket now.",
+            ),
+            lm_expired,
             accepted: decisions.with_label_values(&[ACCEPTED]),
             rejected: decisions.with_label_values(&[REJECTED]),
             reject_reasons: counter_vec(

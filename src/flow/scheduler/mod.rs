@@ -1,0 +1,590 @@
+//! Schedulers: when a service is saturated, requests wait a short time and
+//! are admitted in weighted-fair order, so that what matters most goes
+//! first and the rest degrade gracefully.
+//!
+//! Three components share this machinery and differ only in their
+//! [`Capacity`](wfq::Capacity): the load scheduler (a share of the
+//! incoming token rate, `crate::flow::load_scheduler`), the quota scheduler
+//! (a token bucket, `crate::flow::quota_scheduler`) and the concurrency
+//! scheduler (slots returned by the access log,
+//! `crate::flow::concurrency_scheduler`).
+//!
+//! A request is classified into a workload (first matching label matcher,
+//! or the `workload_label_key` label), gets its tokens, priority and
+//! fairness value, and is offered to the [`wfq::Queue`] of its capacity key.
+//! Admitted at once, it goes on; queued, its Check is a parked future
+//! (a oneshot receiver) that costs no thread, woken when the queue's pump
+//! task admits it in fair order or rejects it at its deadline:
+//! min(`queue_timeout`, Envoy's gRPC deadline − `decision_deadline_margin`).
+//! A waiter that goes away (Envoy gave up) leaves the queue without taking
+//! capacity.
+
+pub mod wfq;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus::{Counter, Histogram, IntCounter};
+use tokio::sync::{Notify, oneshot};
+
+use super::labels::{FlowLabels, LabelRef};
+use super::selector::{Matcher, Selector};
+use crate::clock::{Clock, Nanos, nanos};
+use crate::policy::SchedulerSpec;
+use crate::telemetry::{ACCEPTED, Metrics, REJECTED};
+use wfq::{Offer, Outcome, Queue, Ticket};
+
+/// How a workload's requests are scheduled, compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// Weight.
+    pub priority: f64,
+    /// Cost of one request.
+    pub tokens: f64,
+    /// Longest wait.
+    pub queue_timeout: Nanos,
+}
+
+/// One workload, compiled.
+#[derive(Debug)]
+pub struct Workload {
+    /// Its name, if it has one.
+    pub name: Option<Arc<str>>,
+    /// Which requests belong to it; `None` matches all.
+    matcher: Option<Matcher>,
+    /// Its parameters.
+    pub params: Params,
+    /// Its series (`workload_index` label).
+    metrics: WorkloadMetrics,
+}
+
+/// The series of one workload.
+#[derive(Clone, Debug)]
+struct WorkloadMetrics {
+    index: String,
+    accepted: IntCounter,
+    rejected: IntCounter,
+    incoming_tokens: Counter,
+    accepted_tokens: Counter,
+    rejected_tokens: Counter,
+    in_queue_ms: Histogram,
+    latency_ms: Histogram,
+}
+
+impl WorkloadMetrics {
+    fn new(metrics: &Metrics, policy: &str, component: &str, index: String) -> Self {
+        let labels = [policy, component, index.as_str()];
+        let with = |d| [policy, component, index.as_str(), d];
+        WorkloadMetrics {
+            accepted: metrics.workload_requests.with_label_values(&with(ACCEPTED)),
+            rejected: metrics.workload_requests.with_label_values(&with(REJECTED)),
+            incoming_tokens: metrics.incoming_tokens.with_label_values(&labels),
+            accepted_tokens: metrics.accepted_tokens.with_label_values(&labels),
+            rejected_tokens: metrics.rejected_tokens.with_label_values(&labels),
+            in_queue_ms: metrics.request_in_queue_duration.with_label_values(&labels),
+            latency_ms: metrics.workload_latency.with_label_values(&labels),
+            index,
+        }
+    }
+
+    fn decided(&self, tokens: f64, accepted: bool, waited: Nanos) {
+        if accepted {
+            self.accepted.inc();
+            self.accepted_tokens.inc_by(tokens);
+        } else {
+            self.rejected.inc();
+            self.rejected_tokens.inc_by(tokens);
+        }
+        self.in_queue_ms.observe(waited as f64 / 1e6);
+    }
+}
+
+/// A scheduler's configuration, compiled from `scheduler:`.
+#[derive(Debug)]
+pub struct Config {
+    /// The workloads, the default one last.
+    pub workloads: Vec<Workload>,
+    priority_key: Option<LabelRef>,
+    tokens_key: Option<LabelRef>,
+    workload_key: Option<LabelRef>,
+    fairness_key: Option<LabelRef>,
+    /// Kept back from Envoy's deadline.
+    pub margin: Nanos,
+    /// Status of a rejected request.
+    pub denied_status: u16,
+    /// Most requests waiting (per capacity key).
+    pub max_queued: usize,
+}
+
+fn params(p: &crate::policy::WorkloadParameters) -> Params {
+    Params {
+        priority: p.priority.0,
+        tokens: p.tokens.0,
+        queue_timeout: nanos(p.queue_timeout.0),
+    }
+}
+
+impl Config {
+    /// Compiles `spec` for component `component` of `policy`.
+    pub fn compile(spec: &SchedulerSpec, metrics: &Metrics, policy: &str, component: &str) -> Self {
+        let mut workloads: Vec<Workload> = spec
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Workload {
+                name: w.name.as_ref().map(|n| n.0.as_str().into()),
+                matcher: w.label_matcher.as_ref().map(Matcher::compile),
+                params: params(&w.parameters),
+                metrics: WorkloadMetrics::new(metrics, policy, component, i.to_string()),
+            })
+            .collect();
+        workloads.push(Workload {
+            name: None,
+            matcher: None,
+            params: params(&spec.default_workload_parameters),
+            metrics: WorkloadMetrics::new(metrics, policy, component, "default".to_owned()),
+        });
+        let key =
+            |k: &Option<crate::policy::types::LabelName>| k.as_ref().map(|k| LabelRef::new(&k.0));
+        Config {
+            workloads,
+            priority_key: key(&spec.priority_label_key),
+            tokens_key: key(&spec.tokens_label_key),
+            workload_key: key(&spec.workload_label_key),
+            fairness_key: key(&spec.fairness_label_key),
+            margin: nanos(spec.decision_deadline_margin.0),
+            denied_status: spec.denied_status_code.0,
+            max_queued: spec.max_queued_requests,
+        }
+    }
+
+    /// Records the upstream latency of an admitted flow of `workload`, from
+    /// its access log (`workload_latency_ms`).
+    pub fn observe_latency(&self, workload: usize, ms: f64) {
+        if let Some(w) = self.workloads.get(workload) {
+            w.metrics.latency_ms.observe(ms);
+        }
+    }
+
+    /// The `workload_index` values of this scheduler's series.
+    pub fn workload_indices(&self) -> impl Iterator<Item = &str> {
+        self.workloads.iter().map(|w| w.metrics.index.as_str())
+    }
+
+    /// Classifies a flow: its workload, cost, weight, fairness value and
+    /// queue timeout. `estimated_tokens` replaces the workloads' `tokens`
+    /// (latency-based tokens); a `tokens_label_key` label wins over both.
+    pub fn classify(&self, labels: &FlowLabels<'_>, estimated_tokens: Option<&[f64]>) -> Prepared {
+        let by_name = self
+            .workload_key
+            .as_ref()
+            .and_then(|k| labels.get(k))
+            .and_then(|name| {
+                self.workloads
+                    .iter()
+                    .position(|w| w.name.as_deref() == Some(&*name))
+            });
+        let workload = by_name.unwrap_or_else(|| {
+            self.workloads
+                .iter()
+                .position(|w| w.matcher.as_ref().is_none_or(|m| m.matches(labels)))
+                .unwrap_or(self.workloads.len() - 1)
+        });
+        let p = &self.workloads[workload].params;
+        let number = |key: &Option<LabelRef>| {
+            key.as_ref()
+                .and_then(|k| labels.get(k))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|n| n.is_finite())
+        };
+        let tokens = number(&self.tokens_key)
+            .filter(|t| *t >= 0.0)
+            .or_else(|| {
+                estimated_tokens
+                    .and_then(|e| e.get(workload).copied())
+                    .filter(|t| *t > 0.0)
+            })
+            .unwrap_or(p.tokens);
+        let priority = number(&self.priority_key)
+            .filter(|p| *p > 0.0)
+            .unwrap_or(p.priority);
+        let fairness = self
+            .fairness_key
+            .as_ref()
+            .and_then(|k| labels.get(k))
+            .map(|v| Box::from(&*v));
+        Prepared {
+            workload,
+            tokens,
+            priority,
+            fairness,
+            queue_timeout: p.queue_timeout,
+        }
+    }
+}
+
+/// A classified flow, owned so that it can wait.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prepared {
+    /// Its workload.
+    pub workload: usize,
+    /// Its cost.
+    pub tokens: f64,
+    /// Its weight.
+    pub priority: f64,
+    /// Its fairness value.
+    pub fairness: Option<Box<str>>,
+    /// Longest wait of its workload.
+    pub queue_timeout: Nanos,
+}
+
+/// What a scheduler's queue draws from, per capacity key.
+pub trait Source: Send + 'static {
+    /// Runs `f` on the capacity of `key` (`None` for schedulers without
+    /// `limit_by_label_key`).
+    fn with<R>(
+        &mut self,
+        key: Option<&str>,
+        now: Nanos,
+        f: impl FnOnce(&mut dyn wfq::Capacity) -> R,
+    ) -> R;
+    /// Admit without queueing (a load multiplier of 1 or more, or expired).
+    fn bypass(&mut self, _now: Nanos) -> bool {
+        false
+    }
+    /// Sees every request's tokens as it arrives (the load scheduler's
+    /// incoming rate).
+    fn arrived(&mut self, _now: Nanos, _tokens: f64) {}
+    /// Gives back what an admitted request took, when a later scheduler
+    /// rejected its flow.
+    fn give_back(&mut self, _key: Option<&str>, _tokens: f64) {}
+    /// How long a backlog of `tokens` takes to drain, if known.
+    fn drain_time(&self, _key: Option<&str>, _tokens: f64) -> Option<Nanos> {
+        None
+    }
+    /// False when a request of `tokens` can never be admitted (more than a
+    /// bucket holds): it is refused at once instead of blocking the queue.
+    fn fits(&self, _tokens: f64) -> bool {
+        true
+    }
+    /// Decide and count, but admit everything.
+    fn dry_run(&self) -> bool {
+        false
+    }
+}
+
+struct KeyQueue {
+    queue: Queue,
+    waiters: HashMap<Ticket, oneshot::Sender<Outcome>>,
+}
+
+struct Inner<S> {
+    source: S,
+    queues: HashMap<Option<Box<str>>, KeyQueue>,
+    pump_running: bool,
+}
+
+/// Why a scheduler refused a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// When trying again could work, if it ever can.
+    pub retry_after: Option<Duration>,
+}
+
+/// What a scheduler can say without waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Now {
+    /// Admitted.
+    Admitted,
+    /// Refused.
+    Refused(Refusal),
+    /// Others wait, or the capacity has no room: the flow must queue.
+    Wait,
+}
+
+/// A scheduler: the shared machinery, with its capacity `S`.
+pub struct Scheduler<S> {
+    /// The policy it belongs to.
+    pub policy: Arc<str>,
+    /// Its name.
+    pub name: Arc<str>,
+    /// Which flows it schedules.
+    pub selectors: Box<[Selector]>,
+    /// Workloads and limits.
+    pub config: Config,
+    clock: Clock,
+    inner: Mutex<Inner<S>>,
+    /// Wakes the pump: a slot came back, or a new request queued.
+    wake: Notify,
+}
+
+impl<S> std::fmt::Debug for Scheduler<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("policy", &self.policy)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Source> Scheduler<S> {
+    /// A scheduler over `source`.
+    pub fn new(
+        policy: &Arc<str>,
+        name: Arc<str>,
+        selectors: Box<[Selector]>,
+        config: Config,
+        clock: Clock,
+        source: S,
+    ) -> Self {
+        Scheduler {
+            policy: policy.clone(),
+            name,
+            selectors,
+            config,
+            clock,
+            inner: Mutex::new(Inner {
+                source,
+                queues: HashMap::new(),
+                pump_running: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Reads or changes the capacity source.
+    pub fn with_source<R>(&self, f: impl FnOnce(&mut S) -> R) -> R {
+        f(&mut self.inner.lock().source)
+    }
+
+    /// Requests waiting now, all keys together.
+    pub fn queued(&self) -> usize {
+        self.inner
+            .lock()
+            .queues
+            .values()
+            .map(|q| q.queue.len())
+            .sum()
+    }
+
+    /// The engine's clock, as this scheduler reads it.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn retry_after(&self, inner: &Inner<S>, key: Option<&str>, p: &Prepared) -> Option<Duration> {
+        if !inner.source.fits(p.tokens) {
+            return None;
+        }
+        let backlog = inner
+            .queues
+            .get(&key.map(Box::from))
+            .map_or(0.0, |q| q.queue.backlog_tokens());
+        let wait = inner
+            .source
+            .drain_time(key, backlog + p.tokens)
+            .unwrap_or(p.queue_timeout);
+        Some(Duration::from_nanos(wait))
+    }
+
+    /// Decides at once when it can: counts the flow's arrival, then admits
+    /// it if nobody waits and the capacity has room, refuses it if it can
+    /// never fit, and says [`Now::Wait`] otherwise (then call
+    /// [`Scheduler::wait`]). Never queues.
+    pub fn try_now(&self, p: &Prepared, key: Option<&str>) -> Now {
+        let now = self.clock.now();
+        let workload = &self.config.workloads[p.workload].metrics;
+        workload.incoming_tokens.inc_by(p.tokens);
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        inner.source.arrived(now, p.tokens);
+        if inner.source.bypass(now) {
+            workload.decided(p.tokens, true, 0);
+            return Now::Admitted;
+        }
+        if !inner.source.fits(p.tokens) {
+            workload.decided(p.tokens, false, 0);
+            return Now::Refused(Refusal { retry_after: None });
+        }
+        if inner.source.dry_run() {
+            // Decide and count as if for real, then let the flow through.
+            let would = inner.source.with(key, now, |c| c.try_take(now, p.tokens));
+            workload.decided(p.tokens, would, 0);
+            return Now::Admitted;
+        }
+        let nobody_waits = inner
+            .queues
+            .get(&key.map(Box::from))
+            .is_none_or(|q| q.queue.is_empty());
+        if nobody_waits && inner.source.with(key, now, |c| c.try_take(now, p.tokens)) {
+            workload.decided(p.tokens, true, 0);
+            return Now::Admitted;
+        }
+        Now::Wait
+    }
+
+    /// Queues a flow that [`Scheduler::try_now`] could not admit, and waits
+    /// (a parked future) until the pump admits it in fair order or its
+    /// deadline passes. `grpc_deadline` is when Envoy stops waiting.
+    pub async fn wait(
+        self: &Arc<Self>,
+        p: &Prepared,
+        key: Option<&str>,
+        grpc_deadline: Option<Nanos>,
+    ) -> Result<(), Refusal> {
+        let now = self.clock.now();
+        let workload = &self.config.workloads[p.workload].metrics;
+        let mut deadline = now.saturating_add(p.queue_timeout);
+        if let Some(g) = grpc_deadline {
+            deadline = deadline.min(g.saturating_sub(self.config.margin));
+        }
+        let waiting = {
+            let mut inner = self.inner.lock();
+            let inner = &mut *inner;
+            let owned_key = key.map(Box::from);
+            let max_queued = self.config.max_queued;
+            let workloads = self.config.workloads.len();
+            let kq = inner
+                .queues
+                .entry(owned_key.clone())
+                .or_insert_with(|| KeyQueue {
+                    queue: Queue::new(workloads, max_queued),
+                    waiters: HashMap::new(),
+                });
+            let request = wfq::Request {
+                workload: p.workload,
+                tokens: p.tokens,
+                priority: p.priority,
+                fairness: p.fairness.clone(),
+                arrived: now,
+                deadline,
+            };
+            let offer = inner
+                .source
+                .with(key, now, |capacity| kq.queue.offer(request, now, capacity));
+            match offer {
+                Offer::Admitted => {
+                    workload.decided(p.tokens, true, 0);
+                    Ok(None)
+                }
+                Offer::Full | Offer::NoTime => {
+                    workload.decided(p.tokens, false, 0);
+                    Err(self.retry_after(inner, key, p))
+                }
+                Offer::Queued(ticket) => {
+                    let (tx, rx) = oneshot::channel();
+                    kq.waiters.insert(ticket, tx);
+                    self.dispatch_locked(inner, now);
+                    if !inner.pump_running && !inner.queues.is_empty() {
+                        inner.pump_running = true;
+                        tokio::spawn(pump(self.clone()));
+                    }
+                    Ok(Some(rx))
+                }
+            }
+            .inspect(|_| {
+                if inner
+                    .queues
+                    .get(&owned_key)
+                    .is_some_and(|q| q.queue.is_empty())
+                {
+                    inner.queues.remove(&owned_key);
+                }
+            })
+        };
+        let waiting = match waiting {
+            Ok(None) => return Ok(()),
+            Ok(Some(rx)) => rx,
+            Err(retry_after) => return Err(Refusal { retry_after }),
+        };
+        match waiting.await {
+            Ok(Outcome::Admitted { .. }) => Ok(()),
+            Ok(Outcome::TimedOut { .. }) | Err(_) => {
+                let inner = self.inner.lock();
+                Err(Refusal {
+                    retry_after: self.retry_after(&inner, key, p),
+                })
+            }
+        }
+    }
+
+    /// Gives back what an admitted flow took (a later scheduler refused it).
+    pub fn give_back(&self, key: Option<&str>, tokens: f64) {
+        self.inner.lock().source.give_back(key, tokens);
+        self.wake.notify_one();
+    }
+
+    /// Runs every queue once: rejects what is past its deadline and admits
+    /// what the capacity allows. Returns when to run again.
+    fn dispatch_locked(&self, inner: &mut Inner<S>, now: Nanos) -> Option<Nanos> {
+        let workloads = &self.config.workloads;
+        let mut next: Option<Nanos> = None;
+        let source = &mut inner.source;
+        inner.queues.retain(|key, kq| {
+            let waiters = &mut kq.waiters;
+            let queue = &mut kq.queue;
+            let event = source.with(key.as_deref(), now, |capacity| {
+                let alive = |t: Ticket| waiters.get(&t).is_some_and(|tx| !tx.is_closed());
+                let mut left: Vec<(Ticket, Outcome)> = Vec::new();
+                queue.dispatch(now, capacity, &alive, &mut |ticket, request, outcome| {
+                    let (accepted, waited) = match &outcome {
+                        Outcome::Admitted { waited } => (true, *waited),
+                        Outcome::TimedOut { waited } => (false, *waited),
+                    };
+                    workloads[request.workload]
+                        .metrics
+                        .decided(request.tokens, accepted, waited);
+                    left.push((ticket, outcome));
+                });
+                for (ticket, outcome) in left {
+                    if let Some(tx) = waiters.remove(&ticket) {
+                        // A waiter gone meanwhile: capacity it took is lost
+                        // only for this instant; the flow never runs.
+                        let _ = tx.send(outcome);
+                    }
+                }
+                // Waiters that went away and were dropped from the queue.
+                waiters.retain(|t, _| queue.contains(*t));
+                queue.next_event(now, capacity)
+            });
+            if let Some(e) = event {
+                next = Some(next.map_or(e, |n: Nanos| n.min(e)));
+            }
+            !queue.is_empty()
+        });
+        next
+    }
+
+    /// Wakes the pump (a slot came back).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Runs while requests wait: dispatches at each deadline, each time tokens
+/// become available, and whenever poked; ends when the queues are empty.
+async fn pump<S: Source>(scheduler: Arc<Scheduler<S>>) {
+    loop {
+        let now = scheduler.clock.now();
+        let next = {
+            let mut inner = scheduler.inner.lock();
+            let next = scheduler.dispatch_locked(&mut inner, now);
+            if inner.queues.is_empty() {
+                inner.pump_running = false;
+                return;
+            }
+            next
+        };
+        // With nothing timed, wait to be poked; check again now and then
+        // regardless, as a safety net against a missed wake-up.
+        let wait = next.map_or(Duration::from_millis(100), |at| {
+            Duration::from_nanos(at.saturating_sub(now)).min(Duration::from_millis(100))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = scheduler.wake.notified() => {}
+        }
+    }
+}
