@@ -1,10 +1,16 @@
-//! The demo behind `make demo`: Envoy, an upstream, Sluice and Prometheus on
-//! loopback, four simulated users sending traffic through Envoy, and what
-//! Sluice decided, live and summed up.
+//! The demo behind `make demo`: an upstream, Prometheus, Sluice and Envoy on
+//! loopback, simulated users sending traffic through Envoy, and what Sluice
+//! decided, live and summed up.
 //!
 //! ```text
 //! cargo run --release --example demo -- [--duration 30s] [--policy examples/demo.yaml]
 //! ```
+//!
+//! The first third of the run is calm: four users show the per-user rate
+//! limit and the closed beta. Then a crowd of subscribers and guests
+//! arrives and the demo lowers the load scheduler's multiplier to 0.3, as
+//! `sluice-controller` does when latency rises: subscribers (priority 200)
+//! keep most of what is admitted, guests (priority 20) get 503s.
 //!
 //! Needs Envoy and Prometheus (`scripts/bootstrap.sh`, which `make demo`
 //! runs first). Ctrl-C stops everything it started.
@@ -20,42 +26,82 @@ use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, re
 use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
 
-/// A simulated user: who, what path, how many requests per second.
-struct User {
+/// A source of traffic: who, where, how often.
+struct Source {
+    /// Shown in the output.
     name: &'static str,
+    /// The path requested.
     path: &'static str,
+    /// Requests per second.
     per_second: u32,
+    /// `user-type` header, if any.
+    user_type: Option<&'static str>,
+    /// Distinct `user-id`s it rotates through (1: its own name).
+    ids: u32,
+    /// Sends only once the crowd arrives.
+    crowd: bool,
+    /// What it shows.
     note: &'static str,
 }
 
-const USERS: [User; 4] = [
-    User {
+const SOURCES: [Source; 6] = [
+    Source {
         name: "alice",
         path: "/api/items",
         per_second: 8,
-        note: "bursts above her limit",
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
+        note: "bursts above her per-user limit",
     },
-    User {
+    Source {
         name: "bob",
         path: "/api/orders",
         per_second: 1,
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
         note: "stays within his limit",
     },
-    User {
+    Source {
         name: "carol",
         path: "/api/items/42",
         per_second: 2,
+        user_type: Some("guest"),
+        ids: 1,
+        crowd: false,
         note: "twice her refill rate",
     },
-    User {
+    Source {
         name: "dave",
         path: "/beta/search",
         per_second: 1,
+        user_type: Some("guest"),
+        ids: 1,
+        crowd: false,
         note: "tries the closed beta",
+    },
+    Source {
+        name: "subscribers",
+        path: "/api/items",
+        per_second: 20,
+        user_type: Some("subscriber"),
+        ids: 50,
+        crowd: true,
+        note: "the crowd: 50 subscribers",
+    },
+    Source {
+        name: "guests",
+        path: "/api/items",
+        per_second: 20,
+        user_type: Some("guest"),
+        ids: 50,
+        crowd: true,
+        note: "the crowd: 50 guests",
     },
 ];
 
-/// Answers per user per status, for one second and in total.
+/// Answers per source per status, for one second and in total.
 type Tally = BTreeMap<&'static str, BTreeMap<u16, u64>>;
 
 struct Args {
@@ -84,27 +130,45 @@ fn args() -> Result<Args, String> {
     Ok(args)
 }
 
-async fn drive(
-    front: SocketAddr,
-    user: &'static User,
-    now: Arc<Mutex<Tally>>,
-    total: Arc<Mutex<Tally>>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / user.per_second);
-    loop {
+/// Sends `source`'s requests on schedule, each on its own task (a request
+/// waiting in a scheduler does not hold back the next).
+async fn drive(front: SocketAddr, source: &'static Source, tallies: [Arc<Mutex<Tally>>; 2]) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / source.per_second);
+    for n in 0u32.. {
         tick.tick().await;
-        let status = match http::get(front, user.path, &[("user-id", user.name)]).await {
-            Ok(reply) => reply.status,
-            Err(_) => 0,
-        };
-        for tally in [&now, &total] {
-            *tally
-                .lock()
-                .entry(user.name)
-                .or_default()
-                .entry(status)
-                .or_default() += 1;
-        }
+        let tallies = tallies.clone();
+        tokio::spawn(async move {
+            let id = if source.ids == 1 {
+                source.name.to_owned()
+            } else {
+                format!("{}-{}", source.name, n % source.ids)
+            };
+            let mut headers = vec![("user-id", id.as_str())];
+            if let Some(t) = source.user_type {
+                headers.push(("user-type", t));
+            }
+            let status = match http::request(
+                front,
+                "GET",
+                source.path,
+                &headers,
+                b"",
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(reply) => reply.status,
+                Err(_) => 0,
+            };
+            for tally in &tallies {
+                *tally
+                    .lock()
+                    .entry(source.name)
+                    .or_default()
+                    .entry(status)
+                    .or_default() += 1;
+            }
+        });
     }
 }
 
@@ -117,6 +181,18 @@ fn describe(counts: Option<&BTreeMap<u16, u64>>) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     }
+}
+
+fn acceptance(counts: Option<&BTreeMap<u16, u64>>) -> String {
+    let Some(c) = counts else {
+        return "-".to_owned();
+    };
+    let all: u64 = c.values().sum();
+    let ok = c.get(&200).copied().unwrap_or(0);
+    if all == 0 {
+        return "-".to_owned();
+    }
+    format!("{:.0}% admitted", 100.0 * ok as f64 / all as f64)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -169,40 +245,69 @@ async fn main() -> anyhow::Result<()> {
     println!("  policy      {}", args.policy.display());
     println!();
     println!(
-        "Traffic through Envoy for {:?}; each user sends the header user-id:",
+        "Traffic through Envoy for {:?}; each request carries user-id and user-type:",
         args.duration
     );
-    for u in &USERS {
+    for s in &SOURCES {
+        let when = if s.crowd { "later" } else { "always" };
         println!(
-            "  {:<6} {:>2}/s to {:<14} {}",
-            u.name, u.per_second, u.path, u.note
+            "  {:<12} {:>2}/s {:<6} to {:<14} {}",
+            s.name, s.per_second, when, s.path, s.note
         );
     }
     println!("The policy allows each user a burst of 5, then 1 request/s (429 beyond),");
-    println!("and closes /beta/* to everyone (403 from the sampler at 0%).");
+    println!("closes /beta/* to everyone (403 from a sampler at 0%), and has a load");
+    println!("scheduler ready to favour subscribers (priority 200) over guests (20).");
     println!();
 
-    let now = Arc::new(Mutex::new(Tally::new()));
+    let second = Arc::new(Mutex::new(Tally::new()));
     let total = Arc::new(Mutex::new(Tally::new()));
-    let drivers: Vec<_> = USERS
+    let crowd_total = Arc::new(Mutex::new(Tally::new()));
+    let mut drivers: Vec<_> = SOURCES
         .iter()
-        .map(|u| tokio::spawn(drive(front, u, now.clone(), total.clone())))
+        .filter(|s| !s.crowd)
+        .map(|s| tokio::spawn(drive(front, s, [second.clone(), total.clone()])))
         .collect();
 
-    let mut second = tokio::time::interval(Duration::from_secs(1));
-    second.tick().await;
+    let crowd_at = (args.duration.as_secs() / 3).max(1);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
     let end = tokio::time::Instant::now() + args.duration;
     let mut elapsed = 0;
     loop {
         tokio::select! {
-            _ = second.tick() => {}
+            _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => { println!("\ninterrupted"); break; }
         }
         elapsed += 1;
-        let tally = std::mem::take(&mut *now.lock());
-        let line: Vec<String> = USERS
+        if elapsed == crowd_at {
+            println!("--- t={elapsed}s: the crowd arrives; the service is overloaded.");
+            println!(
+                "--- Setting the load multiplier to 0.3 for 10 minutes, as sluice-controller would:"
+            );
+            println!("--- the scheduler now admits 30% of the incoming tokens, subscribers first.");
+            let set = sidecar.engine.set_load_multiplier(
+                "demo",
+                "service",
+                0.3,
+                Duration::from_secs(600),
+            );
+            if !set {
+                println!("--- (the policy has no load scheduler demo/service; nothing throttles)");
+            }
+            for s in SOURCES.iter().filter(|s| s.crowd) {
+                drivers.push(tokio::spawn(drive(
+                    front,
+                    s,
+                    [second.clone(), crowd_total.clone()],
+                )));
+            }
+        }
+        let tally = std::mem::take(&mut *second.lock());
+        let line: Vec<String> = SOURCES
             .iter()
-            .map(|u| format!("{} {}", u.name, describe(tally.get(u.name))))
+            .filter(|s| !s.crowd || elapsed > crowd_at)
+            .map(|s| format!("{} {}", s.name, describe(tally.get(s.name))))
             .collect();
         println!("t={elapsed:>3}s  {}", line.join(" | "));
         if tokio::time::Instant::now() >= end {
@@ -210,12 +315,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drivers.iter().for_each(|d| d.abort());
+    // Requests in flight finish (at most the scheduler's queue timeout).
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!();
-    println!("Answers per user (HTTP status × count):");
+    println!("Answers per source (HTTP status × count):");
     let total = total.lock().clone();
-    for u in &USERS {
-        println!("  {:<6} {}", u.name, describe(total.get(u.name)));
+    let crowd_total = crowd_total.lock().clone();
+    for s in &SOURCES {
+        let t = if s.crowd { &crowd_total } else { &total };
+        println!(
+            "  {:<12} {:<28} {}",
+            s.name,
+            describe(t.get(s.name)),
+            acceptance(t.get(s.name))
+        );
     }
     // Let the last access logs arrive and one more remote-write go out,
     // then show what Prometheus received.
@@ -224,7 +338,6 @@ async fn main() -> anyhow::Result<()> {
     println!("What Prometheus received from Sluice by remote-write:");
     const P50: &str = r#"histogram_quantile(0.5, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
     const P99: &str = r#"histogram_quantile(0.99, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
-    const MEAN: &str = r#"sum(flux_meter_sum{flux_meter_name="latency",http_status_code="200"}) / sum(flux_meter_count{flux_meter_name="latency",http_status_code="200"})"#;
     for (title, query) in [
         (
             "decisions",
@@ -239,12 +352,15 @@ async fn main() -> anyhow::Result<()> {
             "sum by (component, decision_type) (sampler_counter_total)",
         ),
         (
+            "scheduler",
+            "sum by (workload_index, decision_type) (workload_requests_total)",
+        ),
+        (
             "flux meter",
             r#"sum by (http_status_code, decision_type) (flux_meter_count{flux_meter_name="latency"})"#,
         ),
         ("latency p50 ms", P50),
         ("latency p99 ms", P99),
-        ("latency mean ms", MEAN),
     ] {
         match prometheus.query(query).await {
             Ok(samples) => {
@@ -260,9 +376,7 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => println!("  {title}: query failed: {e}"),
         }
     }
-    let cps = http::get(sidecar.admin_addr, "/control-points", &[]).await?;
-    println!();
-    println!("Control points seen (GET /control-points):\n{}", cps.text());
+    println!("  (scheduler workload_index 0 = subscribers, 1 = guests)");
     sidecar.stop(Duration::from_secs(2)).await;
     drop(envoy);
     drop(prometheus);

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::{Request, Response, Status};
@@ -45,8 +46,15 @@ impl AuthzService {
         AuthorizationServer::new(self).max_decoding_message_size(max_request_bytes)
     }
 
-    /// Decides one request. Synchronous: nothing here waits.
-    pub fn decide(&self, control_point: Option<&str>, request: &CheckRequest) -> CheckResponse {
+    /// Decides one request. Most are decided without waiting; a flow a
+    /// scheduler queues waits here (a parked future) at most until
+    /// `grpc_timeout`, Envoy's deadline for the answer.
+    pub async fn decide(
+        &self,
+        control_point: Option<&str>,
+        request: &CheckRequest,
+        grpc_timeout: Option<Duration>,
+    ) -> CheckResponse {
         let extension = |key: &str| -> Option<Cow<'_, str>> {
             let attrs = request.attributes.as_ref()?;
             attrs
@@ -76,9 +84,38 @@ impl AuthzService {
             service,
             labels: &view,
         };
-        self.engine
-            .decide(flow, |decision| response::build(decision, &view))
+        let (response, waiting) = self.engine.decide(flow, |mut decision| {
+            let waiting = decision.scheduling.take();
+            (response::build(&decision, &view), waiting)
+        });
+        match waiting {
+            None => response,
+            Some(waiting) => match waiting.run(&self.engine, grpc_timeout).await {
+                Ok(()) => response,
+                Err(refusal) => response::refused_after_waiting(&refusal),
+            },
+        }
     }
+}
+
+/// Envoy's deadline for the answer, from the `grpc-timeout` header
+/// (gRPC over HTTP/2: up to 8 digits and a unit, `H`, `M`, `S`, `m`, `u`,
+/// `n`). `None` when absent or malformed.
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[tonic::async_trait]
@@ -87,10 +124,36 @@ impl Authorization for AuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let control_point = request
-            .metadata()
+        let metadata = request.metadata();
+        let control_point = metadata
             .get(CONTROL_POINT_KEY)
             .and_then(|v| v.to_str().ok());
-        Ok(Response::new(self.decide(control_point, request.get_ref())))
+        let timeout = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        Ok(Response::new(
+            self.decide(control_point, request.get_ref(), timeout).await,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("250000u"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "5", "5x", "-5m", "123456789m", "1.5S", "5 m"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -20,8 +20,9 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 
 use super::request::CheckView;
-use crate::flow::Decision;
 use crate::flow::labels::percent_encode_into;
+use crate::flow::scheduling::SchedulerRejection;
+use crate::flow::{Decision, RejectReason};
 
 /// The dynamic metadata key (under the ext_authz filter's namespace).
 pub const FLOW_METADATA_KEY: &str = "sluice.flow";
@@ -85,66 +86,89 @@ fn baggage(decision: &Decision<'_>, view: &CheckView<'_>) -> Option<String> {
 
 /// Builds the CheckResponse for a decision.
 pub fn build(decision: &Decision<'_>, view: &CheckView<'_>) -> CheckResponse {
-    let flow = decision.metadata();
-    let rejected_by = decision
-        .rejection
-        .as_ref()
-        .map(|r| format!("{}/{}", r.policy, r.component));
-    let dynamic_metadata = Some(Struct {
-        fields: HashMap::from([(
-            FLOW_METADATA_KEY.to_owned(),
-            Value {
-                kind: Some(Kind::StringValue(flow)),
-            },
-        )]),
-    });
-
-    let (code, http_response) = match (&decision.rejection, rejected_by) {
-        (None, _) => {
+    let metadata = decision.metadata();
+    match &decision.rejection {
+        None => {
             let headers = baggage(decision, view)
                 .map(|b| vec![header("baggage", b)])
                 .unwrap_or_default();
-            (
+            respond(
                 OK,
                 HttpResponse::OkResponse(OkHttpResponse {
                     headers,
                     ..Default::default()
                 }),
+                metadata,
             )
         }
-        (Some(r), by) => {
-            let by = by.unwrap_or_default();
-            let mut headers = Vec::with_capacity(3);
-            if let Some(wait) = r.retry_after {
-                headers.push(header("retry-after", retry_after_secs(wait).to_string()));
-            }
-            headers.push(header("content-type", "text/plain".to_owned()));
-            let body = format!("rejected by {by}: {}\n", r.reason.describe());
-            headers.push(header(REJECTED_BY_HEADER, by));
-            let code = match r.status {
-                429 => RESOURCE_EXHAUSTED,
-                503 => UNAVAILABLE,
-                _ => PERMISSION_DENIED,
-            };
-            (
-                code,
-                HttpResponse::DeniedResponse(DeniedHttpResponse {
-                    status: Some(HttpStatus {
-                        code: i32::from(r.status),
-                    }),
-                    headers,
-                    body,
-                }),
-            )
-        }
+        Some(r) => denied(
+            &format!("{}/{}", r.policy, r.component),
+            r.reason,
+            r.status,
+            r.retry_after,
+            metadata,
+        ),
+    }
+}
+
+/// The CheckResponse for a flow a scheduler refused after it waited.
+pub fn refused_after_waiting(refusal: &SchedulerRejection) -> CheckResponse {
+    denied(
+        &format!("{}/{}", refusal.policy, refusal.component),
+        refusal.reason,
+        refusal.status,
+        refusal.retry_after,
+        refusal.metadata.clone(),
+    )
+}
+
+/// A denial by component `by` (`policy/component`).
+fn denied(
+    by: &str,
+    reason: RejectReason,
+    status: u16,
+    retry_after: Option<Duration>,
+    metadata: String,
+) -> CheckResponse {
+    let mut headers = Vec::with_capacity(3);
+    if let Some(wait) = retry_after {
+        headers.push(header("retry-after", retry_after_secs(wait).to_string()));
+    }
+    headers.push(header("content-type", "text/plain".to_owned()));
+    headers.push(header(REJECTED_BY_HEADER, by.to_owned()));
+    let code = match status {
+        429 => RESOURCE_EXHAUSTED,
+        503 => UNAVAILABLE,
+        _ => PERMISSION_DENIED,
     };
+    respond(
+        code,
+        HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers,
+            body: format!("rejected by {by}: {}\n", reason.describe()),
+        }),
+        metadata,
+    )
+}
+
+fn respond(code: i32, http_response: HttpResponse, metadata: String) -> CheckResponse {
     CheckResponse {
         status: Some(rpc::Status {
             code,
             ..Default::default()
         }),
         http_response: Some(http_response),
-        dynamic_metadata,
+        dynamic_metadata: Some(Struct {
+            fields: HashMap::from([(
+                FLOW_METADATA_KEY.to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(metadata)),
+                },
+            )]),
+        }),
     }
 }
 

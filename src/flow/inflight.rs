@@ -150,6 +150,14 @@ impl InFlight {
         expired
     }
 
+    /// The id of some flow held now (for tests).
+    #[cfg(test)]
+    pub fn any_id(&self) -> Option<u64> {
+        self.shards
+            .iter()
+            .find_map(|s| s.lock().keys().next().copied())
+    }
+
     /// Flows held now.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()

@@ -3,7 +3,7 @@
 //!
 //! Label values come from requests, so both their number and their size are
 //! the client's choice. Values are therefore stored as a 128-bit digest
-//! (xxh3 with a per-table random seed, so collisions cannot be aimed at):
+//! (xxh3 with a per-process random seed, so collisions cannot be aimed at):
 //! an entry costs the same for a 3-byte user id and a 60 KiB header, and a
 //! new value allocates nothing. The number of entries is bounded: when a
 //! new value arrives and its shard is full, the least recently used of a
@@ -32,8 +32,18 @@ const SHARDS: usize = 16;
 /// Entries examined to pick a victim when a shard is full.
 const EVICTION_SAMPLE: usize = 8;
 
-/// A label value as the table keys it.
+/// A label value as tables and queues key it.
 pub type Digest = u128;
+
+/// The digest of a label value: xxh3-128 with a seed drawn once per
+/// process, so that values colliding on purpose cannot be computed from
+/// outside.
+#[inline]
+pub fn digest(value: &str) -> Digest {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| fastrand::u64(..));
+    xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), seed)
+}
 
 /// Counters a table reports to.
 #[derive(Clone, Debug)]
@@ -73,8 +83,6 @@ type Shard<V> = IndexMap<Digest, Slot<V>, ahash::RandomState>;
 pub struct LabelTable<V> {
     /// The entries, spread over shards by digest.
     shards: Box<[Mutex<Shard<V>>]>,
-    /// Seed of the digest, random per table.
-    seed: u64,
     /// Most entries one shard holds (unless all sampled are busy).
     shard_capacity: usize,
     /// Whether an entry may be evicted to make room.
@@ -91,21 +99,21 @@ impl<V> LabelTable<V> {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(IndexMap::default()))
                 .collect(),
-            seed: fastrand::u64(..),
             shard_capacity: capacity.div_ceil(SHARDS).max(1),
             evictable,
             metrics,
         }
     }
 
-    /// The digest of a label value in this table.
+    /// The digest of a label value (see [`digest`]).
     #[inline]
     pub fn digest(&self, value: &str) -> Digest {
-        xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), self.seed)
+        digest(value)
     }
 
     fn shard(&self, key: Digest) -> &Mutex<Shard<V>> {
-        &self.shards[(key as usize) % SHARDS]
+        // The high bits: the low ones pick the slot inside the shard's map.
+        &self.shards[((key >> 64) as usize) % SHARDS]
     }
 
     /// Runs `f` on the entry for `key`, creating it with `init` if needed.

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! `fm` lists the flux meters (`policy/name`) that observe the flow when
-//! its access log arrives.
+//! its access log arrives; `ws` the schedulers and workload indices
+//! (`policy/name:index`) that admitted it.
 //!
 //! Unknown keys are ignored when reading, so newer sidecars can add keys.
 
@@ -28,6 +29,9 @@ pub struct FlowMeta<'a> {
     pub rejected_by: Option<&'a str>,
     /// Comma-separated `policy/name` of the flux meters observing it.
     pub flux_meters: &'a str,
+    /// Comma-separated `policy/name:workload` of the schedulers that
+    /// admitted it, which learn their workloads' latency from its log.
+    pub workloads: &'a str,
 }
 
 /// Why a `sluice.flow` value could not be read.
@@ -59,6 +63,17 @@ impl<'a> FlowMeta<'a> {
         if !self.flux_meters.is_empty() {
             let _ = write!(out, ";fm={}", self.flux_meters);
         }
+        if !self.workloads.is_empty() {
+            let _ = write!(out, ";ws={}", self.workloads);
+        }
+    }
+
+    /// The schedulers and workloads that admitted the flow.
+    pub fn workloads(&self) -> impl Iterator<Item = (&'a str, usize)> {
+        self.workloads.split(',').filter_map(|w| {
+            let (key, index) = w.rsplit_once(':')?;
+            Some((key, index.parse().ok()?))
+        })
     }
 
     /// The flux meters observing the flow.
@@ -70,6 +85,7 @@ impl<'a> FlowMeta<'a> {
     pub fn decode(s: &'a str) -> Result<Self, MetaError> {
         let (mut version, mut id, mut accepted, mut rejected_by) = (false, None, None, None);
         let mut flux_meters = "";
+        let mut workloads = "";
         for field in s.trim().split(';') {
             let Some((k, v)) = field.split_once('=') else {
                 continue;
@@ -86,6 +102,7 @@ impl<'a> FlowMeta<'a> {
                 }
                 "by" => rejected_by = Some(v),
                 "fm" => flux_meters = v,
+                "ws" => workloads = v,
                 _ => {}
             }
         }
@@ -97,6 +114,7 @@ impl<'a> FlowMeta<'a> {
             accepted: accepted.ok_or(MetaError::Decision)?,
             rejected_by,
             flux_meters,
+            workloads,
         })
     }
 }
@@ -113,12 +131,14 @@ mod tests {
                 accepted: true,
                 rejected_by: None,
                 flux_meters: "",
+                workloads: "",
             },
             FlowMeta {
                 id: u64::MAX,
                 accepted: false,
                 rejected_by: Some("p/c"),
                 flux_meters: "p/a,q/b",
+                workloads: "p/s:1,q/t:0",
             },
         ] {
             let mut s = String::new();
@@ -143,7 +163,13 @@ mod tests {
                 accepted: true,
                 rejected_by: None,
                 flux_meters: "",
+                workloads: "",
             })
+        );
+        let meta = FlowMeta::decode("v=1;id=1;d=accepted;ws=p/s:1,bad,q/t:x,r/u:0").expect("valid");
+        assert_eq!(
+            meta.workloads().collect::<Vec<_>>(),
+            [("p/s", 1), ("r/u", 0)]
         );
         let meta = FlowMeta::decode("v=1;id=1;d=accepted;fm=p/a,,q/b").expect("valid");
         assert_eq!(meta.flux_meters().collect::<Vec<_>>(), ["p/a", "q/b"]);

@@ -23,17 +23,21 @@
 
 pub mod classifier;
 pub mod concurrency_limiter;
+pub mod concurrency_scheduler;
 pub mod control_points;
 pub mod flow_end;
 pub mod flux_meter;
 pub mod inflight;
 pub mod label_table;
 pub mod labels;
+pub mod load_scheduler;
 pub mod metadata;
 pub mod plan;
+pub mod quota_scheduler;
 pub mod rate_limiter;
 pub mod sampler;
 pub mod scheduler;
+pub mod scheduling;
 pub mod selector;
 
 use std::sync::Arc;
@@ -42,7 +46,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 
-use crate::clock::Clock;
+use crate::clock::{self, Clock};
 use crate::policy::PolicySet;
 use crate::telemetry::{Metrics, forget_component};
 use control_points::ControlPoints;
@@ -52,6 +56,7 @@ use inflight::{InFlight, InFlightMetrics};
 pub use labels::{FlowLabels, LabelRef, LabelSource, MapLabels};
 use metadata::FlowMeta;
 pub use plan::Plan;
+use scheduling::{Scheduling, Stage6};
 
 /// A flow as an adapter presents it.
 #[derive(Clone, Copy)]
@@ -73,14 +78,23 @@ pub enum RejectReason {
     RateLimited,
     /// A concurrency limiter had no free slot.
     ConcurrencyLimited,
+    /// A scheduler could not admit it before its deadline.
+    QueueTimeout,
+    /// A scheduler's queue was full.
+    QueueFull,
+    /// It costs more tokens than a scheduler's bucket can ever hold.
+    NoTokens,
 }
 
 impl RejectReason {
     /// Every reason, for metric clean-up.
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::NotSampled,
         RejectReason::RateLimited,
         RejectReason::ConcurrencyLimited,
+        RejectReason::QueueTimeout,
+        RejectReason::QueueFull,
+        RejectReason::NoTokens,
     ];
 
     /// The metric label value.
@@ -89,6 +103,9 @@ impl RejectReason {
             RejectReason::NotSampled => "not_sampled",
             RejectReason::RateLimited => "rate_limited",
             RejectReason::ConcurrencyLimited => "concurrency_limited",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::NoTokens => "no_tokens",
         }
     }
 
@@ -98,6 +115,9 @@ impl RejectReason {
             RejectReason::NotSampled => "not sampled",
             RejectReason::RateLimited => "rate limited",
             RejectReason::ConcurrencyLimited => "concurrency limited",
+            RejectReason::QueueTimeout => "no capacity in time (overloaded)",
+            RejectReason::QueueFull => "queue full (overloaded)",
+            RejectReason::NoTokens => "request larger than the quota",
         }
     }
 }
@@ -127,6 +147,12 @@ pub struct Decision<'a> {
     pub labels: FlowLabels<'a>,
     /// The flux meters that observe the flow when its access log arrives.
     pub flux_meters: SmallVec<[&'a FluxMeter; 2]>,
+    /// The schedulers (`policy/name`) and workloads the flow was scheduled
+    /// in, for their latency estimates.
+    pub workloads: SmallVec<[(&'a str, usize); 1]>,
+    /// When the flow must still wait in schedulers: what it holds and where
+    /// it waits. Take it and [`Scheduling::run`] it.
+    pub scheduling: Option<Box<Scheduling>>,
     /// Which classifier labels go upstream in `baggage` (indices into
     /// `labels.classified()`).
     telemetry: SmallVec<[u16; 4]>,
@@ -141,23 +167,28 @@ impl<'a> Decision<'a> {
     /// The `sluice.flow` metadata that lets the access log find this flow
     /// again (see [`metadata`]).
     pub fn metadata(&self) -> String {
-        let mut meters = String::new();
-        for (i, meter) in self.flux_meters.iter().enumerate() {
-            if i > 0 {
-                meters.push(',');
-            }
-            meters.push_str(&meter.key);
-        }
-        let rejected_by = self
+        let by = self
             .rejection
             .as_ref()
             .map(|r| format!("{}/{}", r.policy, r.component));
-        let mut out = String::with_capacity(48 + meters.len());
+        self.encode_metadata(self.accepted(), by.as_deref())
+    }
+
+    fn encode_metadata(&self, accepted: bool, rejected_by: Option<&str>) -> String {
+        let join = |parts: &mut dyn Iterator<Item = String>| parts.collect::<Vec<_>>().join(",");
+        let meters = join(&mut self.flux_meters.iter().map(|m| m.key.to_string()));
+        let workloads = if accepted {
+            join(&mut self.workloads.iter().map(|(k, w)| format!("{k}:{w}")))
+        } else {
+            String::new()
+        };
+        let mut out = String::with_capacity(48 + meters.len() + workloads.len());
         FlowMeta {
             id: self.flow_id,
-            accepted: self.accepted(),
-            rejected_by: rejected_by.as_deref(),
+            accepted,
+            rejected_by,
             flux_meters: &meters,
+            workloads: &workloads,
         }
         .encode_into(&mut out);
         out
@@ -251,7 +282,17 @@ impl Engine {
     /// metrics are dropped.
     pub fn install(&self, set: &PolicySet) {
         let previous = self.plan.load_full();
-        let next = Plan::compile(set, &previous, &self.metrics, self.options.max_label_values);
+        let next = Plan::compile(
+            set,
+            &previous,
+            &self.metrics,
+            &self.clock,
+            self.options.max_label_values,
+        );
+        for (key, old) in &previous.schedulers {
+            let kept = next.schedulers.get(key);
+            crate::telemetry::forget_scheduler(&self.metrics, old, kept);
+        }
         for (key, meter) in &previous.flux_meters {
             if !next.flux_meters.contains_key(key) {
                 meter.unregister(&self.metrics.registry);
@@ -279,9 +320,9 @@ impl Engine {
 
     /// Decides one flow under the plan in force and hands the decision to
     /// `f` (the decision borrows from the plan, which is held meanwhile).
-    pub fn decide<R>(&self, flow: FlowRequest<'_>, f: impl FnOnce(&Decision<'_>) -> R) -> R {
+    pub fn decide<R>(&self, flow: FlowRequest<'_>, f: impl FnOnce(Decision<'_>) -> R) -> R {
         let plan = self.plan();
-        f(&self.check(&plan, flow))
+        f(self.check(&plan, flow))
     }
 
     /// Decides one flow under `plan` (from [`Engine::plan`]).
@@ -293,14 +334,17 @@ impl Engine {
             rejection: None,
             labels: FlowLabels::new(flow.labels),
             flux_meters: SmallVec::new(),
+            workloads: SmallVec::new(),
+            scheduling: None,
             telemetry: SmallVec::new(),
         };
         if let Some(stages) = plan.control_points.get(flow.control_point) {
             decision.rejection = self.run_stages(stages, flow.service, &mut decision);
         }
+        // A flow that waits in a scheduler is counted when its wait ends.
         if decision.rejection.is_some() {
             self.metrics.rejected.inc();
-        } else {
+        } else if decision.scheduling.is_none() {
             self.metrics.accepted.inc();
         }
         decision
@@ -348,7 +392,8 @@ impl Engine {
             }
         }
 
-        if stages.rate_limiters.is_empty() && stages.concurrency_limiters.is_empty() {
+        let limits = !stages.rate_limiters.is_empty() || !stages.concurrency_limiters.is_empty();
+        if !limits && stages.schedulers.is_empty() {
             return None;
         }
         let now = self.clock.now();
@@ -395,10 +440,86 @@ impl Engine {
                 }
             }
         }
-        if !slots.is_empty() {
-            self.inflight.insert(decision.flow_id, slots);
+
+        if !stages.schedulers.is_empty() {
+            let matching: SmallVec<[&'a scheduling::AnyScheduler; 2]> = stages
+                .schedulers
+                .iter()
+                .filter(|s| admits(&s.selectors, labels))
+                .map(|s| &*s.component)
+                .collect();
+            let outcome = scheduling::schedule(
+                &matching,
+                labels,
+                now,
+                decision.flow_id,
+                &mut holds,
+                &mut slots,
+                &mut decision.workloads,
+            );
+            match outcome {
+                Stage6::Passed => {}
+                Stage6::Refused(scheduler, refusal) => {
+                    holds.into_iter().for_each(rate_limiter::Hold::release);
+                    slots.into_iter().for_each(|(slot, _)| slot.release());
+                    let (policy, component) = scheduler.names();
+                    let reason = scheduling::reason(refusal.why);
+                    self.count_rejection(policy, component, reason);
+                    return Some(Rejection {
+                        policy,
+                        component,
+                        reason,
+                        status: scheduler.config().denied_status,
+                        retry_after: refusal.retry_after,
+                    });
+                }
+                Stage6::Waits(mut waiting) => {
+                    let keys: Vec<&str> = decision.flux_meters.iter().map(|m| &*m.key).collect();
+                    waiting.flux_meters = keys.join(",");
+                    decision.scheduling = Some(waiting);
+                    return None;
+                }
+            }
         }
+        self.hold_slots(decision.flow_id, slots);
         None
+    }
+
+    /// Counts a scheduler's rejection in `flowcontrol_reject_reasons_total`
+    /// (limiters and samplers count their own).
+    pub fn count_rejection(&self, policy: &str, component: &str, reason: RejectReason) {
+        self.metrics
+            .reject_reasons
+            .with_label_values(&[policy, component, reason.as_str()])
+            .inc();
+    }
+
+    /// Keeps an admitted flow's concurrency slots until its access log.
+    pub fn hold_slots(&self, flow_id: u64, slots: inflight::Slots) {
+        if !slots.is_empty() {
+            self.inflight.insert(flow_id, slots);
+        }
+    }
+
+    /// Sets the load multiplier of load scheduler `component` of `policy`
+    /// for `valid_for`; after that it passes everything again. False when
+    /// there is no such load scheduler.
+    pub fn set_load_multiplier(
+        &self,
+        policy: &str,
+        component: &str,
+        lm: f64,
+        valid_for: Duration,
+    ) -> bool {
+        let plan = self.plan.load();
+        let key = format!("{policy}/{component}");
+        match plan.schedulers.get(key.as_str()) {
+            Some(scheduling::AnyScheduler::Load(l)) => {
+                l.set_multiplier(lm, clock::nanos(valid_for));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Ends a flow from its access log: its flux meters observe it and its
@@ -413,6 +534,17 @@ impl Engine {
         };
         if meta.accepted {
             self.inflight.finish(meta.id);
+        }
+        let mut workloads = meta.workloads().peekable();
+        if workloads.peek().is_some()
+            && let Some(latency) = end.workload_duration_ms(meta.accepted)
+        {
+            let plan = self.plan.load();
+            for (key, workload) in workloads.take(MAX_METERS_PER_FLOW) {
+                if let Some(s) = plan.schedulers.get(key) {
+                    s.observe_latency(workload, latency);
+                }
+            }
         }
         let mut meters = meta.flux_meters().peekable();
         if meters.peek().is_some() {
@@ -451,6 +583,12 @@ impl Engine {
             }
             for c in &policy.concurrency_limiters {
                 c.sweep(now);
+            }
+            for q in &policy.quota_schedulers {
+                q.sweep(now, &self.metrics);
+            }
+            for l in &policy.load_schedulers {
+                l.sweep(now, &self.metrics);
             }
         }
     }

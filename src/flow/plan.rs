@@ -10,10 +10,15 @@ use ahash::AHashMap;
 
 use super::classifier::Classifier;
 use super::concurrency_limiter::ConcurrencyLimiter;
+use super::concurrency_scheduler::ConcurrencyScheduler;
 use super::flux_meter::FluxMeter;
+use super::load_scheduler::LoadScheduler;
+use super::quota_scheduler::QuotaScheduler;
 use super::rate_limiter::RateLimiter;
 use super::sampler::Sampler;
+use super::scheduling::AnyScheduler;
 use super::selector::Selector;
+use crate::clock::Clock;
 use crate::policy::PolicySet;
 use crate::telemetry::Metrics;
 
@@ -49,6 +54,8 @@ pub struct Stages {
     pub rate_limiters: Vec<Staged<RateLimiter>>,
     /// Stage 5, second part.
     pub concurrency_limiters: Vec<Staged<ConcurrencyLimiter>>,
+    /// Stage 6: concurrency, then quota, then load schedulers.
+    pub schedulers: Vec<Staged<AnyScheduler>>,
 }
 
 /// One policy, compiled.
@@ -70,6 +77,12 @@ pub struct CompiledPolicy {
     pub rate_limiters: Vec<Arc<RateLimiter>>,
     /// Its concurrency limiters.
     pub concurrency_limiters: Vec<Arc<ConcurrencyLimiter>>,
+    /// Its concurrency schedulers.
+    pub concurrency_schedulers: Vec<Arc<ConcurrencyScheduler>>,
+    /// Its quota schedulers.
+    pub quota_schedulers: Vec<Arc<QuotaScheduler>>,
+    /// Its load schedulers.
+    pub load_schedulers: Vec<Arc<LoadScheduler>>,
 }
 
 impl CompiledPolicy {
@@ -82,6 +95,30 @@ impl CompiledPolicy {
             .chain(self.samplers.iter().map(|s| &s.name))
             .chain(self.rate_limiters.iter().map(|r| &r.name))
             .chain(self.concurrency_limiters.iter().map(|c| &c.name))
+            .chain(
+                self.concurrency_schedulers
+                    .iter()
+                    .map(|c| &c.scheduler.name),
+            )
+            .chain(self.quota_schedulers.iter().map(|q| &q.scheduler.name))
+            .chain(self.load_schedulers.iter().map(|l| &l.scheduler.name))
+    }
+
+    /// Its schedulers, in stage order.
+    pub fn schedulers(&self) -> impl Iterator<Item = AnyScheduler> + '_ {
+        self.concurrency_schedulers
+            .iter()
+            .map(|c| AnyScheduler::Concurrency(c.clone()))
+            .chain(
+                self.quota_schedulers
+                    .iter()
+                    .map(|q| AnyScheduler::Quota(q.clone())),
+            )
+            .chain(
+                self.load_schedulers
+                    .iter()
+                    .map(|l| AnyScheduler::Load(l.clone())),
+            )
     }
 }
 
@@ -94,6 +131,8 @@ pub struct Plan {
     pub control_points: AHashMap<Box<str>, Stages>,
     /// Flux meters by `policy/name`, for access logs to find.
     pub flux_meters: AHashMap<Box<str>, Arc<FluxMeter>>,
+    /// Schedulers by `policy/name`, for access logs to find.
+    pub schedulers: AHashMap<Box<str>, AnyScheduler>,
 }
 
 /// A component's selectors grouped by the control point they name.
@@ -133,6 +172,7 @@ impl Plan {
         set: &PolicySet,
         previous_plan: &Plan,
         metrics: &Metrics,
+        clock: &Clock,
         max_label_values: usize,
     ) -> Plan {
         let mut plan = Plan::default();
@@ -195,6 +235,54 @@ impl Plan {
                         ))
                     })
                     .collect(),
+                concurrency_schedulers: spec
+                    .concurrency_schedulers
+                    .iter()
+                    .map(|c| {
+                        let before = previous(
+                            old,
+                            |p| &p.concurrency_schedulers,
+                            |s| &s.scheduler.name,
+                            &c.name.value.0,
+                        );
+                        Arc::new(ConcurrencyScheduler::compile(
+                            &name, c, metrics, clock, before,
+                        ))
+                    })
+                    .collect(),
+                quota_schedulers: spec
+                    .quota_schedulers
+                    .iter()
+                    .map(|q| {
+                        let before = previous(
+                            old,
+                            |p| &p.quota_schedulers,
+                            |s| &s.scheduler.name,
+                            &q.name.value.0,
+                        );
+                        Arc::new(QuotaScheduler::compile(
+                            &name,
+                            q,
+                            metrics,
+                            clock,
+                            max_label_values,
+                            before,
+                        ))
+                    })
+                    .collect(),
+                load_schedulers: spec
+                    .load_schedulers
+                    .iter()
+                    .map(|l| {
+                        let before = previous(
+                            old,
+                            |p| &p.load_schedulers,
+                            |s| &s.scheduler.name,
+                            &l.name.value.0,
+                        );
+                        Arc::new(LoadScheduler::compile(&name, l, metrics, clock, before))
+                    })
+                    .collect(),
                 name,
                 file: loaded.file.clone(),
                 hash: loaded.hash,
@@ -225,7 +313,28 @@ impl Plan {
                     plan.stages(&cp).concurrency_limiters.push(staged);
                 }
             }
+            for s in compiled.schedulers() {
+                let selectors = match &s {
+                    AnyScheduler::Concurrency(c) => c.scheduler.selectors.clone(),
+                    AnyScheduler::Quota(q) => q.scheduler.selectors.clone(),
+                    AnyScheduler::Load(l) => l.scheduler.selectors.clone(),
+                };
+                let key: Box<str> = s.key().into();
+                let s = Arc::new(s);
+                for (cp, staged) in by_control_point(&s, &selectors) {
+                    plan.stages(&cp).schedulers.push(staged);
+                }
+                plan.schedulers.insert(key, (*s).clone());
+            }
             plan.policies.push(compiled);
+        }
+        // Stage 6 runs kind by kind across policies: concurrency, quota, load.
+        for stages in plan.control_points.values_mut() {
+            stages.schedulers.sort_by_key(|s| match &*s.component {
+                AnyScheduler::Concurrency(_) => 0,
+                AnyScheduler::Quota(_) => 1,
+                AnyScheduler::Load(_) => 2,
+            });
         }
         plan
     }

@@ -95,6 +95,16 @@ impl TokenBucket {
         Err(Some(wait.max(1)))
     }
 
+    /// How long until `n` tokens are there (0: now; `None`: never),
+    /// without taking them.
+    pub fn wait(&self, p: &BucketParams, now: Nanos, n: f64) -> Option<Nanos> {
+        let mut copy = *self;
+        match copy.take(p, now, n) {
+            Ok(()) => Some(0),
+            Err(wait) => wait,
+        }
+    }
+
     /// Returns tokens taken by a flow that a later stage rejected.
     pub fn give_back(&mut self, p: &BucketParams, n: f64) {
         self.tokens = (self.tokens + n).min(p.capacity);

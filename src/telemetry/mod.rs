@@ -444,3 +444,51 @@ pub fn forget_component(metrics: &Metrics, policy: &str, component: &str) {
             .remove_label_values(&[policy, component, reason.as_str()]);
     }
 }
+
+/// Removes the series of scheduler `old` that `new` (the scheduler of the
+/// same name in the new plan, if any) does not have.
+pub fn forget_scheduler(
+    metrics: &Metrics,
+    old: &crate::flow::scheduling::AnyScheduler,
+    new: Option<&crate::flow::scheduling::AnyScheduler>,
+) {
+    let (policy, component) = old.names();
+    let kept: Vec<&str> = new
+        .map(|n| n.config().workload_indices().collect())
+        .unwrap_or_default();
+    for index in old.config().workload_indices() {
+        if kept.contains(&index) {
+            continue;
+        }
+        let labels = [&**policy, &**component, index];
+        for decision in [ACCEPTED, REJECTED] {
+            let _ = metrics
+                .workload_requests
+                .remove_label_values(&[policy, component, index, decision]);
+        }
+        for family in [
+            &metrics.incoming_tokens,
+            &metrics.accepted_tokens,
+            &metrics.rejected_tokens,
+        ] {
+            let _ = family.remove_label_values(&labels);
+        }
+        for family in [
+            &metrics.request_in_queue_duration,
+            &metrics.workload_latency,
+        ] {
+            let _ = family.remove_label_values(&labels);
+        }
+    }
+    if new.is_none() {
+        let labels = [&**policy, &**component];
+        for family in [
+            &metrics.lm_ratio,
+            &metrics.fill_rate,
+            &metrics.available_tokens,
+        ] {
+            let _ = family.remove_label_values(&labels);
+        }
+        let _ = metrics.lm_expired.remove_label_values(&labels);
+    }
+}

@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use prometheus::{Counter, Histogram, IntCounter};
 use tokio::sync::{Notify, oneshot};
 
+use super::label_table::Digest;
 use super::labels::{FlowLabels, LabelRef};
 use super::selector::{Matcher, Selector};
 use crate::clock::{Clock, Nanos, nanos};
@@ -160,6 +161,23 @@ impl Config {
         }
     }
 
+    /// Counts a flow admitted without queueing or locking (a load
+    /// scheduler passing everything).
+    pub fn count_pass(&self, workload: usize, tokens: f64) {
+        if let Some(w) = self.workloads.get(workload) {
+            w.metrics.incoming_tokens.inc_by(tokens);
+            w.metrics.decided(tokens, true, 0);
+        }
+    }
+
+    /// Counts a flow's tokens as incoming when it goes straight to
+    /// [`Scheduler::wait`] (an earlier scheduler made it wait).
+    pub fn count_incoming(&self, workload: usize, tokens: f64) {
+        if let Some(w) = self.workloads.get(workload) {
+            w.metrics.incoming_tokens.inc_by(tokens);
+        }
+    }
+
     /// Records the upstream latency of an admitted flow of `workload`, from
     /// its access log (`workload_latency_ms`).
     pub fn observe_latency(&self, workload: usize, ms: f64) {
@@ -174,9 +192,14 @@ impl Config {
     }
 
     /// Classifies a flow: its workload, cost, weight, fairness value and
-    /// queue timeout. `estimated_tokens` replaces the workloads' `tokens`
-    /// (latency-based tokens); a `tokens_label_key` label wins over both.
-    pub fn classify(&self, labels: &FlowLabels<'_>, estimated_tokens: Option<&[f64]>) -> Prepared {
+    /// queue timeout. `estimated_tokens(workload)` replaces the workloads'
+    /// `tokens` when it has an estimate (latency-based tokens); a
+    /// `tokens_label_key` label wins over both.
+    pub fn classify(
+        &self,
+        labels: &FlowLabels<'_>,
+        estimated_tokens: &dyn Fn(usize) -> Option<f64>,
+    ) -> Prepared {
         let by_name = self
             .workload_key
             .as_ref()
@@ -201,11 +224,7 @@ impl Config {
         };
         let tokens = number(&self.tokens_key)
             .filter(|t| *t >= 0.0)
-            .or_else(|| {
-                estimated_tokens
-                    .and_then(|e| e.get(workload).copied())
-                    .filter(|t| *t > 0.0)
-            })
+            .or_else(|| estimated_tokens(workload).filter(|t| *t > 0.0))
             .unwrap_or(p.tokens);
         let priority = number(&self.priority_key)
             .filter(|p| *p > 0.0)
@@ -246,7 +265,7 @@ pub trait Source: Send + 'static {
     /// `limit_by_label_key`).
     fn with<R>(
         &mut self,
-        key: Option<&str>,
+        key: Option<Digest>,
         now: Nanos,
         f: impl FnOnce(&mut dyn wfq::Capacity) -> R,
     ) -> R;
@@ -259,9 +278,9 @@ pub trait Source: Send + 'static {
     fn arrived(&mut self, _now: Nanos, _tokens: f64) {}
     /// Gives back what an admitted request took, when a later scheduler
     /// rejected its flow.
-    fn give_back(&mut self, _key: Option<&str>, _tokens: f64) {}
+    fn give_back(&mut self, _key: Option<Digest>, _tokens: f64) {}
     /// How long a backlog of `tokens` takes to drain, if known.
-    fn drain_time(&self, _key: Option<&str>, _tokens: f64) -> Option<Nanos> {
+    fn drain_time(&self, _key: Option<Digest>, _tokens: f64) -> Option<Nanos> {
         None
     }
     /// False when a request of `tokens` can never be admitted (more than a
@@ -282,7 +301,10 @@ struct KeyQueue {
 
 struct Inner<S> {
     source: S,
-    queues: HashMap<Option<Box<str>>, KeyQueue>,
+    /// A queue per capacity key, while requests of that key wait.
+    queues: HashMap<Option<Digest>, KeyQueue>,
+    /// Requests waiting, all keys together (bounded by `max_queued`).
+    queued: usize,
     pump_running: bool,
 }
 
@@ -291,6 +313,19 @@ struct Inner<S> {
 pub struct Refusal {
     /// When trying again could work, if it ever can.
     pub retry_after: Option<Duration>,
+    /// What went wrong.
+    pub why: Why,
+}
+
+/// The kinds of refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Its deadline came before its turn.
+    Timeout,
+    /// The queue was full.
+    QueueFull,
+    /// It costs more than the capacity can ever hold.
+    TooLarge,
 }
 
 /// What a scheduler can say without waiting.
@@ -348,6 +383,7 @@ impl<S: Source> Scheduler<S> {
             inner: Mutex::new(Inner {
                 source,
                 queues: HashMap::new(),
+                queued: 0,
                 pump_running: false,
             }),
             wake: Notify::new(),
@@ -374,13 +410,13 @@ impl<S: Source> Scheduler<S> {
         &self.clock
     }
 
-    fn retry_after(&self, inner: &Inner<S>, key: Option<&str>, p: &Prepared) -> Option<Duration> {
+    fn retry_after(&self, inner: &Inner<S>, key: Option<Digest>, p: &Prepared) -> Option<Duration> {
         if !inner.source.fits(p.tokens) {
             return None;
         }
         let backlog = inner
             .queues
-            .get(&key.map(Box::from))
+            .get(&key)
             .map_or(0.0, |q| q.queue.backlog_tokens());
         let wait = inner
             .source
@@ -393,7 +429,7 @@ impl<S: Source> Scheduler<S> {
     /// it if nobody waits and the capacity has room, refuses it if it can
     /// never fit, and says [`Now::Wait`] otherwise (then call
     /// [`Scheduler::wait`]). Never queues.
-    pub fn try_now(&self, p: &Prepared, key: Option<&str>) -> Now {
+    pub fn try_now(&self, p: &Prepared, key: Option<Digest>) -> Now {
         let now = self.clock.now();
         let workload = &self.config.workloads[p.workload].metrics;
         workload.incoming_tokens.inc_by(p.tokens);
@@ -406,7 +442,10 @@ impl<S: Source> Scheduler<S> {
         }
         if !inner.source.fits(p.tokens) {
             workload.decided(p.tokens, false, 0);
-            return Now::Refused(Refusal { retry_after: None });
+            return Now::Refused(Refusal {
+                retry_after: None,
+                why: Why::TooLarge,
+            });
         }
         if inner.source.dry_run() {
             // Decide and count as if for real, then let the flow through.
@@ -414,10 +453,7 @@ impl<S: Source> Scheduler<S> {
             workload.decided(p.tokens, would, 0);
             return Now::Admitted;
         }
-        let nobody_waits = inner
-            .queues
-            .get(&key.map(Box::from))
-            .is_none_or(|q| q.queue.is_empty());
+        let nobody_waits = inner.queues.get(&key).is_none_or(|q| q.queue.is_empty());
         if nobody_waits && inner.source.with(key, now, |c| c.try_take(now, p.tokens)) {
             workload.decided(p.tokens, true, 0);
             return Now::Admitted;
@@ -431,7 +467,7 @@ impl<S: Source> Scheduler<S> {
     pub async fn wait(
         self: &Arc<Self>,
         p: &Prepared,
-        key: Option<&str>,
+        key: Option<Digest>,
         grpc_deadline: Option<Nanos>,
     ) -> Result<(), Refusal> {
         let now = self.clock.now();
@@ -443,16 +479,19 @@ impl<S: Source> Scheduler<S> {
         let waiting = {
             let mut inner = self.inner.lock();
             let inner = &mut *inner;
-            let owned_key = key.map(Box::from);
+            if inner.queued >= self.config.max_queued {
+                workload.decided(p.tokens, false, 0);
+                return Err(Refusal {
+                    retry_after: self.retry_after(inner, key, p),
+                    why: Why::QueueFull,
+                });
+            }
             let max_queued = self.config.max_queued;
             let workloads = self.config.workloads.len();
-            let kq = inner
-                .queues
-                .entry(owned_key.clone())
-                .or_insert_with(|| KeyQueue {
-                    queue: Queue::new(workloads, max_queued),
-                    waiters: HashMap::new(),
-                });
+            let kq = inner.queues.entry(key).or_insert_with(|| KeyQueue {
+                queue: Queue::new(workloads, max_queued),
+                waiters: HashMap::new(),
+            });
             let request = wfq::Request {
                 workload: p.workload,
                 tokens: p.tokens,
@@ -464,18 +503,24 @@ impl<S: Source> Scheduler<S> {
             let offer = inner
                 .source
                 .with(key, now, |capacity| kq.queue.offer(request, now, capacity));
-            match offer {
+            let waiting = match offer {
                 Offer::Admitted => {
                     workload.decided(p.tokens, true, 0);
                     Ok(None)
                 }
                 Offer::Full | Offer::NoTime => {
                     workload.decided(p.tokens, false, 0);
-                    Err(self.retry_after(inner, key, p))
+                    let why = if offer == Offer::Full {
+                        Why::QueueFull
+                    } else {
+                        Why::Timeout
+                    };
+                    Err((self.retry_after(inner, key, p), why))
                 }
                 Offer::Queued(ticket) => {
                     let (tx, rx) = oneshot::channel();
                     kq.waiters.insert(ticket, tx);
+                    inner.queued += 1;
                     self.dispatch_locked(inner, now);
                     if !inner.pump_running && !inner.queues.is_empty() {
                         inner.pump_running = true;
@@ -483,21 +528,16 @@ impl<S: Source> Scheduler<S> {
                     }
                     Ok(Some(rx))
                 }
+            };
+            if inner.queues.get(&key).is_some_and(|q| q.queue.is_empty()) {
+                inner.queues.remove(&key);
             }
-            .inspect(|_| {
-                if inner
-                    .queues
-                    .get(&owned_key)
-                    .is_some_and(|q| q.queue.is_empty())
-                {
-                    inner.queues.remove(&owned_key);
-                }
-            })
+            waiting
         };
         let waiting = match waiting {
             Ok(None) => return Ok(()),
             Ok(Some(rx)) => rx,
-            Err(retry_after) => return Err(Refusal { retry_after }),
+            Err((retry_after, why)) => return Err(Refusal { retry_after, why }),
         };
         match waiting.await {
             Ok(Outcome::Admitted { .. }) => Ok(()),
@@ -505,13 +545,14 @@ impl<S: Source> Scheduler<S> {
                 let inner = self.inner.lock();
                 Err(Refusal {
                     retry_after: self.retry_after(&inner, key, p),
+                    why: Why::Timeout,
                 })
             }
         }
     }
 
     /// Gives back what an admitted flow took (a later scheduler refused it).
-    pub fn give_back(&self, key: Option<&str>, tokens: f64) {
+    pub fn give_back(&self, key: Option<Digest>, tokens: f64) {
         self.inner.lock().source.give_back(key, tokens);
         self.wake.notify_one();
     }
@@ -522,10 +563,12 @@ impl<S: Source> Scheduler<S> {
         let workloads = &self.config.workloads;
         let mut next: Option<Nanos> = None;
         let source = &mut inner.source;
+        let queued = &mut inner.queued;
         inner.queues.retain(|key, kq| {
             let waiters = &mut kq.waiters;
             let queue = &mut kq.queue;
-            let event = source.with(key.as_deref(), now, |capacity| {
+            let before = queue.len();
+            let event = source.with(*key, now, |capacity| {
                 let alive = |t: Ticket| waiters.get(&t).is_some_and(|tx| !tx.is_closed());
                 let mut left: Vec<(Ticket, Outcome)> = Vec::new();
                 queue.dispatch(now, capacity, &alive, &mut |ticket, request, outcome| {
@@ -549,6 +592,7 @@ impl<S: Source> Scheduler<S> {
                 waiters.retain(|t, _| queue.contains(*t));
                 queue.next_event(now, capacity)
             });
+            *queued -= before - queue.len();
             if let Some(e) = event {
                 next = Some(next.map_or(e, |n: Nanos| n.min(e)));
             }

@@ -104,10 +104,21 @@ struct Workload {
     live: usize,
     /// Waiting requests by (fairness finish tag, arrival order).
     waiting: BinaryHeap<Reverse<(OrderedF64, u64)>>,
-    /// Last finish tag per fairness value, while the workload has a backlog.
-    fairness: HashMap<Option<Box<str>>, f64>,
+    /// Per fairness value: its last finish tag and its requests waiting.
+    fairness: HashMap<Option<Box<str>>, Value>,
+    /// Fairness values with requests waiting.
+    active_values: usize,
     /// Fairness virtual time (start tag of the last dispatched request).
     sub_time: f64,
+}
+
+/// A fairness value's standing within its workload.
+#[derive(Debug, Default, Clone, Copy)]
+struct Value {
+    /// Finish tag of its latest request.
+    last: f64,
+    /// Its requests waiting.
+    live: usize,
 }
 
 /// An `f64` ordered totally (tags are never NaN), so it can key a heap.
@@ -201,16 +212,21 @@ impl Queue {
         if w.live == 0 {
             w.start = w.finish.max(time);
             w.fairness.clear();
+            w.active_values = 0;
         } else if w.fairness.len() > 64 + 2 * w.waiting.len() {
-            // Values whose last tag is behind the fairness time are as good
-            // as new: forget them, so that many distinct values under a
+            // Idle values whose last tag is behind the fairness time are as
+            // good as new: forget them, so that many distinct values under a
             // standing backlog cannot grow the map without bound.
             let now = w.sub_time;
-            w.fairness.retain(|_, finish| *finish > now);
+            w.fairness.retain(|_, v| v.live > 0 || v.last > now);
         }
-        let last = w.fairness.get(&request.fairness).copied().unwrap_or(0.0);
-        let sub_finish = last.max(w.sub_time) + request.tokens;
-        w.fairness.insert(request.fairness.clone(), sub_finish);
+        let value = w.fairness.entry(request.fairness.clone()).or_default();
+        let sub_finish = value.last.max(w.sub_time) + request.tokens;
+        value.last = sub_finish;
+        value.live += 1;
+        if value.live == 1 {
+            w.active_values += 1;
+        }
         w.waiting.push(Reverse((OrderedF64(sub_finish), ticket)));
         w.live += 1;
         self.deadlines.push(Reverse((request.deadline, ticket)));
@@ -267,7 +283,7 @@ impl Queue {
             }
             self.deadlines.pop();
             if let Some(e) = self.entries.remove(&ticket) {
-                self.workloads[e.request.workload].live -= 1;
+                self.left_unserved(&e);
                 let waited = now.saturating_sub(e.request.arrived);
                 done(ticket, &e.request, Outcome::TimedOut { waited });
             }
@@ -275,9 +291,9 @@ impl Queue {
         while let Some((ticket, finish)) = self.next() {
             let entry = &self.entries[&ticket];
             if !alive(ticket) {
-                let w = entry.request.workload;
-                self.entries.remove(&ticket);
-                self.workloads[w].live -= 1;
+                if let Some(e) = self.entries.remove(&ticket) {
+                    self.left_unserved(&e);
+                }
                 continue;
             }
             if !capacity.try_take(now, entry.request.tokens) {
@@ -291,12 +307,43 @@ impl Queue {
             w.finish = finish;
             w.start = finish;
             w.live -= 1;
-            w.sub_time = w.sub_time.max(e.sub_finish - e.request.tokens);
+            // Fairness time advances as in fluid fair sharing: a dispatch
+            // of `tokens` moves it by tokens / values waiting, so a value
+            // that was just served waits for the others' turns, and no
+            // longer than that.
+            let active = w.active_values.max(1) as f64;
+            w.sub_time =
+                w.sub_time.max(e.sub_finish - e.request.tokens) + e.request.tokens / active;
+            Self::value_left(w, &e);
             self.time = self.time.max(start);
             let waited = now.saturating_sub(e.request.arrived);
             done(ticket, &e.request, Outcome::Admitted { waited });
         }
         self.compact();
+    }
+
+    /// A request leaves without being served (deadline, cancelled): it must
+    /// not count against its fairness value, or a value whose requests keep
+    /// timing out would fall ever further behind and never be served. Its
+    /// tokens come off the value's schedule (requests of the value still
+    /// waiting keep their places).
+    fn left_unserved(&mut self, e: &Entry) {
+        let w = &mut self.workloads[e.request.workload];
+        w.live -= 1;
+        if let Some(value) = w.fairness.get_mut(&e.request.fairness) {
+            value.last -= e.request.tokens;
+        }
+        Self::value_left(w, e);
+    }
+
+    /// Counts a request out of its fairness value.
+    fn value_left(w: &mut Workload, e: &Entry) {
+        if let Some(value) = w.fairness.get_mut(&e.request.fairness) {
+            value.live = value.live.saturating_sub(1);
+            if value.live == 0 {
+                w.active_values = w.active_values.saturating_sub(1);
+            }
+        }
     }
 
     /// Drops tickets of requests that already left from the heaps, when

@@ -330,3 +330,93 @@ fn many_distinct_fairness_values_do_not_grow_memory_without_bound() {
     );
     assert!(queue.workloads[0].waiting.len() < 1000);
 }
+
+#[test]
+fn values_whose_requests_time_out_keep_their_fair_share() {
+    // One workload over capacity (20 requests/s for 14/s, 250 ms timeout):
+    // 50 values sending 0.4/s each and one sending 1/s. Max-min fairness
+    // gives each value 14/51 = 0.27/s; requests that time out must not
+    // count against their value, or the busier one would starve.
+    let mut queue = Queue::new(1, 10_000);
+    let mut bucket = Bucket::new(14.0, 1.0);
+    let mut kind: HashMap<Ticket, bool> = HashMap::new();
+    let (mut busy, mut crowd) = (0.0, 0.0);
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut now = 0;
+    while now < 120 * SEC {
+        now += MS;
+        for (is_busy, per_second) in [(false, 20), (true, 1)] {
+            if rng.u32(0..1000) >= per_second {
+                continue;
+            }
+            let value = if is_busy {
+                "busy".to_owned()
+            } else {
+                format!("v{}", rng.u32(0..50))
+            };
+            let mut r = request(0, 1.0, 1.0, Some(&value), now);
+            r.deadline = now + 250 * MS;
+            if let Offer::Queued(t) = queue.offer(r, now, &mut bucket) {
+                kind.insert(t, is_busy);
+            }
+        }
+        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, _, o| {
+            let is_busy = kind.remove(&t).expect("known");
+            if matches!(o, Outcome::Admitted { .. }) {
+                if is_busy { busy += 1.0 } else { crowd += 1.0 }
+            }
+        });
+    }
+    let per_crowd_value = crowd / 50.0;
+    assert!(
+        busy >= 0.8 * per_crowd_value,
+        "busy value {busy} vs {per_crowd_value} per crowd value"
+    );
+    assert!(
+        close(busy + crowd, 14.0 * 120.0, 0.05),
+        "capacity used: {}",
+        busy + crowd
+    );
+}
+
+#[test]
+fn requests_that_timed_out_leave_no_debt_behind() {
+    // For 10 s nothing is admitted and every request of value "old" times
+    // out. Then capacity returns, and "old" and "new" send alike: they must
+    // share from the start, not "old" wait for the 100 requests it never got.
+    let mut queue = Queue::new(1, 10_000);
+    let mut bucket = Bucket::new(0.0, 1.0);
+    let mut kind: HashMap<Ticket, &'static str> = HashMap::new();
+    let mut admitted: HashMap<&'static str, f64> = HashMap::new();
+    let mut now = 0;
+    while now < 20 * SEC {
+        now += MS;
+        if now == 10 * SEC {
+            bucket.refill(now);
+            bucket.rate = 10.0;
+        }
+        if now % (100 * MS) == 0 {
+            for value in ["old", "new"] {
+                if value == "new" && now < 10 * SEC {
+                    continue;
+                }
+                let mut r = request(0, 1.0, 1.0, Some(value), now);
+                r.deadline = now + 250 * MS;
+                if let Offer::Queued(t) = queue.offer(r, now, &mut bucket) {
+                    kind.insert(t, value);
+                }
+            }
+        }
+        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, _, o| {
+            let value = kind.remove(&t).expect("known");
+            if matches!(o, Outcome::Admitted { .. }) {
+                *admitted.entry(value).or_default() += 1.0;
+            }
+        });
+    }
+    let (old, new) = (
+        admitted.get("old").copied().unwrap_or(0.0),
+        admitted.get("new").copied().unwrap_or(0.0),
+    );
+    assert!(close(old, new, 0.2), "old {old} vs new {new}");
+}
