@@ -1,7 +1,7 @@
-//! The accept path of the engine allocates nothing once a flow's label
-//! values are known: label lookups borrow from the request, classifier
-//! outputs borrow when they copy a header, and per-label state is found by
-//! `&str`. This test counts heap allocations made by this thread during
+//! The accept path of the engine allocates nothing: label lookups borrow
+//! from the request, classifier outputs borrow when they copy a header,
+//! per-label state is keyed by a fixed-size digest, and a load scheduler
+//! that is not saturated passes flows without queueing. This test counts heap allocations made by this thread during
 //! decisions, so a change that adds one per flow fails here.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -61,6 +61,16 @@ rate_limiters:
     fill_amount: 1000
     interval: 1s
     limit_by_label_key: user
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
+load_schedulers:
+  - name: protect
+    selectors: [{control_point: ingress}]
+    scheduler:
+      workloads:
+        - label_matcher: {match_labels: {route: "/api/{what}"}}
+          parameters: {priority: 10}
 "#;
 
 fn request(user: usize) -> wire::CheckRequest {
