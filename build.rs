@@ -2,7 +2,8 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(
+    // What Envoy and Prometheus speak: servers only, requests as bytes.
+    let edge = protox::compile(
         [
             "sluice/ext_authz.proto",
             "sluice/otlp_logs.proto",
@@ -23,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".opentelemetry.proto.collector.logs.v1.ExportLogsServiceResponse",
             "::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse",
         )
-        .compile_fds(descriptors)?;
+        .compile_fds(edge)?;
+    // Sluice's own control API: the controller serves it, sidecars call it.
+    let control = protox::compile(["sluice/control.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(control)?;
     Ok(())
 }

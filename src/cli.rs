@@ -131,6 +131,17 @@ pub struct RunArgs {
     /// Time limit of one remote-write request.
     #[arg(long, env = "SLUICE_REMOTE_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub remote_write_timeout: Duration,
+    /// sluice-controller's control API, e.g. http://sluice-controller:8082.
+    /// The sidecar subscribes and applies its decisions (load multipliers,
+    /// limits, sampling); without it, policies' own values hold.
+    #[arg(long, env = "SLUICE_CONTROLLER")]
+    pub controller: Option<http::Uri>,
+    /// Agent group reported to the controller.
+    #[arg(long, env = "SLUICE_AGENT_GROUP", default_value = "default")]
+    pub agent_group: String,
+    /// Instance name reported to the controller (default <hostname>:<admin port>).
+    #[arg(long, env = "SLUICE_INSTANCE", default_value = "")]
+    pub instance: String,
     /// Worker threads of the async runtime; 0 for one per core (at most 4).
     /// A sidecar shares its pod's cores, so the default is small.
     #[arg(long, env = "SLUICE_WORKER_THREADS", default_value_t = 2)]
@@ -198,6 +209,9 @@ impl RunArgs {
             max_check_request_bytes: self.max_check_request_bytes,
             max_log_request_bytes: self.max_log_request_bytes,
             otlp_http: self.otlp_http,
+            controller: self.controller.clone(),
+            agent_group: self.agent_group.clone(),
+            instance: self.instance.clone(),
         })
     }
 }
@@ -288,7 +302,7 @@ pub fn main() -> ExitCode {
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends).
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -35,9 +35,12 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod control;
+pub mod controller;
 pub mod envoy;
 pub mod flow;
 pub mod harness;
+pub mod http_client;
 pub mod otlp;
 pub mod policy;
 pub mod server;

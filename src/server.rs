@@ -66,6 +66,13 @@ pub struct Config {
     /// Where to remote-write metrics, if anywhere. An `instance` label
     /// (`<hostname>:<admin port>`) is added unless one is given.
     pub remote_write: Option<RemoteWriteConfig>,
+    /// `sluice-controller` to subscribe to, if any.
+    pub controller: Option<http::Uri>,
+    /// Agent group reported to the controller.
+    pub agent_group: String,
+    /// Instance name reported to the controller (`<hostname>:<admin port>`
+    /// when empty).
+    pub instance: String,
 }
 
 impl Default for Config {
@@ -83,6 +90,9 @@ impl Default for Config {
             max_log_request_bytes: 16 << 20,
             otlp_http: true,
             remote_write: None,
+            controller: None,
+            agent_group: "default".to_owned(),
+            instance: String::new(),
         }
     }
 }
@@ -186,7 +196,7 @@ impl Sidecar {
         });
         tasks.push(tokio::spawn(admin::serve(
             admin,
-            admin_state.clone(),
+            admin_state.clone() as Arc<dyn admin::Handler>,
             stop.clone(),
         )));
 
@@ -238,6 +248,28 @@ impl Sidecar {
                 rw_metrics,
                 stop.clone(),
             )?);
+        }
+
+        if let Some(url) = &config.controller {
+            let instance = if config.instance.is_empty() {
+                format!("{}:{}", hostname(), admin_addr.port())
+            } else {
+                config.instance.clone()
+            };
+            let identity = crate::control::Identity {
+                agent_group: config.agent_group.clone(),
+                service: config.service.clone(),
+                instance,
+            };
+            let control_metrics = crate::control::ControlMetrics::register(&metrics.registry)?;
+            tracing::info!(controller = %url, "subscribing to the controller");
+            tasks.push(tokio::spawn(crate::control::subscribe(
+                engine.clone(),
+                url.clone(),
+                identity,
+                control_metrics,
+                stop.clone(),
+            )));
         }
 
         admin_state.ready.store(true, Ordering::Release);

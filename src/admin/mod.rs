@@ -162,8 +162,36 @@ async fn otlp_http(state: &AdminState, req: Request<Incoming>) -> Response<Body>
     )
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: Shutdown) {
+/// Answers admin requests; the sidecar's [`AdminState`] and the
+/// controller's admin are two.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>>;
+}
+
+impl Handler for AdminState {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
+        Box::pin(route(self, req))
+    }
+}
+
+/// A plain-text or JSON answer.
+pub fn answer(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    respond(status, content_type, body)
+}
+
+/// Serves `handler` on `listener` (HTTP/1.1) until `shutdown` fires.
+pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>, mut shutdown: Shutdown) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -177,12 +205,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: 
             },
             _ = shutdown.wait() => return,
         };
-        let state = state.clone();
+        let handler = handler.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler.handle(req).await) }
             });
             let conn = http1::Builder::new()
                 .keep_alive(true)

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::RejectReason;
 use super::label_table::{Digest, LabelTable, TableMetrics};
 use super::labels::{FlowLabels, LabelRef};
+use super::lease::Lease;
 use super::selector::Selector;
 use crate::clock::{Nanos, nanos};
 use crate::policy::ConcurrencyLimiterSpec;
@@ -82,6 +83,10 @@ pub struct ConcurrencyLimiter {
     pub selectors: Box<[Selector]>,
     /// Most flows in flight; atomic so the controller can move it.
     max: AtomicU64,
+    /// The policy's limit (the default).
+    default_max: u64,
+    /// Until when the controller's limit holds.
+    pub lease: Lease,
     /// One count per value of this label, if set.
     pub limit_by: Option<LabelRef>,
     /// When a flow's slot is given back if its log never arrives.
@@ -145,6 +150,8 @@ impl ConcurrencyLimiter {
             name,
             selectors: spec.selectors.iter().map(Selector::compile).collect(),
             max: AtomicU64::new(spec.max_concurrency),
+            default_max: spec.max_concurrency,
+            lease: Lease::default(),
             limit_by,
             max_inflight: nanos(spec.max_inflight_duration.0),
             denied_status: spec.denied_status_code.0,
@@ -195,9 +202,19 @@ impl ConcurrencyLimiter {
         Ok(Some(Slot::new(self.state.clone(), key)))
     }
 
-    /// Changes the limit (the controller's actuator).
-    pub fn set_max_concurrency(&self, max: u64) {
+    /// Sets the controller's limit until `until`.
+    pub fn set_max_concurrency(&self, max: u64, until: Nanos) {
         self.max.store(max, Ordering::Relaxed);
+        self.lease.grant(until);
+    }
+
+    /// Returns to the policy's limit when the controller's lease lapsed.
+    pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
+        let lapsed = self.lease.lapse(now);
+        if lapsed {
+            self.max.store(self.default_max, Ordering::Relaxed);
+        }
+        lapsed
     }
 
     /// Flows in flight (all label values together).

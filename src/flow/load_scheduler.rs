@@ -129,6 +129,12 @@ impl Multiplier {
         }
     }
 
+    /// True while a controller's multiplier holds at `now`.
+    pub fn leased(&self, now: Nanos) -> bool {
+        let until = self.until.load(Ordering::Acquire);
+        until != u64::MAX && now < until
+    }
+
     /// The multiplier at `now`, and whether a controller value lapsed.
     pub fn at(&self, now: Nanos) -> (f64, bool) {
         let until = self.until.load(Ordering::Acquire);

@@ -24,12 +24,14 @@
 pub mod classifier;
 pub mod concurrency_limiter;
 pub mod concurrency_scheduler;
+pub mod control;
 pub mod control_points;
 pub mod flow_end;
 pub mod flux_meter;
 pub mod inflight;
 pub mod label_table;
 pub mod labels;
+pub mod lease;
 pub mod load_scheduler;
 pub mod metadata;
 pub mod plan;
@@ -577,6 +579,7 @@ impl Engine {
         let now = self.clock.now();
         self.inflight.sweep(now);
         let plan = self.plan.load();
+        self.sweep_decisions(&plan, now);
         for policy in &plan.policies {
             for r in &policy.rate_limiters {
                 r.sweep(now);

@@ -10,12 +10,14 @@
 //! pass; it is rejected without a `retry-after`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 use super::RejectReason;
 use super::label_table::{Digest, LabelTable, TableMetrics, always};
 use super::labels::{FlowLabels, LabelRef};
+use super::lease::Lease;
 use super::selector::Selector;
 use crate::clock::{Nanos, nanos};
 use crate::policy::RateLimiterSpec;
@@ -133,8 +135,14 @@ pub struct RateLimiter {
     pub name: Arc<str>,
     /// Which flows it limits.
     pub selectors: Box<[Selector]>,
-    /// Bucket parameters.
-    pub params: BucketParams,
+    /// Bucket parameters of the policy (the default).
+    pub default_params: BucketParams,
+    /// Capacity in force (f64 bits): the policy's, or the controller's.
+    capacity: AtomicU64,
+    /// Fill amount in force (f64 bits): the policy's, or the controller's.
+    fill_amount: AtomicU64,
+    /// Until when the controller's values hold.
+    pub lease: Lease,
     /// One bucket per value of this label, if set.
     pub limit_by: Option<LabelRef>,
     /// Where a flow's cost is read from, if set.
@@ -154,7 +162,7 @@ impl std::fmt::Debug for RateLimiter {
         f.debug_struct("RateLimiter")
             .field("policy", &self.policy)
             .field("name", &self.name)
-            .field("params", &self.params)
+            .field("params", &self.params())
             .field("limit_by", &self.limit_by)
             .finish_non_exhaustive()
     }
@@ -178,7 +186,7 @@ impl Hold<'_> {
     pub fn into_owned(self) -> OwnedHold {
         OwnedHold {
             state: self.limiter.state.clone(),
-            params: self.limiter.params,
+            params: self.limiter.params(),
             key: self.key,
             tokens: self.tokens,
         }
@@ -241,7 +249,9 @@ impl RateLimiter {
             .as_ref()
             .map(|k| LabelRef::new(&k.0));
         let state = match previous {
-            Some(old) if old.params == params && old.limit_by == limit_by => old.state.clone(),
+            Some(old) if old.default_params == params && old.limit_by == limit_by => {
+                old.state.clone()
+            }
             _ => Arc::new(LimiterState {
                 global: Mutex::new(TokenBucket::full(&params, 0)),
                 per_label: LabelTable::new(
@@ -262,7 +272,10 @@ impl RateLimiter {
             policy: policy.clone(),
             name,
             selectors: spec.selectors.iter().map(Selector::compile).collect(),
-            params,
+            default_params: params,
+            capacity: AtomicU64::new(params.capacity.to_bits()),
+            fill_amount: AtomicU64::new(params.fill_amount.to_bits()),
+            lease: Lease::default(),
             limit_by,
             tokens_label: spec.tokens_label_key.as_ref().map(|k| LabelRef::new(&k.0)),
             max_idle: nanos(spec.max_idle_time.0),
@@ -284,7 +297,7 @@ impl RateLimiter {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|n| n.is_finite() && *n >= 0.0)
             .unwrap_or(1.0);
-        let p = &self.params;
+        let p = &self.params();
         let (result, key) = match &self.limit_by {
             None => (self.state.global.lock().take(p, now, tokens), None),
             Some(label) => {
@@ -314,9 +327,42 @@ impl RateLimiter {
         }
     }
 
+    /// The bucket parameters in force.
+    #[inline]
+    pub fn params(&self) -> BucketParams {
+        BucketParams {
+            capacity: f64::from_bits(self.capacity.load(Ordering::Relaxed)),
+            fill_amount: f64::from_bits(self.fill_amount.load(Ordering::Relaxed)),
+            ..self.default_params
+        }
+    }
+
+    /// Sets the controller's capacity and/or fill amount until `until`.
+    pub fn set_bucket(&self, capacity: Option<f64>, fill_amount: Option<f64>, until: Nanos) {
+        if let Some(c) = capacity.filter(|c| c.is_finite() && *c >= 0.0) {
+            self.capacity.store(c.to_bits(), Ordering::Relaxed);
+        }
+        if let Some(f) = fill_amount.filter(|f| f.is_finite() && *f >= 0.0) {
+            self.fill_amount.store(f.to_bits(), Ordering::Relaxed);
+        }
+        self.lease.grant(until);
+    }
+
+    /// Returns to the policy's bucket when the controller's lease lapsed.
+    pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
+        let lapsed = self.lease.lapse(now);
+        if lapsed {
+            let d = self.default_params;
+            self.capacity.store(d.capacity.to_bits(), Ordering::Relaxed);
+            self.fill_amount
+                .store(d.fill_amount.to_bits(), Ordering::Relaxed);
+        }
+        lapsed
+    }
+
     /// Gives back tokens a flow took (a later stage rejected it).
     pub fn give_back(&self, key: Option<Digest>, tokens: f64) {
-        self.state.give_back(&self.params, key, tokens);
+        self.state.give_back(&self.params(), key, tokens);
     }
 
     /// Forgets buckets unused for `max_idle_time`.

@@ -12,7 +12,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::RejectReason;
 use super::labels::{FlowLabels, LabelRef};
+use super::lease::Lease;
 use super::selector::Selector;
+use crate::clock::Nanos;
 use crate::policy::SamplerSpec;
 use crate::telemetry::{DecisionCounters, Metrics};
 
@@ -32,6 +34,10 @@ pub struct Sampler {
     /// Share accepted, in parts per million. Atomic so that the controller
     /// can move it without recompiling the policy.
     accept_ppm: AtomicU32,
+    /// The policy's share (the default).
+    default_ppm: u32,
+    /// Until when the controller's share holds.
+    pub lease: Lease,
     /// The label that makes the decision sticky, if any.
     session: Option<LabelRef>,
     /// Status of a rejected flow.
@@ -56,6 +62,8 @@ impl Sampler {
             name,
             selectors: spec.selectors.iter().map(Selector::compile).collect(),
             accept_ppm: AtomicU32::new(percent_to_ppm(spec.accept_percentage.0)),
+            default_ppm: percent_to_ppm(spec.accept_percentage.0),
+            lease: Lease::default(),
             session: spec.session_label_key.as_ref().map(|k| LabelRef::new(&k.0)),
             denied_status: spec.denied_status_code.0,
         }
@@ -78,6 +86,21 @@ impl Sampler {
     pub fn set_accept_percentage(&self, percentage: f64) {
         self.accept_ppm
             .store(percent_to_ppm(percentage), Ordering::Relaxed);
+    }
+
+    /// Sets the controller's share until `until`.
+    pub fn set_accept_percentage_until(&self, percentage: f64, until: Nanos) {
+        self.set_accept_percentage(percentage);
+        self.lease.grant(until);
+    }
+
+    /// Returns to the policy's share when the controller's lease lapsed.
+    pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
+        let lapsed = self.lease.lapse(now);
+        if lapsed {
+            self.accept_ppm.store(self.default_ppm, Ordering::Relaxed);
+        }
+        lapsed
     }
 
     /// The accepted share, in percent.

@@ -692,3 +692,91 @@ quota_schedulers:
     });
     assert_eq!(rejection, Some((RejectReason::NoTokens, None)));
 }
+
+#[test]
+fn controller_decisions_hold_until_they_lapse_then_the_policy_is_back() {
+    use control::{Action, Applied, ControlDecision};
+    let doc = r#"
+name: ctl
+samplers:
+  - name: gate
+    selectors: [{control_point: ingress}]
+    accept_percentage: 0
+rate_limiters:
+  - name: bucket
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {rl: "yes"}}}]
+    bucket_capacity: 1
+    fill_amount: 0
+    interval: 1s
+"#;
+    let (engine, time) = engine(&[doc]);
+    let hash = engine.plan().policies[0].hash;
+    let decision = |action, policy_hash| ControlDecision {
+        policy: "ctl",
+        policy_hash,
+        valid_for: Duration::from_secs(5),
+        action,
+    };
+    let open = Action::AcceptPercentage {
+        component: "gate",
+        value: 100.0,
+    };
+    assert_eq!(
+        engine.apply(&decision(open.clone(), hash ^ 1)),
+        Applied::OtherVersion
+    );
+    assert_eq!(
+        engine.apply(&decision(
+            Action::AcceptPercentage {
+                component: "nope",
+                value: 1.0
+            },
+            hash
+        )),
+        Applied::UnknownComponent
+    );
+    assert_eq!(
+        engine.apply(&decision(open.clone(), hash)),
+        Applied::Applied
+    );
+    assert_eq!(
+        check(&engine, &[]).0,
+        None,
+        "the controller opened the gate"
+    );
+    let bigger = Action::RateLimit {
+        component: "bucket",
+        bucket_capacity: Some(3.0),
+        fill_amount: None,
+    };
+    assert_eq!(engine.apply(&decision(bigger, hash)), Applied::Applied);
+    time.advance(Duration::from_millis(4_999));
+    engine.sweep();
+    assert_eq!(check(&engine, &[]).0, None, "still open");
+    let text = engine.metrics().encode_text();
+    assert!(
+        text.contains(r#"controller_decision_active{component="gate",policy_name="ctl"} 1"#),
+        "{text}"
+    );
+    time.advance(Duration::from_millis(1));
+    engine.sweep();
+    assert_eq!(
+        check(&engine, &[]).0.map(|r| r.1),
+        Some(403),
+        "back to the policy's 0%"
+    );
+    let plan = engine.plan();
+    assert_eq!(plan.policies[0].rate_limiters[0].params().capacity, 1.0);
+    let text = engine.metrics().encode_text();
+    assert!(
+        text.contains(r#"controller_decision_active{component="gate",policy_name="ctl"} 0"#),
+        "{text}"
+    );
+    assert_eq!(
+        engine.apply(&ControlDecision {
+            valid_for: Duration::ZERO,
+            ..decision(open, hash)
+        }),
+        Applied::Lapsed
+    );
+}

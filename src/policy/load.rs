@@ -146,6 +146,16 @@ pub fn parse_policy(file: &Path, text: &str) -> Result<Policy, PolicyError> {
         }
     })?;
     check_unique_names(file, &policy)?;
+    if let Some(circuit) = &policy.circuit {
+        let name = &policy.name.value.0;
+        circuit
+            .value
+            .expand(name)
+            .and_then(|components| super::circuit::validate(&components, &policy))
+            .map_err(|message| {
+                PolicyError::at(file, &circuit.defined, "circuit".to_owned(), message)
+            })?;
+    }
     Ok(policy)
 }
 

@@ -7,6 +7,7 @@
 //! names the file, line and field. The engine compiles these types into its
 //! own (`crate::flow`); nothing here is used on the request path.
 
+pub mod circuit;
 pub mod load;
 pub mod types;
 pub mod watch;
@@ -53,6 +54,10 @@ pub struct Policy {
     /// incoming token rate.
     #[serde(default)]
     pub load_schedulers: Vec<LoadSchedulerSpec>,
+    /// What `sluice-controller` runs for this policy every tick; sidecars
+    /// only validate it.
+    #[serde(default)]
+    pub circuit: Option<Spanned<circuit::CircuitSpec>>,
 }
 
 /// Which flows a component applies to. A component applies to a flow when

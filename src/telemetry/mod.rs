@@ -75,6 +75,10 @@ pub struct Metrics {
     pub fill_rate: GaugeVec,
     /// `token_bucket_available_tokens_total{policy_name, component}`.
     pub available_tokens: GaugeVec,
+    /// `controller_decision_active{policy_name, component}`: 1 while a
+    /// controller's decision holds for the component, 0 once it lapsed and
+    /// the component is back to its policy's value.
+    pub controller_decision_active: IntGaugeVec,
     /// `load_multiplier_expired{policy_name, component}`: 1 while a load
     /// scheduler passes everything because the controller's multiplier
     /// lapsed.
@@ -213,7 +217,19 @@ impl Metrics {
         registry
             .register(Box::new(lm_expired.clone()))
             .expect("metric registered once");
+        let controller_decision_active = IntGaugeVec::new(
+            Opts::new(
+                "controller_decision_active",
+                "1 while a sluice-controller decision holds for the component; 0 when it lapsed to the policy's value.",
+            ),
+            component,
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(controller_decision_active.clone()))
+            .expect("metric registered once");
         Metrics {
+            controller_decision_active,
             workload_requests: counter_vec(
                 &registry,
                 "workload_requests_total",

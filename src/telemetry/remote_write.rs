@@ -18,12 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -31,6 +28,7 @@ use prost::Message;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::http_client::HttpsClient;
 use crate::shutdown::Shutdown;
 
 /// The protobuf messages of remote-write 1.0 (generated).
@@ -242,43 +240,6 @@ pub fn to_timeseries(
     out
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-fn client(config: &RemoteWriteConfig) -> anyhow::Result<HttpsClient> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = &config.ca_file {
-        use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("read CA file {}", path.display()))?;
-        for cert in certs {
-            let cert = cert.with_context(|| format!("parse CA file {}", path.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("use CA file {}", path.display()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.timeout));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
-}
-
 /// Why a POST failed.
 enum SendError {
     /// Worth retrying: connection error, timeout, 5xx, 429.
@@ -353,7 +314,7 @@ pub fn start(
             config.url
         );
     }
-    let client = client(&config)?;
+    let client = crate::http_client::build(config.ca_file.as_deref(), config.timeout)?;
     let queue = Arc::new(Queue {
         batches: Mutex::new(VecDeque::new()),
         ready: Notify::new(),

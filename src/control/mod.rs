@@ -1,0 +1,193 @@
+//! The control edge: the sidecar's subscription to `sluice-controller`.
+//!
+//! The sidecar dials the controller (`--controller`), identifies itself and
+//! holds one server-streaming `Subscribe`; every [`wire::DecisionSet`] that
+//! arrives is translated into engine decisions
+//! ([`crate::flow::control`]) and applied. On any error the subscription is
+//! re-established with exponential backoff (100 ms doubling to 10 s, with
+//! jitter). While disconnected, decisions already applied lapse at their
+//! `valid_until` and components return to their policy's values.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::flow::Engine;
+use crate::flow::control::{Action, ControlDecision};
+use crate::shutdown::Shutdown;
+
+/// The control API's messages and services (generated).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod wire {
+    tonic::include_proto!("sluice.control.v1");
+}
+
+use wire::decision::Action as WireAction;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Who this sidecar is, for the controller.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// Agent group (as in Aperture: sidecars sharing a role).
+    pub agent_group: String,
+    /// The service it sits next to.
+    pub service: String,
+    /// This instance.
+    pub instance: String,
+}
+
+/// The subscription's metrics.
+#[derive(Clone)]
+pub struct ControlMetrics {
+    /// `controller_connected`: 1 while subscribed.
+    pub connected: IntGauge,
+    /// `controller_decisions_total{result}`.
+    pub decisions: IntCounterVec,
+}
+
+impl ControlMetrics {
+    /// Creates and registers them.
+    pub fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let connected = IntGauge::new(
+            "controller_connected",
+            "1 while this sidecar holds a subscription to sluice-controller.",
+        )?;
+        registry.register(Box::new(connected.clone()))?;
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "controller_decisions_total",
+                "Decisions received from sluice-controller, by what became of them.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        Ok(ControlMetrics {
+            connected,
+            decisions,
+        })
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Applies a decision set; returns how many were put in force.
+pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics) -> usize {
+    let now = now_unix_ms();
+    let mut applied = 0;
+    for d in &set.decisions {
+        let Some(action) = &d.action else {
+            metrics.decisions.with_label_values(&["invalid"]).inc();
+            continue;
+        };
+        let Ok(policy_hash) = u64::from_str_radix(&d.policy_hash, 16) else {
+            metrics.decisions.with_label_values(&["invalid"]).inc();
+            continue;
+        };
+        let action = match action {
+            WireAction::LoadMultiplier(l) => Action::LoadMultiplier {
+                component: &l.load_scheduler,
+                value: l.multiplier,
+            },
+            WireAction::RateLimit(r) => Action::RateLimit {
+                component: &r.rate_limiter,
+                bucket_capacity: r.bucket_capacity,
+                fill_amount: r.fill_amount,
+            },
+            WireAction::AcceptPercentage(a) => Action::AcceptPercentage {
+                component: &a.sampler,
+                value: a.percentage,
+            },
+            WireAction::MaxConcurrency(m) => Action::MaxConcurrency {
+                component: &m.concurrency_limiter,
+                value: m.max_concurrency,
+            },
+        };
+        let valid_for =
+            Duration::from_millis(d.valid_until_unix_ms.saturating_sub(now).max(0) as u64);
+        let outcome = engine.apply(&ControlDecision {
+            policy: &d.policy_name,
+            policy_hash,
+            valid_for,
+            action,
+        });
+        metrics
+            .decisions
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        if outcome == crate::flow::control::Applied::Applied {
+            applied += 1;
+        }
+    }
+    applied
+}
+
+/// Subscribes to the controller at `url` and applies what it sends, until
+/// `shutdown`; reconnects with backoff.
+pub async fn subscribe(
+    engine: Arc<Engine>,
+    url: http::Uri,
+    identity: Identity,
+    metrics: ControlMetrics,
+    mut shutdown: Shutdown,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut said_down = false;
+    loop {
+        let session = async {
+            let channel = tonic::transport::Endpoint::from(url.clone())
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .connect()
+                .await?;
+            let mut client = wire::control_client::ControlClient::new(channel);
+            let mut stream = client
+                .subscribe(wire::SubscribeRequest {
+                    agent_group: identity.agent_group.clone(),
+                    service: identity.service.clone(),
+                    instance: identity.instance.clone(),
+                })
+                .await?
+                .into_inner();
+            metrics.connected.set(1);
+            tracing::info!(controller = %url, "subscribed to the controller");
+            while let Some(set) = stream.message().await? {
+                apply(&engine, &set, &metrics);
+            }
+            anyhow::Ok(())
+        };
+        let result = tokio::select! {
+            r = session => r,
+            _ = shutdown.wait() => return,
+        };
+        let was_connected = metrics.connected.get() == 1;
+        metrics.connected.set(0);
+        if was_connected {
+            backoff = MIN_BACKOFF;
+            said_down = false;
+        }
+        match result {
+            Ok(()) => {
+                tracing::warn!(controller = %url, "controller closed the subscription; reconnecting")
+            }
+            Err(e) if !said_down => {
+                tracing::warn!(controller = %url, error = %e, "cannot reach the controller; retrying with backoff");
+                said_down = true;
+            }
+            Err(_) => {}
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.wait() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,619 @@
+//! The `circuit:` section of a policy: what `sluice-controller` runs every
+//! tick. Sidecars read it only to validate it.
+//!
+//! A circuit is a list of components wired by named signals. Each component
+//! writes one signal (`out`) from constants and other signals; a component
+//! reading a signal written later in the list (or by itself) gets that
+//! signal's value from the previous tick, which is how feedback loops are
+//! written. Actuators send a signal to a sidecar component. Or, in a few
+//! lines, a blueprint that expands into such a list (`sluice-controller
+//! explain` prints it).
+
+use serde::Deserialize;
+
+use super::types::{DurationSpec, Name};
+
+/// `circuit:`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitSpec {
+    /// A blueprint to expand, e.g. `load_scheduling.average_latency`.
+    #[serde(default)]
+    pub blueprint: Option<String>,
+    /// The blueprint's parameters.
+    #[serde(default)]
+    pub parameters: Option<AverageLatencyParameters>,
+    /// Components, after the blueprint's (if any).
+    #[serde(default)]
+    pub components: Vec<ComponentSpec>,
+}
+
+/// A constant or a signal.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Operand {
+    /// A number.
+    Constant(f64),
+    /// The name of a signal.
+    Signal(String),
+}
+
+/// One component.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ComponentSpec {
+    /// A PromQL instant query.
+    Promql(PromqlSpec),
+    /// An exponential moving average.
+    Ema(EmaSpec),
+    /// `lhs op rhs`.
+    Arithmetic(ArithmeticSpec),
+    /// A comparison with hysteresis, 1 or 0.
+    Decider(DeciderSpec),
+    /// Scales a control variable by how far a signal is from its setpoint.
+    GradientController(GradientSpec),
+    /// A running sum, with reset.
+    Integrator(IntegratorSpec),
+    /// Chooses between two operands.
+    Switcher(SwitcherSpec),
+    /// The smallest present operand.
+    Min(ExtremumSpec),
+    /// The largest present operand.
+    Max(ExtremumSpec),
+    /// Sends a signal to a sidecar component.
+    Actuator(ActuatorSpec),
+}
+
+/// `promql`: its value is the query's result (the sum when it returns
+/// several series); missing when it returns nothing.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PromqlSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// The query.
+    pub query: String,
+    /// How often it is run (a multiple of the tick; default every tick).
+    #[serde(default)]
+    pub evaluation_interval: Option<DurationSpec>,
+}
+
+/// `ema`: alpha = 2 / (window / tick + 1). Missing input: it holds (missing
+/// until its first value). While `freeze` is non-zero it holds too.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmaSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// What it averages.
+    pub input: Operand,
+    /// Its span.
+    pub window: DurationSpec,
+    /// Holds while non-zero.
+    #[serde(default)]
+    pub freeze: Option<Operand>,
+}
+
+/// Operators of `arithmetic`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ArithmeticOp {
+    /// `lhs + rhs`
+    Add,
+    /// `lhs - rhs`
+    Sub,
+    /// `lhs * rhs`
+    Mul,
+    /// `lhs / rhs` (missing when `rhs` is 0)
+    Div,
+}
+
+/// `arithmetic`: missing when an operand is.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ArithmeticSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// The operator.
+    pub op: ArithmeticOp,
+    /// Left operand.
+    pub lhs: Operand,
+    /// Right operand.
+    pub rhs: Operand,
+}
+
+/// Comparisons of `decider`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Comparison {
+    /// `lhs > rhs`
+    Gt,
+    /// `lhs < rhs`
+    Lt,
+}
+
+/// `decider`: 1 once `lhs op rhs` has held for `true_for`, 0 once it has
+/// not held for `false_for`. Missing operands: it holds (0 at first).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeciderSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// The comparison.
+    pub op: Comparison,
+    /// Left operand.
+    pub lhs: Operand,
+    /// Right operand.
+    pub rhs: Operand,
+    /// How long the comparison must hold to switch to 1.
+    #[serde(default = "zero")]
+    pub true_for: DurationSpec,
+    /// How long it must fail to switch back to 0.
+    #[serde(default = "zero")]
+    pub false_for: DurationSpec,
+}
+
+fn zero() -> DurationSpec {
+    DurationSpec(std::time::Duration::ZERO)
+}
+
+/// `gradient_controller`: out = control_variable × clamp((signal /
+/// setpoint)^slope, min_gradient, max_gradient). With a negative slope, a
+/// signal above its setpoint scales the control variable down. Missing
+/// when any input is (or the setpoint is not positive).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GradientSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// What is measured.
+    pub signal: Operand,
+    /// Where it should be.
+    pub setpoint: Operand,
+    /// What is scaled.
+    pub control_variable: Operand,
+    /// Sensitivity (default -1).
+    #[serde(default = "minus_one")]
+    pub slope: f64,
+    /// Smallest factor (default 0.1).
+    #[serde(default = "tenth")]
+    pub min_gradient: f64,
+    /// Largest factor (default 1).
+    #[serde(default = "one")]
+    pub max_gradient: f64,
+}
+
+fn minus_one() -> f64 {
+    -1.0
+}
+fn tenth() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
+}
+
+/// `integrator`: adds `input` every tick, within `[min, max]`; back to
+/// `initial` while `reset` is non-zero. Missing input: it holds.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntegratorSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// What it adds.
+    pub input: Operand,
+    /// Resets while non-zero.
+    #[serde(default)]
+    pub reset: Option<Operand>,
+    /// Starting value (default 0).
+    #[serde(default)]
+    pub initial: f64,
+    /// Lower bound.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Upper bound.
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+/// `switcher`: `on_true` while `switch` is non-zero, else `on_false`;
+/// missing when the chosen operand (or the switch) is.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitcherSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// The condition.
+    pub switch: Operand,
+    /// Chosen while the switch is non-zero.
+    pub on_true: Operand,
+    /// Chosen otherwise.
+    pub on_false: Operand,
+}
+
+/// `min` / `max` over the present operands; missing when none is.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtremumSpec {
+    /// The signal it writes.
+    pub out: String,
+    /// The operands.
+    pub inputs: Vec<Operand>,
+}
+
+/// `actuator`: sends its input(s) to one sidecar component of this policy.
+/// Nothing is sent for a missing input; the sidecars' last decision lapses
+/// at its `valid_until` and they return to the policy's own value.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActuatorSpec {
+    /// A load scheduler: `input` is its load multiplier.
+    #[serde(default)]
+    pub load_scheduler: Option<Name>,
+    /// A sampler: `input` is its accept percentage.
+    #[serde(default)]
+    pub sampler: Option<Name>,
+    /// A concurrency limiter: `input` is its max concurrency.
+    #[serde(default)]
+    pub concurrency_limiter: Option<Name>,
+    /// A rate limiter: `bucket_capacity` and/or `fill_amount`.
+    #[serde(default)]
+    pub rate_limiter: Option<Name>,
+    /// The value, for all but rate limiters.
+    #[serde(default)]
+    pub input: Option<Operand>,
+    /// A rate limiter's capacity.
+    #[serde(default)]
+    pub bucket_capacity: Option<Operand>,
+    /// A rate limiter's fill amount.
+    #[serde(default)]
+    pub fill_amount: Option<Operand>,
+}
+
+/// Parameters of `load_scheduling.average_latency`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AverageLatencyParameters {
+    /// The flux meter (of this policy) measuring the service's latency.
+    pub flux_meter: Name,
+    /// The load scheduler (of this policy) protecting it.
+    pub load_scheduler: Name,
+    /// Overload when the recent average exceeds the long-term one by this
+    /// factor (default 1.1).
+    #[serde(default = "tolerance")]
+    pub latency_tolerance_multiplier: f64,
+    /// The recent average's window (default 30s).
+    #[serde(default = "thirty_seconds")]
+    pub signal_window: DurationSpec,
+    /// The long-term average's span (an EMA, frozen during overload;
+    /// default 30m).
+    #[serde(default = "thirty_minutes")]
+    pub baseline_window: DurationSpec,
+    /// How much the multiplier rises per tick when not overloaded (default
+    /// 0.05), back to 1 (pass-through).
+    #[serde(default = "recovery")]
+    pub recovery_step: f64,
+    /// The gradient controller's slope (default -1).
+    #[serde(default = "minus_one")]
+    pub slope: f64,
+    /// The smallest multiplier the controller sets (default 0.05).
+    #[serde(default = "floor")]
+    pub min_load_multiplier: f64,
+}
+
+fn tolerance() -> f64 {
+    1.1
+}
+fn thirty_seconds() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(30))
+}
+fn thirty_minutes() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(1800))
+}
+fn recovery() -> f64 {
+    0.05
+}
+fn floor() -> f64 {
+    0.05
+}
+
+/// The blueprints `circuit.blueprint` may name.
+pub const AVERAGE_LATENCY: &str = "load_scheduling.average_latency";
+
+impl ComponentSpec {
+    /// The signal it writes (actuators write none).
+    pub fn out(&self) -> Option<&str> {
+        Some(match self {
+            ComponentSpec::Promql(c) => &c.out,
+            ComponentSpec::Ema(c) => &c.out,
+            ComponentSpec::Arithmetic(c) => &c.out,
+            ComponentSpec::Decider(c) => &c.out,
+            ComponentSpec::GradientController(c) => &c.out,
+            ComponentSpec::Integrator(c) => &c.out,
+            ComponentSpec::Switcher(c) => &c.out,
+            ComponentSpec::Min(c) | ComponentSpec::Max(c) => &c.out,
+            ComponentSpec::Actuator(_) => return None,
+        })
+    }
+
+    /// The operands it reads.
+    pub fn inputs(&self) -> Vec<&Operand> {
+        match self {
+            ComponentSpec::Promql(_) => vec![],
+            ComponentSpec::Ema(c) => [Some(&c.input), c.freeze.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ComponentSpec::Arithmetic(c) => vec![&c.lhs, &c.rhs],
+            ComponentSpec::Decider(c) => vec![&c.lhs, &c.rhs],
+            ComponentSpec::GradientController(c) => {
+                vec![&c.signal, &c.setpoint, &c.control_variable]
+            }
+            ComponentSpec::Integrator(c) => [Some(&c.input), c.reset.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ComponentSpec::Switcher(c) => vec![&c.switch, &c.on_true, &c.on_false],
+            ComponentSpec::Min(c) | ComponentSpec::Max(c) => c.inputs.iter().collect(),
+            ComponentSpec::Actuator(a) => [
+                a.input.as_ref(),
+                a.bucket_capacity.as_ref(),
+                a.fill_amount.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        }
+    }
+}
+
+fn signal(name: &str) -> Operand {
+    Operand::Signal(name.to_owned())
+}
+
+fn seconds(d: &DurationSpec) -> String {
+    format!("{}s", d.0.as_secs().max(1))
+}
+
+impl CircuitSpec {
+    /// The components to run: the blueprint's, then `components`.
+    pub fn expand(&self, policy: &str) -> Result<Vec<ComponentSpec>, String> {
+        let mut out = match (&self.blueprint, &self.parameters) {
+            (None, None) => Vec::new(),
+            (None, Some(_)) => return Err("`parameters` without a `blueprint`".to_owned()),
+            (Some(b), None) => return Err(format!("blueprint {b:?} needs `parameters`")),
+            (Some(b), Some(p)) if b == AVERAGE_LATENCY => average_latency(policy, p)?,
+            (Some(b), _) => {
+                return Err(format!(
+                    "unknown blueprint {b:?} (known: {AVERAGE_LATENCY})"
+                ));
+            }
+        };
+        out.extend(self.components.iter().cloned());
+        Ok(out)
+    }
+}
+
+/// `load_scheduling.average_latency`: protect a service by its average
+/// latency. Overloaded when the recent average (over `signal_window`) is
+/// above the long-term one (an EMA frozen during overload) × tolerance;
+/// then the load multiplier follows a gradient controller on the observed
+/// multiplier (accepted ÷ incoming tokens), otherwise it rises by
+/// `recovery_step` per tick back to 1 (pass-through).
+fn average_latency(
+    policy: &str,
+    p: &AverageLatencyParameters,
+) -> Result<Vec<ComponentSpec>, String> {
+    if !(p.latency_tolerance_multiplier.is_finite() && p.latency_tolerance_multiplier >= 1.0) {
+        return Err("latency_tolerance_multiplier must be a number >= 1".to_owned());
+    }
+    if !(p.recovery_step.is_finite() && p.recovery_step > 0.0) {
+        return Err("recovery_step must be a number > 0".to_owned());
+    }
+    if !(p.min_load_multiplier.is_finite() && (0.0..=1.0).contains(&p.min_load_multiplier)) {
+        return Err("min_load_multiplier must be between 0 and 1".to_owned());
+    }
+    let (fm, ls, w) = (
+        &p.flux_meter.0,
+        &p.load_scheduler.0,
+        seconds(&p.signal_window),
+    );
+    let flows = format!(
+        r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
+    );
+    let tokens = format!(r#"policy_name="{policy}",component="{ls}""#);
+    let promql = |out: &str, query: String| {
+        ComponentSpec::Promql(PromqlSpec {
+            out: out.to_owned(),
+            query,
+            evaluation_interval: None,
+        })
+    };
+    Ok(vec![
+        promql(
+            "latency",
+            format!(
+                "sum(increase(flux_meter_sum{{{flows}}}[{w}])) / sum(increase(flux_meter_count{{{flows}}}[{w}]))"
+            ),
+        ),
+        promql(
+            "observed_load_multiplier",
+            format!(
+                "sum(increase(accepted_tokens_total{{{tokens}}}[{w}])) / sum(increase(incoming_tokens_total{{{tokens}}}[{w}]))"
+            ),
+        ),
+        // Overload is judged against the setpoint of the previous tick, so
+        // that the baseline can freeze before it sees an overloaded sample.
+        ComponentSpec::Decider(DeciderSpec {
+            out: "overloaded".to_owned(),
+            op: Comparison::Gt,
+            lhs: signal("latency"),
+            rhs: signal("setpoint"),
+            true_for: zero(),
+            false_for: zero(),
+        }),
+        ComponentSpec::Ema(EmaSpec {
+            out: "baseline_latency".to_owned(),
+            input: signal("latency"),
+            window: p.baseline_window,
+            freeze: Some(signal("overloaded")),
+        }),
+        ComponentSpec::Arithmetic(ArithmeticSpec {
+            out: "setpoint".to_owned(),
+            op: ArithmeticOp::Mul,
+            lhs: signal("baseline_latency"),
+            rhs: Operand::Constant(p.latency_tolerance_multiplier),
+        }),
+        ComponentSpec::GradientController(GradientSpec {
+            out: "desired_load_multiplier".to_owned(),
+            signal: signal("latency"),
+            setpoint: signal("setpoint"),
+            control_variable: signal("observed_load_multiplier"),
+            slope: p.slope,
+            min_gradient: 0.1,
+            max_gradient: 1.0,
+        }),
+        ComponentSpec::Max(ExtremumSpec {
+            out: "throttled_load_multiplier".to_owned(),
+            inputs: vec![
+                signal("desired_load_multiplier"),
+                Operand::Constant(p.min_load_multiplier),
+            ],
+        }),
+        ComponentSpec::Arithmetic(ArithmeticSpec {
+            out: "recovering_load_multiplier".to_owned(),
+            op: ArithmeticOp::Add,
+            lhs: signal("load_multiplier"),
+            rhs: Operand::Constant(p.recovery_step),
+        }),
+        ComponentSpec::Min(ExtremumSpec {
+            out: "recovered_load_multiplier".to_owned(),
+            inputs: vec![signal("recovering_load_multiplier"), Operand::Constant(1.0)],
+        }),
+        ComponentSpec::Switcher(SwitcherSpec {
+            out: "load_multiplier".to_owned(),
+            switch: signal("overloaded"),
+            on_true: signal("throttled_load_multiplier"),
+            on_false: signal("recovered_load_multiplier"),
+        }),
+        ComponentSpec::Actuator(ActuatorSpec {
+            load_scheduler: Some(p.load_scheduler.clone()),
+            sampler: None,
+            concurrency_limiter: None,
+            rate_limiter: None,
+            input: Some(signal("load_multiplier")),
+            bucket_capacity: None,
+            fill_amount: None,
+        }),
+    ])
+}
+
+/// Checks an expanded circuit against its policy: every signal written
+/// once, every signal read is written somewhere, every actuator names one
+/// component of this policy of the right kind with the right inputs.
+pub fn validate(components: &[ComponentSpec], policy: &super::Policy) -> Result<(), String> {
+    let mut outs: Vec<&str> = Vec::new();
+    for (i, c) in components.iter().enumerate() {
+        if let Some(out) = c.out() {
+            if out.is_empty() {
+                return Err(format!("components[{i}]: `out` must not be empty"));
+            }
+            if outs.contains(&out) {
+                return Err(format!("components[{i}]: signal {out:?} is written twice"));
+            }
+            outs.push(out);
+        }
+    }
+    for (i, c) in components.iter().enumerate() {
+        for input in c.inputs() {
+            match input {
+                Operand::Signal(s) if !outs.contains(&s.as_str()) => {
+                    return Err(format!("components[{i}]: no component writes signal {s:?}"));
+                }
+                Operand::Constant(n) if !n.is_finite() => {
+                    return Err(format!("components[{i}]: constants must be finite"));
+                }
+                _ => {}
+            }
+        }
+        if let ComponentSpec::Promql(p) = c
+            && p.query.trim().is_empty()
+        {
+            return Err(format!("components[{i}]: empty query"));
+        }
+        if let ComponentSpec::Actuator(a) = c {
+            validate_actuator(a, policy).map_err(|e| format!("components[{i}]: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_actuator(a: &ActuatorSpec, policy: &super::Policy) -> Result<(), String> {
+    let names = |list: Vec<&super::types::Name>, want: &super::types::Name| list.contains(&want);
+    let targets = [
+        a.load_scheduler.is_some(),
+        a.sampler.is_some(),
+        a.concurrency_limiter.is_some(),
+        a.rate_limiter.is_some(),
+    ];
+    if targets.iter().filter(|t| **t).count() != 1 {
+        return Err("an actuator names exactly one of load_scheduler, sampler, concurrency_limiter, rate_limiter".to_owned());
+    }
+    if let Some(r) = &a.rate_limiter {
+        if a.input.is_some() || (a.bucket_capacity.is_none() && a.fill_amount.is_none()) {
+            return Err(
+                "a rate_limiter actuator takes bucket_capacity and/or fill_amount, not input"
+                    .to_owned(),
+            );
+        }
+        if !names(
+            policy.rate_limiters.iter().map(|x| &x.name.value).collect(),
+            r,
+        ) {
+            return Err(format!("no rate limiter {:?} in this policy", r.0));
+        }
+        return Ok(());
+    }
+    if a.input.is_none() || a.bucket_capacity.is_some() || a.fill_amount.is_some() {
+        return Err(
+            "this actuator takes `input` (bucket_capacity and fill_amount are for rate limiters)"
+                .to_owned(),
+        );
+    }
+    let (kind, found) = if let Some(n) = &a.load_scheduler {
+        (
+            "load scheduler",
+            names(
+                policy
+                    .load_schedulers
+                    .iter()
+                    .map(|x| &x.name.value)
+                    .collect(),
+                n,
+            ),
+        )
+    } else if let Some(n) = &a.sampler {
+        (
+            "sampler",
+            names(policy.samplers.iter().map(|x| &x.name.value).collect(), n),
+        )
+    } else if let Some(n) = &a.concurrency_limiter {
+        (
+            "concurrency limiter",
+            names(
+                policy
+                    .concurrency_limiters
+                    .iter()
+                    .map(|x| &x.name.value)
+                    .collect(),
+                n,
+            ),
+        )
+    } else {
+        return Err("an actuator needs a target".to_owned());
+    };
+    if !found {
+        return Err(format!("no {kind} of that name in this policy"));
+    }
+    Ok(())
+}
