@@ -1,0 +1,293 @@
+//! The whole loop, for real: Envoy → Sluice (load scheduler, flux meter,
+//! remote-write) → Prometheus → sluice-controller (average-latency
+//! blueprint) → Sluice, in front of an upstream whose latency grows with
+//! its concurrency. Under a load step the controller lowers the load
+//! multiplier, latency comes back near the setpoint with subscribers
+//! favoured over guests; when the load drops the multiplier returns to
+//! pass-through. Short ticks and windows keep it to about a minute.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use common::*;
+use parking_lot::Mutex;
+use sluice::controller::{Controller, ControllerConfig};
+use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
+use sluice::server::{Config, Sidecar};
+use sluice::telemetry::remote_write::RemoteWriteConfig;
+use tokio::time::Instant;
+
+/// Finished requests by (phase, class, HTTP status; 0 for a transport error).
+type Tally = BTreeMap<(u8, &'static str, u16), u64>;
+
+/// What the watcher saw at one moment.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    /// Seconds since the start.
+    t: f64,
+    phase: u8,
+    /// Load multiplier in force in the sidecar.
+    lm: f64,
+    /// The controller's latency and setpoint signals, once it has them.
+    latency: Option<f64>,
+    setpoint: Option<f64>,
+}
+
+const POLICY: &str = r#"
+name: svc
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      user_type: {from: request.http.headers.user-type}
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
+    static_buckets: [10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000]
+load_schedulers:
+  - name: protect
+    selectors: [{control_point: ingress}]
+    rate_window: 3s
+    scheduler:
+      workloads:
+        - name: subscribers
+          label_matcher: {match_labels: {user_type: subscriber}}
+          parameters: {priority: 200, queue_timeout: 200ms}
+        - name: guests
+          label_matcher: {match_labels: {user_type: guest}}
+          parameters: {priority: 20, queue_timeout: 200ms}
+circuit:
+  blueprint: load_scheduling.average_latency
+  parameters:
+    flux_meter: latency
+    load_scheduler: protect
+    signal_window: 5s
+    baseline_window: 30s
+    latency_tolerance_multiplier: 1.5
+    recovery_step: 0.1
+"#;
+
+const WARM: u8 = 0;
+const LOAD: u8 = 1;
+const CALM: u8 = 2;
+
+fn signal(text: &str, name: &str) -> Option<f64> {
+    let needle = format!(r#"controller_signal{{policy_name="svc",signal="{name}"}} "#);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|v: &f64| v.is_finite())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_protects_the_service_and_lets_go_after() {
+    let prometheus = Prometheus::start(&[], Duration::from_secs(60))
+        .await
+        .expect("prometheus");
+    let policy = PolicyFile::new(POLICY);
+    let controller = Controller::start(ControllerConfig {
+        tick: Duration::from_secs(1),
+        decision_validity: Duration::from_secs(3),
+        ..ControllerConfig::new(
+            policy.path.clone(),
+            &format!("http://{}", prometheus.addr),
+            "127.0.0.1:0".parse().expect("addr"),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+    })
+    .await
+    .expect("controller");
+    let sidecar = Sidecar::start(&Config {
+        policy: Some(policy.path.clone()),
+        controller: Some(
+            format!("http://{}", controller.grpc_addr)
+                .parse()
+                .expect("url"),
+        ),
+        remote_write: Some(RemoteWriteConfig {
+            url: prometheus.remote_write_url().parse().expect("url"),
+            interval: Duration::from_millis(500),
+            external_labels: vec![],
+            bearer_token: None,
+            ca_file: None,
+            max_queued_batches: 30,
+            timeout: Duration::from_secs(2),
+        }),
+        ..Config::ephemeral()
+    })
+    .await
+    .expect("sidecar");
+    // 20 ms alone, 10 ms more per other request in flight: past ~80
+    // requests/s its latency runs away.
+    let upstream = Upstream::start_with(
+        0,
+        Latency {
+            base: Duration::from_millis(20),
+            per_inflight: Duration::from_millis(10),
+        },
+    )
+    .await
+    .expect("upstream");
+    let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port()).expect("ports");
+    let envoy = Envoy::start("envoy-configs/quickstart.yaml", ports)
+        .await
+        .expect("envoy");
+    let front = envoy.listener();
+
+    // Open-loop load: `rate` requests/s per class; the phase decides it.
+    let phase = Arc::new(AtomicU8::new(WARM));
+    let tally: Arc<Mutex<Tally>> = Default::default();
+    let driver = {
+        let (phase, tally) = (phase.clone(), tally.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                let p = phase.load(Ordering::Relaxed);
+                // 50/s per class under load (every 20 ms), 5/s otherwise.
+                let every = if p == LOAD { 2 } else { 20 };
+                if !n.is_multiple_of(every) {
+                    continue;
+                }
+                for class in ["subscriber", "guest"] {
+                    let tally = tally.clone();
+                    tokio::spawn(async move {
+                        let status = http::request(
+                            front,
+                            "GET",
+                            "/",
+                            &[("user-type", class)],
+                            b"",
+                            Duration::from_secs(5),
+                        )
+                        .await
+                        .map_or(0, |r| r.status);
+                        *tally.lock().entry((p, class, status)).or_default() += 1;
+                    });
+                }
+            }
+        })
+    };
+
+    // Watch the loop twice a second.
+    let started = Instant::now();
+    let trace: Arc<Mutex<Vec<Sample>>> = Default::default();
+    let watcher = {
+        let (trace, phase) = (trace.clone(), phase.clone());
+        let engine = sidecar.engine.clone();
+        let admin = controller.admin_addr;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let lm = {
+                    let plan = engine.plan();
+                    plan.policies[0].load_schedulers[0]
+                        .multiplier
+                        .at(engine.clock().now())
+                        .0
+                };
+                let text = http::get(admin, "/metrics", &[])
+                    .await
+                    .map(|r| r.text())
+                    .unwrap_or_default();
+                trace.lock().push(Sample {
+                    t: started.elapsed().as_secs_f64(),
+                    phase: phase.load(Ordering::Relaxed),
+                    lm,
+                    latency: signal(&text, "latency"),
+                    setpoint: signal(&text, "setpoint"),
+                });
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    phase.store(LOAD, Ordering::Relaxed);
+    let load_started = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    phase.store(CALM, Ordering::Relaxed);
+    let calm_started = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    driver.abort();
+    watcher.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let trace = trace.lock().clone();
+    let shown: Vec<String> = trace
+        .iter()
+        .map(|s| {
+            format!(
+                "{:5.1}s phase {} lm {:.2} latency {:?} setpoint {:?}",
+                s.t, s.phase, s.lm, s.latency, s.setpoint
+            )
+        })
+        .collect();
+    let shown = shown.join("\n");
+    println!("{shown}");
+    let tally = tally.lock().clone();
+    println!("{tally:?}");
+
+    // Under the load step the controller lowers the multiplier within a
+    // few ticks.
+    let lowered = trace
+        .iter()
+        .find(|s| s.phase == LOAD && s.lm < 1.0)
+        .map(|s| s.t);
+    let lowered = lowered.unwrap_or_else(|| panic!("never throttled:\n{shown}"));
+    assert!(
+        lowered - load_started < 10.0,
+        "throttled {:.1}s after the step:\n{shown}",
+        lowered - load_started
+    );
+
+    // Latency comes back near the setpoint while the load lasts.
+    let late: Vec<(f64, f64)> = trace
+        .iter()
+        .filter(|s| s.phase == LOAD && s.t > calm_started - 10.0)
+        .filter_map(|s| Some((s.latency?, s.setpoint?)))
+        .collect();
+    assert!(!late.is_empty(), "no signals late in the load:\n{shown}");
+    let mut ratios: Vec<f64> = late.iter().map(|(l, s)| l / s).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    assert!(
+        median < 2.0,
+        "latency / setpoint late in the load: median {median:.2}\n{shown}"
+    );
+
+    // Subscribers keep a higher acceptance than guests.
+    let share = |class: &str| {
+        let ok = tally.get(&(LOAD, class, 200)).copied().unwrap_or(0) as f64;
+        let all: u64 = tally
+            .iter()
+            .filter(|((p, c, _), _)| *p == LOAD && *c == class)
+            .map(|(_, n)| n)
+            .sum();
+        ok / all.max(1) as f64
+    };
+    let (subscribers, guests) = (share("subscriber"), share("guest"));
+    assert!(
+        subscribers > guests + 0.1,
+        "subscribers {subscribers:.2} vs guests {guests:.2}"
+    );
+
+    // When the load drops, the multiplier returns to pass-through.
+    let recovered = trace
+        .iter()
+        .find(|s| s.phase == CALM && s.lm >= 1.0 && s.t > calm_started)
+        .map(|s| s.t);
+    let recovered = recovered.unwrap_or_else(|| panic!("never recovered:\n{shown}"));
+    assert!(
+        recovered - calm_started < 14.0,
+        "recovered {:.1}s after the load dropped",
+        recovered - calm_started
+    );
+
+    controller.stop(Duration::from_secs(2)).await;
+    sidecar.stop(Duration::from_secs(2)).await;
+}
