@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 bootstrap:
 	./scripts/bootstrap.sh
 
-## The demo: Envoy + upstream + Sluice + Prometheus on loopback, with traffic.
+## The demo: Envoy, an upstream, Sluice, Prometheus and sluice-controller on loopback, with traffic.
 demo: bootstrap
 	$(CARGO) run --release --example demo -- $(DEMO_ARGS)
 

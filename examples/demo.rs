@@ -1,16 +1,21 @@
-//! The demo behind `make demo`: an upstream, Prometheus, Sluice and Envoy on
-//! loopback, simulated users sending traffic through Envoy, and what Sluice
-//! decided, live and summed up.
+//! The demo behind `make demo`: an upstream, Prometheus, Sluice,
+//! sluice-controller and Envoy on loopback, simulated users sending traffic
+//! through Envoy, and what Sluice and the controller decided, live and
+//! summed up.
 //!
 //! ```text
-//! cargo run --release --example demo -- [--duration 30s] [--policy examples/demo.yaml]
+//! cargo run --release --example demo -- [--duration 60s] [--policy examples/demo.yaml]
 //! ```
 //!
-//! The first third of the run is calm: four users show the per-user rate
-//! limit and the closed beta. Then a crowd of subscribers and guests
-//! arrives and the demo lowers the load scheduler's multiplier to 0.3, as
-//! `sluice-controller` does when latency rises: subscribers (priority 200)
-//! keep most of what is admitted, guests (priority 20) get 503s.
+//! Three phases: a quarter, a half, a quarter of the run. *Calm*: four users show the per-user rate
+//! limit and the closed beta while the controller learns the normal
+//! latency. *Crowd*: subscribers and guests arrive, more than the upstream
+//! can serve; its latency climbs and the controller lowers the load
+//! scheduler's multiplier until latency is back near its setpoint, and
+//! subscribers (priority 200) keep most of what is admitted while guests
+//! (priority 20) get 503s. *Recovery*: the crowd leaves and the controller
+//! raises the multiplier back to pass-through. Every second shows the
+//! controller's latency, setpoint and multiplier, read from its `/metrics`.
 //!
 //! Needs Envoy and Prometheus (`scripts/bootstrap.sh`, which `make demo`
 //! runs first). Ctrl-C stops everything it started.
@@ -22,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root};
+use sluice::controller::{Controller, ControllerConfig};
+use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
 use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
 
@@ -84,20 +90,20 @@ const SOURCES: [Source; 6] = [
     Source {
         name: "subscribers",
         path: "/api/items",
-        per_second: 20,
+        per_second: 60,
         user_type: Some("subscriber"),
-        ids: 50,
+        ids: 100,
         crowd: true,
-        note: "the crowd: 50 subscribers",
+        note: "the crowd: 100 subscribers",
     },
     Source {
         name: "guests",
         path: "/api/items",
-        per_second: 20,
+        per_second: 60,
         user_type: Some("guest"),
-        ids: 50,
+        ids: 100,
         crowd: true,
-        note: "the crowd: 50 guests",
+        note: "the crowd: 100 guests",
     },
 ];
 
@@ -111,7 +117,7 @@ struct Args {
 
 fn args() -> Result<Args, String> {
     let mut args = Args {
-        duration: Duration::from_secs(30),
+        duration: Duration::from_secs(60),
         policy: repo_root().join("examples/demo.yaml"),
     };
     let mut it = std::env::args().skip(1);
@@ -121,7 +127,7 @@ fn args() -> Result<Args, String> {
             "--duration" => args.duration = sluice::policy::types::DurationSpec::parse(&value()?)?,
             "--policy" => args.policy = PathBuf::from(value()?),
             "-h" | "--help" => {
-                println!("usage: demo [--duration 30s] [--policy examples/demo.yaml]");
+                println!("usage: demo [--duration 60s] [--policy examples/demo.yaml]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -195,22 +201,90 @@ fn acceptance(counts: Option<&BTreeMap<u16, u64>>) -> String {
     format!("{:.0}% admitted", 100.0 * ok as f64 / all as f64)
 }
 
+/// The loop at one moment: what the controller sees, and the multiplier
+/// in force in the sidecar. Read from their `/metrics`, as a user would.
+struct Figures {
+    latency: Option<f64>,
+    setpoint: Option<f64>,
+    lm: Option<f64>,
+}
+
+impl Figures {
+    async fn read(controller: SocketAddr, sidecar: SocketAddr) -> Figures {
+        let text = |addr| async move {
+            http::get(addr, "/metrics", &[])
+                .await
+                .map(|r| r.text())
+                .unwrap_or_default()
+        };
+        let (controller, sidecar) = (text(controller).await, text(sidecar).await);
+        let signal = |name: &str| {
+            let series = format!(r#"controller_signal{{policy_name="demo",signal="{name}"}}"#);
+            scrape(&controller, &series).filter(|v| v.is_finite())
+        };
+        Figures {
+            latency: signal("latency"),
+            setpoint: signal("setpoint"),
+            lm: scrape(
+                &sidecar,
+                r#"token_bucket_lm_ratio{component="service",policy_name="demo"}"#,
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("  -".to_owned(), |v| format!("{v:3.0}"));
+        let lm = self.lm.map_or("   -".to_owned(), |v| format!("{v:.2}"));
+        write!(
+            f,
+            "latency {} ms setpoint {} ms lm {lm}",
+            ms(self.latency),
+            ms(self.setpoint)
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Phase {
+    Calm,
+    Crowd,
+    Recovery,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = args().map_err(anyhow::Error::msg)?;
-    println!("Sluice demo: starting an upstream, Prometheus, Sluice and Envoy on 127.0.0.1 ...");
-    // 15 ms per request, 2 ms more per other request in flight.
+    println!(
+        "Sluice demo: starting an upstream, Prometheus, Sluice, sluice-controller and Envoy on 127.0.0.1 ..."
+    );
+    // 15 ms per request, 10 ms more per other request in flight: fine for
+    // the calm phase, overloaded by the crowd.
     let upstream = Upstream::start_with(
         0,
         Latency {
             base: Duration::from_millis(15),
-            per_inflight: Duration::from_millis(2),
+            per_inflight: Duration::from_millis(10),
         },
     )
     .await?;
     let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
+    let loopback = "127.0.0.1:0".parse()?;
+    let controller = Controller::start(ControllerConfig {
+        tick: Duration::from_secs(1),
+        decision_validity: Duration::from_secs(3),
+        ..ControllerConfig::new(
+            args.policy.clone(),
+            &format!("http://{}", prometheus.addr),
+            loopback,
+            loopback,
+        )
+    })
+    .await?;
     let sidecar = Sidecar::start(&Config {
         policy: Some(args.policy.clone()),
+        controller: Some(format!("http://{}", controller.grpc_addr).parse()?),
         remote_write: Some(RemoteWriteConfig {
             url: prometheus.remote_write_url().parse()?,
             interval: Duration::from_secs(1),
@@ -235,6 +309,10 @@ async fn main() -> anyhow::Result<()> {
         sidecar.grpc_addr, sidecar.admin_addr
     );
     println!(
+        "  controller  grpc {}  admin http://{}/metrics  (ticks every second)",
+        controller.grpc_addr, controller.admin_addr
+    );
+    println!(
         "  envoy       http://{front}  (admin http://127.0.0.1:{})",
         envoy.ports.admin
     );
@@ -249,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
         args.duration
     );
     for s in &SOURCES {
-        let when = if s.crowd { "later" } else { "always" };
+        let when = if s.crowd { "middle" } else { "always" };
         println!(
             "  {:<12} {:>2}/s {:<6} to {:<14} {}",
             s.name, s.per_second, when, s.path, s.note
@@ -257,64 +335,68 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("The policy allows each user a burst of 5, then 1 request/s (429 beyond),");
     println!("closes /beta/* to everyone (403 from a sampler at 0%), and has a load");
-    println!("scheduler ready to favour subscribers (priority 200) over guests (20).");
+    println!("scheduler that favours subscribers (priority 200) over guests (20) when");
+    println!("sluice-controller lowers its multiplier (lm) because latency rose above");
+    println!("its setpoint (1.5 x the normal latency).");
     println!();
 
     let second = Arc::new(Mutex::new(Tally::new()));
     let total = Arc::new(Mutex::new(Tally::new()));
     let crowd_total = Arc::new(Mutex::new(Tally::new()));
-    let mut drivers: Vec<_> = SOURCES
+    let drivers: Vec<_> = SOURCES
         .iter()
         .filter(|s| !s.crowd)
         .map(|s| tokio::spawn(drive(front, s, [second.clone(), total.clone()])))
         .collect();
+    let mut crowd = Vec::new();
 
-    let crowd_at = (args.duration.as_secs() / 3).max(1);
+    let quarter = (args.duration.as_secs() / 4).max(1);
+    let mut phase = Phase::Calm;
+    let mut lowest: Option<f64> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let end = tokio::time::Instant::now() + args.duration;
     let mut elapsed = 0;
+    println!("--- calm: the controller learns the normal latency.");
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => { println!("\ninterrupted"); break; }
         }
         elapsed += 1;
-        if elapsed == crowd_at {
-            println!("--- t={elapsed}s: the crowd arrives; the service is overloaded.");
+        if phase == Phase::Calm && elapsed >= quarter {
+            phase = Phase::Crowd;
+            println!("--- t={elapsed}s: the crowd arrives, more than the upstream can serve.");
+            crowd.extend(
+                SOURCES
+                    .iter()
+                    .filter(|s| s.crowd)
+                    .map(|s| tokio::spawn(drive(front, s, [second.clone(), crowd_total.clone()]))),
+            );
+        } else if phase == Phase::Crowd && elapsed >= 3 * quarter {
+            phase = Phase::Recovery;
             println!(
-                "--- Setting the load multiplier to 0.3 for 10 minutes, as sluice-controller would:"
+                "--- t={elapsed}s: the crowd leaves. The controller raises the multiplier step by step"
             );
-            println!("--- the scheduler now admits 30% of the incoming tokens, subscribers first.");
-            let set = sidecar.engine.set_load_multiplier(
-                "demo",
-                "service",
-                0.3,
-                Duration::from_secs(600),
-            );
-            if !set {
-                println!("--- (the policy has no load scheduler demo/service; nothing throttles)");
-            }
-            for s in SOURCES.iter().filter(|s| s.crowd) {
-                drivers.push(tokio::spawn(drive(
-                    front,
-                    s,
-                    [second.clone(), crowd_total.clone()],
-                )));
-            }
+            println!("--- once its latency window no longer holds the crowd's last requests.");
+            crowd.iter().for_each(|d| d.abort());
+        }
+        let figures = Figures::read(controller.admin_addr, sidecar.admin_addr).await;
+        if let Some(lm) = figures.lm {
+            lowest = Some(lowest.map_or(lm, |l: f64| l.min(lm)));
         }
         let tally = std::mem::take(&mut *second.lock());
         let line: Vec<String> = SOURCES
             .iter()
-            .filter(|s| !s.crowd || elapsed > crowd_at)
+            .filter(|s| !s.crowd || phase == Phase::Crowd)
             .map(|s| format!("{} {}", s.name, describe(tally.get(s.name))))
             .collect();
-        println!("t={elapsed:>3}s  {}", line.join(" | "));
+        println!("t={elapsed:>3}s  {figures} | {}", line.join(" | "));
         if tokio::time::Instant::now() >= end {
             break;
         }
     }
-    drivers.iter().for_each(|d| d.abort());
+    drivers.iter().chain(&crowd).for_each(|d| d.abort());
     // Requests in flight finish (at most the scheduler's queue timeout).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -330,6 +412,9 @@ async fn main() -> anyhow::Result<()> {
             describe(t.get(s.name)),
             acceptance(t.get(s.name))
         );
+    }
+    if let Some(lm) = lowest {
+        println!("The controller lowered the load multiplier to {lm:.2} at the lowest.");
     }
     // Let the last access logs arrive and one more remote-write go out,
     // then show what Prometheus received.
@@ -378,6 +463,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("  (scheduler workload_index 0 = subscribers, 1 = guests)");
     sidecar.stop(Duration::from_secs(2)).await;
+    controller.stop(Duration::from_secs(2)).await;
     drop(envoy);
     drop(prometheus);
     Ok(())

@@ -75,11 +75,8 @@ const LOAD: u8 = 1;
 const CALM: u8 = 2;
 
 fn signal(text: &str, name: &str) -> Option<f64> {
-    let needle = format!(r#"controller_signal{{policy_name="svc",signal="{name}"}} "#);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|v: &f64| v.is_finite())
+    let series = format!(r#"controller_signal{{policy_name="svc",signal="{name}"}}"#);
+    sluice::harness::scrape(text, &series).filter(|v| v.is_finite())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

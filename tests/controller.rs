@@ -258,7 +258,7 @@ circuit:
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for needle in [
-        "11 components from blueprint load_scheduling.average_latency",
+        "12 components from blueprint load_scheduling.average_latency",
         "sum(increase(flux_meter_sum{flux_meter_name=\"latency\",policy_name=\"svc\"",
         "[30s])) / sum(increase(flux_meter_count{",
         "setpoint = baseline_latency * 1.1",

@@ -122,17 +122,18 @@ pub fn describe(components: &[ComponentSpec]) -> String {
         .map(str::len)
         .max()
         .unwrap_or(0);
-    let mut delayed = Vec::new();
+    // Signal read before it is written → its readers, in circuit order.
+    let mut delayed: indexmap::IndexMap<&str, Vec<&str>> = indexmap::IndexMap::new();
     for (i, c) in components.iter().enumerate() {
         for input in c.inputs() {
             // Written later in the list (or by itself): last tick's value.
             if let Operand::Signal(s) = input
                 && !components[..i].iter().any(|p| p.out() == Some(s.as_str()))
             {
-                delayed.push(format!(
-                    "{s} (read by {})",
-                    c.out().unwrap_or("an actuator")
-                ));
+                delayed
+                    .entry(s.as_str())
+                    .or_default()
+                    .push(c.out().unwrap_or("an actuator"));
             }
         }
         let line = match c {
@@ -232,6 +233,10 @@ pub fn describe(components: &[ComponentSpec]) -> String {
         let _ = writeln!(out, "  {:>width$} = {line}", c.out().unwrap_or(""));
     }
     if !delayed.is_empty() {
+        let delayed: Vec<String> = delayed
+            .iter()
+            .map(|(s, readers)| format!("{s} (read by {})", readers.join(", ")))
+            .collect();
         let _ = writeln!(out, "  (from the previous tick: {})", delayed.join("; "));
     }
     out

@@ -30,3 +30,12 @@ pub fn repo_root() -> PathBuf {
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// The value of the first series in a Prometheus text exposition whose line
+/// starts with `series` followed by a space (`name` or `name{labels}`,
+/// labels as the exporter orders them); `None` when there is none.
+pub fn scrape(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -106,14 +106,13 @@ async fn serve(
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let counters = counters.clone();
                 async move {
-                    let others = counters.inflight.fetch_add(1, Ordering::Relaxed);
+                    let (others, _inflight) = InFlight::enter(&counters.inflight);
                     let (status, delay) = answer(req.uri().path());
                     let own = latency.base + latency.per_inflight * others as u32;
                     let wait = delay.unwrap_or(if status == 200 { own } else { Duration::ZERO });
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    counters.inflight.fetch_sub(1, Ordering::Relaxed);
                     counters.requests.fetch_add(1, Ordering::Relaxed);
                     let mut response = http::Response::builder().status(status);
                     if let Some(b) = req.headers().get("baggage") {
@@ -129,6 +128,26 @@ async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// One request counted in flight until dropped: however the request ends,
+/// also when Envoy resets it and hyper drops the handler mid-sleep.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    /// Counts a request in; returns how many others were in flight.
+    fn enter(count: &Arc<AtomicU64>) -> (u64, InFlight) {
+        (
+            count.fetch_add(1, Ordering::Relaxed),
+            InFlight(count.clone()),
+        )
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -473,10 +473,18 @@ fn average_latency(
             min_gradient: 0.1,
             max_gradient: 1.0,
         }),
+        // Never raise the multiplier while overloaded: the observed
+        // multiplier is a ratio of two windowed rates, and right after a
+        // load change it can read high (even above 1). `load_multiplier`
+        // is last tick's value here, missing on the first tick.
+        ComponentSpec::Min(ExtremumSpec {
+            out: "capped_load_multiplier".to_owned(),
+            inputs: vec![signal("desired_load_multiplier"), signal("load_multiplier")],
+        }),
         ComponentSpec::Max(ExtremumSpec {
             out: "throttled_load_multiplier".to_owned(),
             inputs: vec![
-                signal("desired_load_multiplier"),
+                signal("capped_load_multiplier"),
                 Operand::Constant(p.min_load_multiplier),
             ],
         }),

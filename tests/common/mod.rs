@@ -137,14 +137,10 @@ pub fn flow_metadata(resp: &CheckResponse) -> Option<String> {
     }
 }
 
-/// A value of an admin metric line (first series whose line starts with
-/// `prefix`), 0 when absent.
-pub fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// The value of one series (`name` or `name{labels}`) in an admin
+/// `/metrics` text, 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    sluice::harness::scrape(text, series).unwrap_or(0.0)
 }
 
 /// Polls `f` until it returns true or `within` passes.

@@ -221,8 +221,11 @@ fn actuators_send_present_values_only() {
     assert!(c.tick(&HashMap::from([(0, None)])).is_empty());
 }
 
-#[test]
-fn the_average_latency_blueprint_throttles_under_overload_and_recovers() {
+/// The average-latency blueprint (tolerance 1.1, baseline over 10 ticks,
+/// recovery 0.25 per tick) run over (latency, observed multiplier) pairs;
+/// `None` as observed feeds back the multiplier it sent. Returns the
+/// multiplier sent after each tick, to two decimals.
+fn average_latency(ticks: &[(f64, Option<f64>)]) -> Vec<f64> {
     use crate::policy::load::parse_policy;
     let policy = parse_policy(
         std::path::Path::new("p.yaml"),
@@ -248,37 +251,59 @@ circuit:
         .expand("svc")
         .expect("expands");
     let mut c = Circuit::compile(&specs, TICK);
-    let latency_q = c
-        .due_queries()
-        .into_iter()
-        .find(|(_, q)| q.contains("flux_meter_sum"))
-        .expect("latency")
-        .0;
-    let observed_q = c
-        .due_queries()
-        .into_iter()
-        .find(|(_, q)| q.contains("accepted_tokens"))
-        .expect("lm")
-        .0;
-    let mut lm = Vec::new();
-    let mut observed = 1.0;
-    for latency in [10.0, 10.0, 10.0, 40.0, 40.0, 10.0, 10.0, 10.0, 10.0, 10.0] {
-        let out = c.tick(&HashMap::from([
-            (latency_q, Some(latency)),
-            (observed_q, Some(observed)),
-        ]));
-        let value = out
-            .first()
-            .and_then(|o| o.value)
-            .expect("the actuator sends every tick");
-        lm.push((value * 100.0).round() / 100.0);
-        observed = value;
-    }
+    let query = |needle: &str| {
+        c.due_queries()
+            .into_iter()
+            .find(|(_, q)| q.contains(needle))
+            .expect("query")
+            .0
+    };
+    let (latency_q, observed_q) = (query("flux_meter_sum"), query("accepted_tokens"));
+    let mut sent = 1.0;
+    ticks
+        .iter()
+        .map(|&(latency, observed)| {
+            let out = c.tick(&HashMap::from([
+                (latency_q, Some(latency)),
+                (observed_q, Some(observed.unwrap_or(sent))),
+            ]));
+            sent = out
+                .first()
+                .and_then(|o| o.value)
+                .expect("the actuator sends every tick");
+            (sent * 100.0).round() / 100.0
+        })
+        .collect()
+}
+
+#[test]
+fn the_average_latency_blueprint_throttles_under_overload_and_recovers() {
+    let latencies = [10.0, 10.0, 10.0, 40.0, 40.0, 10.0, 10.0, 10.0, 10.0, 10.0];
+    let ticks: Vec<_> = latencies.iter().map(|&l| (l, None)).collect();
     // Pass-through, then on a 4x latency step the multiplier follows the
     // gradient (observed × setpoint / latency, the setpoint frozen at
     // 11 = 10 × 1.1), and then rises 0.25 per tick back to 1.
     assert_eq!(
-        lm,
+        average_latency(&ticks),
         vec![1.0, 1.0, 1.0, 0.28, 0.08, 0.33, 0.58, 0.83, 1.0, 1.0]
+    );
+}
+
+#[test]
+fn the_average_latency_blueprint_never_raises_the_multiplier_while_overloaded() {
+    // After the cut to 0.28 the observed multiplier reads high (a windowed
+    // ratio lags, and can exceed 1); while latency stays above the
+    // setpoint the multiplier must not follow it up.
+    let ticks = [
+        (10.0, Some(1.0)),
+        (10.0, Some(1.0)),
+        (40.0, Some(1.0)),
+        (40.0, Some(1.2)),
+        (30.0, Some(1.0)),
+        (10.0, Some(1.0)),
+    ];
+    assert_eq!(
+        average_latency(&ticks),
+        vec![1.0, 1.0, 0.28, 0.28, 0.28, 0.53]
     );
 }
