@@ -252,6 +252,20 @@ pub fn validate(paths: &[PathBuf]) -> bool {
     ok
 }
 
+/// The async runtime Sluice's binaries (and the load tests' no-op Check
+/// server) run on: `threads` workers, 0 for one per core, at most 4.
+pub fn runtime(threads: usize, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+        n => n,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(name)
+        .enable_all()
+        .build()
+}
+
 /// Runs the command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -263,16 +277,7 @@ pub fn main() -> ExitCode {
         };
     }
     init_logging(&cli.run);
-    let threads = match cli.run.worker_threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
-        n => n,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name("sluice-worker")
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(cli.run.worker_threads, "sluice-worker") {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -122,6 +122,18 @@ pub struct Sidecar {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// The gRPC server settings Sluice serves with. Shared with the no-op
+/// Check server of the load tests, so that it measures the same stack.
+pub fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)))
+}
+
+/// Connections accepted on `listener`, with Nagle off: answers are small and
+/// Envoy waits for each.
+pub fn grpc_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 impl Sidecar {
     /// Loads the policy, binds both listeners and starts serving. A policy
     /// that does not validate is an error here: there is none in force yet
@@ -169,9 +181,8 @@ impl Sidecar {
         health_reporter
             .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>()
             .await;
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let incoming = grpc_incoming(grpc);
+        let router = grpc_server()
             .add_service(health)
             .add_service(authz.into_server(config.max_check_request_bytes))
             .add_service(

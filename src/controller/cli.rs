@@ -331,12 +331,7 @@ pub fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     init_logging(&cli.run);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("sluice-controller")
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::cli::runtime(2, "sluice-controller") {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

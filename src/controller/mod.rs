@@ -508,9 +508,8 @@ impl Controller {
             decisions,
             subscribers: metrics.subscribers.clone(),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let incoming = crate::server::grpc_incoming(grpc);
+        let router = crate::server::grpc_server()
             .add_service(wire::control_server::ControlServer::new(service));
         let mut grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {

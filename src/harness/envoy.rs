@@ -10,7 +10,8 @@ use super::process::Process;
 use super::{free_port, repo_root};
 
 /// Ports a shipped config uses, by their defaults in the file: Envoy admin
-/// 9901, listener 10000, upstream 8000, Sluice 8080.
+/// 9901, listener 10000, upstream 8000, Sluice 8080. A config without an
+/// upstream (a direct response) or without Sluice has `None` there.
 #[derive(Clone, Copy, Debug)]
 pub struct EnvoyPorts {
     /// Envoy's admin port (default 9901).
@@ -18,15 +19,21 @@ pub struct EnvoyPorts {
     /// The HTTP listener (default 10000).
     pub listener: u16,
     /// The upstream service (default 8000).
-    pub upstream: u16,
+    pub upstream: Option<u16>,
     /// Sluice's gRPC port (default 8080).
-    pub sluice: u16,
+    pub sluice: Option<u16>,
 }
 
 impl EnvoyPorts {
     /// Free ports for Envoy's own listeners, with the given upstream and
     /// Sluice ports.
     pub fn free(upstream: u16, sluice: u16) -> std::io::Result<Self> {
+        Self::free_for(Some(upstream), Some(sluice))
+    }
+
+    /// Free ports for Envoy's own listeners, for a config that talks to
+    /// an upstream and Sluice only where given.
+    pub fn free_for(upstream: Option<u16>, sluice: Option<u16>) -> std::io::Result<Self> {
         Ok(EnvoyPorts {
             admin: free_port()?,
             listener: free_port()?,
@@ -51,24 +58,29 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 }
 
 /// `config` with its default ports replaced by `ports`. Each default must
-/// appear exactly once, so that an edited config cannot silently keep
-/// talking to a default port.
+/// appear exactly once, or not at all where `ports` has `None`, so that an
+/// edited config cannot silently keep talking to a default port.
 pub fn render(config: &str, ports: &EnvoyPorts) -> anyhow::Result<String> {
     let mut out = config.to_owned();
     for (default, port) in [
-        (9901, ports.admin),
-        (10000, ports.listener),
+        (9901, Some(ports.admin)),
+        (10000, Some(ports.listener)),
         (8000, ports.upstream),
         (8080, ports.sluice),
     ] {
         let re = regex::Regex::new(&format!(r"port_value:\s*{default}\b"))?;
         let found = re.find_iter(&out).count();
-        if found != 1 {
-            bail!("expected `port_value: {default}` exactly once in the config, found {found}");
+        let expected = usize::from(port.is_some());
+        if found != expected {
+            bail!(
+                "expected `port_value: {default}` {expected} time(s) in the config, found {found}"
+            );
         }
-        out = re
-            .replace(&out, format!("port_value: {port}").as_str())
-            .into_owned();
+        if let Some(port) = port {
+            out = re
+                .replace(&out, format!("port_value: {port}").as_str())
+                .into_owned();
+        }
     }
     Ok(out)
 }

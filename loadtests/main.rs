@@ -1,0 +1,840 @@
+//! Sluice's load tests: Sluice against the no-op Check server on the same
+//! stack, and Envoy with Sluice against Envoy alone, side by side in one
+//! run. See loadtests/README.md for what each scenario measures and how.
+//!
+//! ```text
+//! loadtests/run [check|http|ingest|mixed|all] [--duration 10s] [--smoke]
+//!               [--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE]
+//!               [--no-pin] [--server-threads N]
+//! ```
+//!
+//! Every comparison runs its sides back to back (no-op, Sluice, no-op,
+//! Sluice, ...) `--repeat` times; ratios are the median of the per-pair
+//! ratios and the summary table holds medians, because the machines this
+//! runs on are shared and noisy.
+//!
+//! ```text
+//! ```
+
+mod generate;
+mod h2load;
+mod k6;
+mod shots;
+mod target;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sluice::harness::repo_root;
+
+use generate::{Load, Stats};
+use target::{Placement, Server};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Check,
+    Http,
+    Ingest,
+    Mixed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Generator {
+    Rust,
+    K6,
+    H2load,
+}
+
+struct Args {
+    scenarios: Vec<Scenario>,
+    duration: Duration,
+    smoke: bool,
+    generator: Generator,
+    users: u64,
+    out: Option<PathBuf>,
+    pin: bool,
+    server_threads: Option<usize>,
+    repeat: usize,
+}
+
+const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|all] [--duration 10s] [--smoke] \
+[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N]";
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        scenarios: Vec::new(),
+        duration: Duration::from_secs(10),
+        smoke: false,
+        generator: Generator::Rust,
+        users: 10_000,
+        out: None,
+        pin: true,
+        server_threads: None,
+        repeat: 3,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "check" => a.scenarios.push(Scenario::Check),
+            "http" => a.scenarios.push(Scenario::Http),
+            "ingest" => a.scenarios.push(Scenario::Ingest),
+            "mixed" => a.scenarios.push(Scenario::Mixed),
+            "all" => a.scenarios.extend([
+                Scenario::Check,
+                Scenario::Http,
+                Scenario::Ingest,
+                Scenario::Mixed,
+            ]),
+            "--duration" => a.duration = sluice::policy::types::DurationSpec::parse(&value()?)?,
+            "--smoke" => a.smoke = true,
+            "--generator" => {
+                a.generator = match value()?.as_str() {
+                    "rust" => Generator::Rust,
+                    "k6" => Generator::K6,
+                    "h2load" => Generator::H2load,
+                    other => {
+                        return Err(format!("--generator: rust, k6 or h2load, not {other}"));
+                    }
+                }
+            }
+            "--users" => a.users = value()?.parse().map_err(|e| format!("--users: {e}"))?,
+            "--out" => a.out = Some(PathBuf::from(value()?)),
+            "--no-pin" => a.pin = false,
+            "--repeat" => {
+                a.repeat = value()?
+                    .parse::<usize>()
+                    .map_err(|e| format!("--repeat: {e}"))?
+                    .max(1)
+            }
+            "--server-threads" => {
+                a.server_threads = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--server-threads: {e}"))?,
+                )
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    if a.scenarios.is_empty() {
+        a.scenarios.push(Scenario::Check);
+    }
+    if a.smoke {
+        a.duration = a.duration.min(Duration::from_secs(1));
+        a.repeat = 1;
+    }
+    Ok(a)
+}
+
+/// One measured run: client-side figures and the servers' costs.
+#[derive(Clone, Debug, Serialize)]
+struct Run {
+    scenario: &'static str,
+    /// What was loaded: `noop`, `sluice`, `envoy alone`, ...
+    target: String,
+    /// `max(64)` or `5000/s`.
+    load: String,
+    generator: &'static str,
+    /// Answered requests per second (records per second for ingest).
+    throughput: f64,
+    ok: u64,
+    denied: u64,
+    errors: u64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    /// CPU seconds per 1,000 requests (records for ingest) of the Check
+    /// server (Sluice or the no-op); 0 where there is none.
+    server_cpu_s_per_1k: f64,
+    /// Cores the Check server used on average.
+    server_cores: f64,
+    /// Same for Envoy, in the HTTP scenario.
+    envoy_cpu_s_per_1k: Option<f64>,
+    envoy_cores: Option<f64>,
+    /// Cores the load generator used (near 1 at "max": generator-bound).
+    generator_cores: f64,
+    /// The Check server's peak resident set so far, MiB.
+    server_peak_rss_mib: f64,
+}
+
+impl Run {
+    fn show(&self) {
+        let envoy = self
+            .envoy_cores
+            .map(|c| format!(" envoy {c:.2} cores"))
+            .unwrap_or_default();
+        println!(
+            "  {:<7} {:<14} {:<10} {:>9.0}/s  p50 {:>7.0}µs p99 {:>7.0}µs p99.9 {:>7.0}µs  ok {} denied {} errors {}  server {:.2} cores ({:.3} s/1k){envoy}  generator {:.2} cores  rss {:.1} MiB",
+            self.scenario,
+            self.target,
+            self.load,
+            self.throughput,
+            self.p50_us,
+            self.p99_us,
+            self.p999_us,
+            self.ok,
+            self.denied,
+            self.errors,
+            self.server_cores,
+            self.server_cpu_s_per_1k,
+            self.generator_cores,
+            self.server_peak_rss_mib,
+        );
+    }
+}
+
+/// CPU used by the server, Envoy and the generator while `work` ran.
+struct Costs {
+    server: Duration,
+    envoy: Option<Duration>,
+    generator: Duration,
+}
+
+async fn measured<T>(
+    server: Option<&Server>,
+    envoy: Option<&Server>,
+    work: impl Future<Output = T>,
+) -> (T, Costs) {
+    let cpu = |s: Option<&Server>| s.map(Server::cpu).unwrap_or_default();
+    let (s0, e0, g0) = (cpu(server), envoy.map(Server::cpu), target::own_cpu());
+    let out = work.await;
+    let costs = Costs {
+        server: cpu(server).saturating_sub(s0),
+        envoy: envoy
+            .map(Server::cpu)
+            .zip(e0)
+            .map(|(a, b)| a.saturating_sub(b)),
+        generator: target::own_cpu().saturating_sub(g0),
+    };
+    (out, costs)
+}
+
+/// The run's row, `units` per answered request (records per Export).
+#[allow(clippy::too_many_arguments)]
+fn row(
+    scenario: &'static str,
+    target: &str,
+    load: Load,
+    generator: Generator,
+    stats: &Stats,
+    costs: &Costs,
+    units: f64,
+    server: Option<&Server>,
+) -> Run {
+    let answered = (stats.ok + stats.denied) as f64 * units;
+    let secs = stats.elapsed.as_secs_f64().max(1e-9);
+    let per_1k = |d: Duration| d.as_secs_f64() * 1000.0 / answered.max(1.0);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Run {
+        scenario,
+        target: target.to_owned(),
+        load: match load {
+            Load::Rate(r) => format!("{r}/s"),
+            Load::Max(n) => format!("max({n})"),
+        },
+        generator: match generator {
+            Generator::Rust => "rust",
+            Generator::K6 => "k6",
+            Generator::H2load => "h2load",
+        },
+        throughput: stats.throughput() * units,
+        ok: stats.ok,
+        denied: stats.denied,
+        errors: stats.errors,
+        p50_us: us(stats.p50),
+        p99_us: us(stats.p99),
+        p999_us: us(stats.p999),
+        server_cpu_s_per_1k: per_1k(costs.server),
+        server_cores: costs.server.as_secs_f64() / secs,
+        envoy_cpu_s_per_1k: costs.envoy.map(per_1k),
+        envoy_cores: costs.envoy.map(|d| d.as_secs_f64() / secs),
+        generator_cores: costs.generator.as_secs_f64() / secs,
+        server_peak_rss_mib: server.map_or(0.0, |s| s.peak_rss() as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count);
+/// 0 for none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Everything one invocation measured.
+#[derive(Default, Serialize)]
+struct Report {
+    machine: Machine,
+    command: String,
+    runs: Vec<Run>,
+    /// Named ratios and figures the targets are judged on.
+    figures: Vec<Figure>,
+}
+
+#[derive(Serialize)]
+struct Figure {
+    name: &'static str,
+    value: f64,
+    /// `<= 1.5`, `>= 0.85`, ...: the target, when there is one.
+    target: Option<&'static str>,
+    met: Option<bool>,
+}
+
+#[derive(Default, Serialize)]
+struct Machine {
+    cores: usize,
+    cpu: String,
+    kernel: String,
+    servers_on: Option<String>,
+    generator_on: Option<String>,
+}
+
+impl Report {
+    /// Medians per (scenario, target, load), in the order first run, as a
+    /// Markdown table.
+    fn table(&self) -> String {
+        let mut groups: Vec<(&Run, Vec<&Run>)> = Vec::new();
+        for run in &self.runs {
+            let same = |r: &Run| {
+                r.scenario == run.scenario && r.target == run.target && r.load == run.load
+            };
+            match groups.iter_mut().find(|(first, _)| same(first)) {
+                Some((_, all)) => all.push(run),
+                None => groups.push((run, vec![run])),
+            }
+        }
+        let mut out = String::from(
+            "| scenario | target | load | throughput/s | p50 µs | p99 µs | p99.9 µs | server CPU s/1k | server cores | Envoy cores | generator cores | server peak RSS MiB | runs |\n\
+             | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        for (first, all) in groups {
+            let m = |f: fn(&Run) -> f64| median(all.iter().map(|r| f(r)));
+            let envoy = if first.envoy_cores.is_some() {
+                format!("{:.2}", m(|r| r.envoy_cores.unwrap_or(0.0)))
+            } else {
+                "-".to_owned()
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.4} | {:.2} | {envoy} | {:.2} | {:.1} | {} |\n",
+                first.scenario,
+                first.target,
+                first.load,
+                m(|r| r.throughput),
+                m(|r| r.p50_us),
+                m(|r| r.p99_us),
+                m(|r| r.p999_us),
+                m(|r| r.server_cpu_s_per_1k),
+                m(|r| r.server_cores),
+                m(|r| r.generator_cores),
+                m(|r| r.server_peak_rss_mib),
+                all.len(),
+            ));
+        }
+        out
+    }
+
+    fn figure(&mut self, name: &'static str, value: f64, target: Option<(&'static str, bool)>) {
+        self.figures.push(Figure {
+            name,
+            value,
+            target: target.map(|t| t.0),
+            met: target.map(|t| t.1),
+        });
+    }
+}
+
+/// Knobs derived from the arguments.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    users: u64,
+    generator: Generator,
+    /// gRPC connections (Envoy keeps one per worker).
+    connections: usize,
+    /// Closed-loop workers for the gRPC maximum.
+    grpc_workers: usize,
+    /// Closed-loop workers for the HTTP maximum (keep-alive connections).
+    http_workers: usize,
+    /// Fixed rates: Checks/s for `mixed`, HTTP requests/s.
+    check_rate: u64,
+    http_rate: u64,
+    /// Records per Export, and records/s in `mixed`.
+    records: usize,
+    record_rate: u64,
+    smoke: bool,
+    /// Interleaved repetitions of every comparison.
+    repeat: usize,
+}
+
+impl Plan {
+    fn new(a: &Args) -> Plan {
+        Plan {
+            duration: a.duration,
+            warmup: if a.smoke {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(2)
+            },
+            users: a.users,
+            generator: a.generator,
+            connections: 2,
+            grpc_workers: if a.smoke { 4 } else { 64 },
+            http_workers: if a.smoke { 4 } else { 32 },
+            check_rate: if a.smoke { 200 } else { 5000 },
+            http_rate: if a.smoke { 100 } else { 1000 },
+            records: 50,
+            record_rate: if a.smoke { 200 } else { 5000 },
+            smoke: a.smoke,
+            repeat: a.repeat,
+        }
+    }
+}
+
+/// One run of Checks against `server`, from the chosen generator.
+async fn check_run(
+    plan: &Plan,
+    server: &Server,
+    shot: &shots::Grpc<shots::CheckVerdict>,
+    load: Load,
+) -> anyhow::Result<Run> {
+    let (stats, costs) = measured(Some(server), None, async {
+        match plan.generator {
+            Generator::Rust => Ok(generate::run(shot, load, plan.duration, 1 << 32).await),
+            Generator::K6 => k6::checks(server.addr, load, plan.duration, plan.users).await,
+            Generator::H2load => {
+                h2load::checks(server.addr, load, plan.duration, plan.connections).await
+            }
+        }
+    })
+    .await;
+    let run = row(
+        "check",
+        server.name,
+        load,
+        plan.generator,
+        &stats?,
+        &costs,
+        1.0,
+        Some(server),
+    );
+    run.show();
+    if run.errors > 0 {
+        eprintln!("{} log:\n{}", server.name, server.log_tail());
+    }
+    Ok(run)
+}
+
+async fn check_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    println!("check: gRPC Checks straight to the no-op server and to Sluice (benchmark policy)");
+    let noop = Server::noop(place).await?;
+    let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let servers = [&noop, &sluice];
+    let mut shots = Vec::new();
+    for s in servers {
+        let shot = shots::checks(shots::connect(s.addr, plan.connections).await?, plan.users);
+        // Connections up, every user's state in place.
+        generate::run(&shot, Load::Rate(1000), plan.warmup, 0).await;
+        shots.push(shot);
+    }
+    // Each pair: (no-op, Sluice), run back to back.
+    let shots = &shots;
+    let pairs = |load: Load| async move {
+        let mut pairs = Vec::new();
+        for _ in 0..plan.repeat {
+            let mut pair = Vec::new();
+            for (s, shot) in servers.iter().zip(shots) {
+                pair.push(check_run(plan, s, shot, load).await?);
+            }
+            pairs.push((pair[0].clone(), pair[1].clone()));
+        }
+        anyhow::Ok(pairs)
+    };
+    let max = pairs(Load::Max(plan.grpc_workers)).await?;
+    let noop_max = median(max.iter().map(|p| p.0.throughput));
+    let half = ((noop_max / 2.0 / 100.0).round() as u64 * 100).max(100);
+    let at_half = pairs(Load::Rate(half)).await?;
+    let at_rate = if plan.check_rate < half {
+        pairs(Load::Rate(plan.check_rate)).await?
+    } else {
+        Vec::new()
+    };
+    for (a, b) in max.iter().chain(&at_half).chain(&at_rate) {
+        report.runs.extend([a.clone(), b.clone()]);
+    }
+    let throughput = median(
+        max.iter()
+            .map(|(n, s)| s.throughput / n.throughput.max(1e-9)),
+    );
+    report.figure(
+        "check: Sluice ÷ no-op throughput at the maximum",
+        throughput,
+        Some((">= 0.85", throughput >= 0.85)),
+    );
+    let p99_ratio = median(at_half.iter().map(|(n, s)| s.p99_us / n.p99_us.max(1e-9)));
+    report.figure(
+        "check: Sluice ÷ no-op p99 at half the no-op's maximum",
+        p99_ratio,
+        Some(("<= 1.5", p99_ratio <= 1.5)),
+    );
+    if !at_rate.is_empty() {
+        report.figure(
+            "check: Sluice ÷ no-op CPU per Check at the fixed rate",
+            median(
+                at_rate
+                    .iter()
+                    .map(|(n, s)| s.server_cpu_s_per_1k / n.server_cpu_s_per_1k.max(1e-9)),
+            ),
+            None,
+        );
+    }
+    let rss = sluice.peak_rss() as f64 / 1e6;
+    let users_note = plan.users >= 10_000;
+    report.figure(
+        "check: Sluice peak RSS (MB) with the benchmark policy's users active",
+        rss,
+        users_note.then_some(("<= 30", rss <= 30.0)),
+    );
+    Ok(())
+}
+
+async fn http_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    println!(
+        "http: through Envoy alone, Envoy + ext_authz to the no-op, Envoy + ext_authz + access log to Sluice"
+    );
+    let noop = Server::noop(place).await?;
+    let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let setups = [
+        (
+            Server::envoy(place, "envoy alone", "loadtests/envoy/alone.yaml", None).await?,
+            None,
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + noop",
+                "loadtests/envoy/noop-authz.yaml",
+                Some(noop.addr),
+            )
+            .await?,
+            Some(&noop),
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + sluice",
+                "loadtests/envoy/sluice.yaml",
+                Some(sluice.addr),
+            )
+            .await?,
+            Some(&sluice),
+        ),
+    ];
+    let mut shots = Vec::new();
+    for (envoy, _) in &setups {
+        let shot = shots::HttpGet::new(envoy.addr, plan.users)?;
+        generate::run(&shot, Load::Rate(500), plan.warmup, 0).await;
+        shots.push(shot);
+    }
+    // Per repetition and load: (alone, + no-op, + Sluice), back to back.
+    let mut triples: Vec<(Load, Vec<Run>)> = Vec::new();
+    for load in [Load::Max(plan.http_workers), Load::Rate(plan.http_rate)] {
+        for _ in 0..plan.repeat {
+            let mut triple = Vec::new();
+            for ((envoy, server), shot) in setups.iter().zip(&shots) {
+                let (stats, costs) = measured(
+                    *server,
+                    Some(envoy),
+                    generate::run(shot, load, plan.duration, 1 << 32),
+                )
+                .await;
+                let run = row(
+                    "http",
+                    envoy.name,
+                    load,
+                    Generator::Rust,
+                    &stats,
+                    &costs,
+                    1.0,
+                    *server,
+                );
+                run.show();
+                if run.errors > 0 {
+                    eprintln!("{} log:\n{}", envoy.name, envoy.log_tail());
+                }
+                triple.push(run);
+            }
+            report.runs.extend(triple.iter().cloned());
+            triples.push((load, triple));
+        }
+    }
+    let at = |fixed: bool, f: fn(&[Run]) -> f64| {
+        median(
+            triples
+                .iter()
+                .filter(|(l, _)| matches!(l, Load::Rate(_)) == fixed)
+                .map(|(_, t)| f(t)),
+        )
+    };
+    report.figure(
+        "http: Envoy + Sluice ÷ Envoy alone p50 at the fixed rate",
+        at(true, |t| t[2].p50_us / t[0].p50_us.max(1e-9)),
+        None,
+    );
+    report.figure(
+        "http: Envoy + Sluice ÷ Envoy + no-op p50 at the fixed rate",
+        at(true, |t| t[2].p50_us / t[1].p50_us.max(1e-9)),
+        None,
+    );
+    report.figure(
+        "http: Envoy + Sluice ÷ Envoy + no-op throughput at the maximum",
+        at(false, |t| t[2].throughput / t[1].throughput.max(1e-9)),
+        None,
+    );
+    Ok(())
+}
+
+async fn ingest_scenario(
+    place: &Placement,
+    plan: &Plan,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    println!(
+        "ingest: OTLP access-log Exports of {} records to Sluice, as fast as it takes them",
+        plan.records
+    );
+    let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let shot = shots::exports(
+        shots::connect(sluice.addr, plan.connections).await?,
+        plan.records,
+    );
+    generate::run(&shot, Load::Rate(20), plan.warmup, 0).await;
+    let load = Load::Max(plan.connections * 2);
+    let mut runs = Vec::new();
+    for _ in 0..plan.repeat {
+        let (stats, costs) = measured(
+            Some(&sluice),
+            None,
+            generate::run(&shot, load, plan.duration, 0),
+        )
+        .await;
+        let run = row(
+            "ingest",
+            "sluice",
+            load,
+            Generator::Rust,
+            &stats,
+            &costs,
+            plan.records as f64,
+            Some(&sluice),
+        );
+        run.show();
+        runs.push(run);
+    }
+    report.figure(
+        "ingest: records/s at the maximum",
+        median(runs.iter().map(|r| r.throughput)),
+        None,
+    );
+    report.figure(
+        "ingest: Sluice CPU seconds per 1,000 records",
+        median(runs.iter().map(|r| r.server_cpu_s_per_1k)),
+        None,
+    );
+    report.runs.extend(runs);
+    Ok(())
+}
+
+async fn mixed_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    println!(
+        "mixed: Sluice at {} Checks/s, alone and with {} access-log records/s",
+        plan.check_rate, plan.record_rate
+    );
+    let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let checks = shots::checks(
+        shots::connect(sluice.addr, plan.connections).await?,
+        plan.users,
+    );
+    let exports = shots::exports(
+        shots::connect(sluice.addr, plan.connections).await?,
+        plan.records,
+    );
+    generate::run(&checks, Load::Rate(1000), plan.warmup, 0).await;
+    let load = Load::Rate(plan.check_rate);
+    let export_rate = (plan.record_rate / plan.records as u64).max(1);
+    let mut pairs = Vec::new();
+    for _ in 0..plan.repeat {
+        let (alone, costs) = measured(
+            Some(&sluice),
+            None,
+            generate::run(&checks, load, plan.duration, 1 << 32),
+        )
+        .await;
+        let alone = row(
+            "mixed",
+            "checks alone",
+            load,
+            Generator::Rust,
+            &alone,
+            &costs,
+            1.0,
+            Some(&sluice),
+        );
+        alone.show();
+        let ((both, logs), costs) = measured(Some(&sluice), None, async {
+            tokio::join!(
+                generate::run(&checks, load, plan.duration, 2 << 32),
+                generate::run(&exports, Load::Rate(export_rate), plan.duration, 0),
+            )
+        })
+        .await;
+        let mut both = row(
+            "mixed",
+            "checks + logs",
+            load,
+            Generator::Rust,
+            &both,
+            &costs,
+            1.0,
+            Some(&sluice),
+        );
+        // A failed Export is a failed request of this run too.
+        both.errors += logs.errors;
+        both.show();
+        report.runs.extend([alone.clone(), both.clone()]);
+        pairs.push((alone, both));
+    }
+    let cores = median(pairs.iter().map(|(_, b)| b.server_cores));
+    let label = if plan.smoke {
+        "mixed: Sluice cores (smoke rates)"
+    } else {
+        "mixed: Sluice cores at 5,000 Checks/s + 5,000 records/s"
+    };
+    report.figure(
+        label,
+        cores,
+        (!plan.smoke).then_some(("<= 0.1", cores <= 0.1)),
+    );
+    report.figure(
+        "mixed: Sluice cores for the Checks alone",
+        median(pairs.iter().map(|(a, _)| a.server_cores)),
+        None,
+    );
+    report.figure(
+        "mixed: Check p99 with ÷ without concurrent ingest",
+        median(pairs.iter().map(|(a, b)| b.p99_us / a.p99_us.max(1e-9))),
+        None,
+    );
+    Ok(())
+}
+
+fn machine(cores: usize, servers_on: Option<String>, generator_on: Option<String>) -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Machine {
+        cores,
+        cpu,
+        kernel,
+        servers_on,
+        generator_on,
+    }
+}
+
+/// Pins this process (and the threads it starts later) to `cpus`.
+fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("taskset")
+        .args(["-cp", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("taskset")?;
+    anyhow::ensure!(status.success(), "taskset -cp {cpus} failed");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = args().map_err(anyhow::Error::msg)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Two cores or more: the generator on the first, the servers on the
+    // second, so neither steals the other's time. Before any thread starts.
+    let (generator_on, servers_on) =
+        if args.pin && cores >= 2 && PathBuf::from("/usr/bin/taskset").exists() {
+            pin_self("0")?;
+            (Some("0".to_owned()), Some("1".to_owned()))
+        } else {
+            (None, None)
+        };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let place = Placement::new(servers_on.clone(), args.server_threads)?;
+        let plan = Plan::new(&args);
+        let mut report = Report {
+            machine: machine(cores, servers_on, generator_on),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            ..Report::default()
+        };
+        println!(
+            "{} cores ({}), servers on {}, generator on {}; {:?} per run{}",
+            report.machine.cores,
+            report.machine.cpu,
+            report.machine.servers_on.as_deref().unwrap_or("any core"),
+            report.machine.generator_on.as_deref().unwrap_or("any core"),
+            plan.duration,
+            if plan.smoke { " (smoke)" } else { "" }
+        );
+        for scenario in &args.scenarios {
+            match scenario {
+                Scenario::Check => check_scenario(&place, &plan, &mut report).await?,
+                Scenario::Http => http_scenario(&place, &plan, &mut report).await?,
+                Scenario::Ingest => ingest_scenario(&place, &plan, &mut report).await?,
+                Scenario::Mixed => mixed_scenario(&place, &plan, &mut report).await?,
+            }
+        }
+        println!();
+        println!("{}", report.table());
+        for f in &report.figures {
+            let verdict = match (f.target, f.met) {
+                (Some(t), Some(true)) => format!("  (target {t}: met)"),
+                (Some(t), Some(false)) => format!("  (target {t}: MISSED)"),
+                _ => String::new(),
+            };
+            println!("{:<70} {:>10.3}{verdict}", f.name, f.value);
+        }
+        let out = args.out.clone().unwrap_or_else(|| {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            repo_root().join(format!("loadtests/results/{stamp}.json"))
+        });
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+        println!("results: {}", out.display());
+        let failed: u64 = report.runs.iter().map(|r| r.errors).sum();
+        anyhow::ensure!(failed == 0, "{failed} requests failed");
+        anyhow::Ok(())
+    })
+}

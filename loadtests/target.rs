@@ -1,0 +1,241 @@
+//! The processes under load: Sluice, the no-op Check server and Envoy, each
+//! its own OS process (so that its CPU time and peak RSS are its own), on
+//! free loopback ports, optionally pinned to a set of cores.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sluice::harness::envoy::{self, EnvoyPorts};
+use sluice::harness::process::Process;
+use sluice::harness::{free_port, repo_root};
+
+/// Where the load tests put what they start, and on which cores.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// Directory holding `sluice` and `examples/noop_check`: the profile
+    /// directory this load test was built into.
+    pub bin_dir: PathBuf,
+    /// `taskset -c` list for the servers (Sluice, the no-op, Envoy), or
+    /// `None` to let them run anywhere.
+    pub servers_on: Option<String>,
+    /// `--worker-threads` for Sluice and the no-op alike; `None` for
+    /// their default.
+    pub server_threads: Option<usize>,
+}
+
+impl Placement {
+    /// Binaries next to this executable; servers pinned to `servers_on`.
+    pub fn new(servers_on: Option<String>, server_threads: Option<usize>) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        // target/<profile>/examples/loadtest → target/<profile>
+        let bin_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .context("cannot find the build directory")?
+            .to_owned();
+        Ok(Placement {
+            bin_dir,
+            servers_on,
+            server_threads,
+        })
+    }
+
+    fn binary(&self, relative: &str) -> anyhow::Result<PathBuf> {
+        let path = self.bin_dir.join(relative);
+        if !path.exists() {
+            bail!(
+                "{} is missing: build it first (loadtests/run does: cargo build --release --bins --examples)",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
+    /// `--worker-threads N`, when set.
+    fn threads(&self) -> Vec<String> {
+        self.server_threads
+            .map(|n| vec!["--worker-threads".to_owned(), n.to_string()])
+            .unwrap_or_default()
+    }
+
+    /// `program args`, under `taskset` when pinned.
+    fn spawn(
+        &self,
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Process> {
+        let dir = tempfile::tempdir()?;
+        match &self.servers_on {
+            Some(cpus) => {
+                let mut all = vec!["-c".to_owned(), cpus.clone(), program.display().to_string()];
+                all.extend_from_slice(args);
+                Process::spawn(name, Path::new("/usr/bin/taskset"), dir, &all)
+            }
+            None => Process::spawn(name, program, dir, args),
+        }
+    }
+}
+
+/// A server process under load.
+pub struct Server {
+    /// What it is, in the report.
+    pub name: &'static str,
+    /// Its gRPC (or, for Envoy, HTTP) address.
+    pub addr: SocketAddr,
+    process: Process,
+    pid: i32,
+    /// Envoy's rendered config, removed when it stops.
+    _config: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Sluice (`target/<profile>/sluice`) with `policy`, its runtime as
+    /// shipped.
+    pub async fn sluice(place: &Placement, policy: &Path) -> anyhow::Result<Server> {
+        let (grpc, admin) = (free_port()?, free_port()?);
+        let args: Vec<String> = [
+            "--policy",
+            &policy.display().to_string(),
+            "--grpc-listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(place.threads())
+        .collect();
+        let mut process = place.spawn("sluice", &place.binary("sluice")?, &args)?;
+        process
+            .wait_http_ok(
+                ([127, 0, 0, 1], admin).into(),
+                "/readyz",
+                Duration::from_secs(20),
+            )
+            .await?;
+        Server::new("sluice", ([127, 0, 0, 1], grpc).into(), process)
+    }
+
+    /// The no-op Check server (`examples/noop_check`).
+    pub async fn noop(place: &Placement) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let mut args = vec!["--listen".to_owned(), format!("127.0.0.1:{port}")];
+        args.extend(place.threads());
+        let process = place.spawn("noop", &place.binary("examples/noop_check")?, &args)?;
+        let addr = ([127, 0, 0, 1], port).into();
+        wait_listening(addr, &process).await?;
+        Server::new("noop", addr, process)
+    }
+
+    /// Envoy on `config` (a file under `loadtests/envoy/`), checking with
+    /// the server at `authz`, if any.
+    pub async fn envoy(
+        place: &Placement,
+        name: &'static str,
+        config: &str,
+        authz: Option<SocketAddr>,
+    ) -> anyhow::Result<Server> {
+        let ports = EnvoyPorts::free_for(None, authz.map(|a| a.port()))?;
+        let template = std::fs::read_to_string(repo_root().join(config))
+            .with_context(|| format!("read {config}"))?;
+        let rendered = envoy::render(&template, &ports)?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, rendered)?;
+        let args: Vec<String> = [
+            "-c",
+            &path.display().to_string(),
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut process = place.spawn(name, &envoy::binary()?, &args)?;
+        process
+            .wait_http_ok(
+                ([127, 0, 0, 1], ports.admin).into(),
+                "/ready",
+                Duration::from_secs(30),
+            )
+            .await?;
+        let mut server = Server::new(name, ([127, 0, 0, 1], ports.listener).into(), process)?;
+        server._config = Some(dir);
+        Ok(server)
+    }
+
+    fn new(name: &'static str, addr: SocketAddr, process: Process) -> anyhow::Result<Server> {
+        let pid = process.id().context("the process has no pid")? as i32;
+        Ok(Server {
+            name,
+            addr,
+            process,
+            pid,
+            _config: None,
+        })
+    }
+
+    /// CPU time (user + system) it has used so far.
+    pub fn cpu(&self) -> Duration {
+        cpu_of(procfs::process::Process::new(self.pid))
+    }
+
+    /// Its peak resident set so far, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        procfs::process::Process::new(self.pid)
+            .and_then(|p| p.status())
+            .ok()
+            .and_then(|s| s.vmhwm)
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// The end of its log, for errors.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+}
+
+/// CPU time the load generator has used so far: this process and the
+/// generators it ran and waited for (k6, h2load).
+pub fn own_cpu() -> Duration {
+    let ticks = procfs::ticks_per_second() as f64;
+    procfs::process::Process::myself()
+        .and_then(|p| p.stat())
+        .map(|s| {
+            let children = (s.cutime + s.cstime).max(0) as u64;
+            Duration::from_secs_f64((s.utime + s.stime + children) as f64 / ticks)
+        })
+        .unwrap_or_default()
+}
+
+fn cpu_of(process: procfs::ProcResult<procfs::process::Process>) -> Duration {
+    let ticks = procfs::ticks_per_second() as f64;
+    process
+        .and_then(|p| p.stat())
+        .map(|s| Duration::from_secs_f64((s.utime + s.stime) as f64 / ticks))
+        .unwrap_or_default()
+}
+
+/// Waits until `addr` accepts connections (the process printed nothing we
+/// need to parse: its port was chosen for it).
+async fn wait_listening(addr: SocketAddr, process: &Process) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "{addr} never accepted a connection:\n{}",
+        process.log_tail()
+    )
+}
