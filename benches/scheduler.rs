@@ -90,7 +90,7 @@ fn bare_queue(c: &mut Criterion) {
             i += 1;
             let _ = queue.offer(request(i), 0, &mut none);
             let mut admitted = 0;
-            queue.dispatch(i as Nanos, &mut Grants(1), &|_| true, &mut |_, _, _| {
+            queue.dispatch(i as Nanos, &mut Grants(1), &mut |_| true, &mut |_, _, _| {
                 admitted += 1
             });
             black_box(admitted)

@@ -155,6 +155,10 @@ pub struct Pacer {
     multiplier: Arc<Multiplier>,
     /// GCRA's theoretical arrival time.
     tat: Nanos,
+    /// Farthest ahead of now one admission may push `tat`: the rate
+    /// window. A request's tokens may come from a label (a header), so one
+    /// absurd value must not stop admissions for longer than that.
+    max_debt: Nanos,
     dry_run: bool,
 }
 
@@ -173,8 +177,13 @@ impl wfq::Capacity for Pacer {
         if self.tat > now.saturating_add(BURST) {
             return false;
         }
+        // `as` saturates: a huge request is a huge interval, capped below.
         let interval = (tokens / fill * 1e9) as Nanos;
-        self.tat = self.tat.max(now).saturating_add(interval);
+        self.tat = self
+            .tat
+            .max(now)
+            .saturating_add(interval)
+            .min(now.saturating_add(self.max_debt));
         true
     }
 
@@ -287,6 +296,7 @@ impl LoadScheduler {
             rate: rate.clone(),
             multiplier: multiplier.clone(),
             tat: 0,
+            max_debt: nanos(spec.rate_window.0).max(BURST),
             dry_run: spec.dry_run,
         };
         LoadScheduler {

@@ -83,6 +83,14 @@ impl AnyScheduler {
         }
     }
 
+    fn decide_now(&self, p: &Prepared, key: Option<Digest>) -> Now {
+        match self {
+            AnyScheduler::Concurrency(c) => c.scheduler.decide_now(p, key),
+            AnyScheduler::Quota(q) => q.scheduler.decide_now(p, key),
+            AnyScheduler::Load(l) => l.scheduler.decide_now(p, key),
+        }
+    }
+
     async fn wait(
         &self,
         p: &Prepared,
@@ -103,6 +111,10 @@ struct Step {
     scheduler: AnyScheduler,
     prepared: Prepared,
     key: Option<Digest>,
+    /// The scheduler has only counted the flow's arrival: an earlier one
+    /// made it wait, so it must still be asked [`AnyScheduler::decide_now`]
+    /// before queueing. False for the scheduler that said [`Now::Wait`].
+    undecided: bool,
 }
 
 /// What an admission took, to give back if a later scheduler refuses.
@@ -211,11 +223,21 @@ impl Scheduling {
         let deadline = grpc_timeout.map(|t| start.saturating_add(nanos(t)));
         let steps = std::mem::take(&mut self.steps);
         for step in steps {
-            match step
-                .scheduler
-                .wait(&step.prepared, step.key, deadline)
-                .await
-            {
+            let now = if step.undecided {
+                step.scheduler.decide_now(&step.prepared, step.key)
+            } else {
+                Now::Wait
+            };
+            let outcome = match now {
+                Now::Admitted => Ok(()),
+                Now::Refused(refusal) => Err(refusal),
+                Now::Wait => {
+                    step.scheduler
+                        .wait(&step.prepared, step.key, deadline)
+                        .await
+                }
+            };
+            match outcome {
                 Ok(()) => {
                     let now = engine.clock().now();
                     record_admission(&step, now, &mut self.slots, &mut self.taken);
@@ -319,12 +341,14 @@ pub fn schedule<'a>(
             AnyScheduler::Concurrency(c) => (c.scheduler.config.classify(labels, &|_| None), None),
         };
         workloads.push((scheduler.key(), prepared.workload));
-        let step = Step {
+        let mut step = Step {
             scheduler: (*scheduler).clone(),
             prepared,
             key,
+            undecided: false,
         };
         if !steps.is_empty() {
+            step.undecided = true;
             // It waits after the earlier ones; count its arrival now.
             if let AnyScheduler::Load(l) = scheduler {
                 l.rate.add(now, step.prepared.tokens);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use super::*;
-use crate::clock::MockTime;
+use crate::clock::{MockTime, Nanos};
 use crate::policy::load::parse_sources;
 
 fn policies(docs: &[&str]) -> PolicySet {
@@ -28,8 +28,6 @@ fn engine(docs: &[&str]) -> (Engine, MockTime) {
 /// (policy/component, status, retry-after) of a rejection.
 type Rejected = (String, u16, Option<Duration>);
 
-/// Decides a flow at `ingress` of service `shop`; returns the rejection as
-/// (component, status, retry-after) and the baggage.
 /// A flow at `ingress` of service `shop`.
 fn ingress(labels: &dyn LabelSource) -> FlowRequest<'_> {
     FlowRequest {
@@ -39,6 +37,8 @@ fn ingress(labels: &dyn LabelSource) -> FlowRequest<'_> {
     }
 }
 
+/// Decides a flow at `ingress` of service `shop`; returns the rejection as
+/// (component, status, retry-after) and the baggage.
 fn check(engine: &Engine, labels: &[(&str, &str)]) -> (Option<Rejected>, Vec<(String, String)>) {
     let source = MapLabels::from_pairs(labels.iter().copied());
     engine.decide(ingress(&source), |d| {
@@ -520,23 +520,302 @@ async fn queued_flows_time_out_with_retry_after_and_a_full_queue_refuses_at_once
     }
 }
 
-#[tokio::test]
-async fn envoys_deadline_minus_the_margin_bounds_the_wait() {
-    let engine = real_engine(&[QUEUED]);
+/// An engine on the mock clock, for tests on tokio's paused time: the two
+/// clocks move together in [`run_until_done`].
+fn paused_engine(docs: &[&str]) -> (Arc<Engine>, MockTime) {
+    let (engine, time) = engine(docs);
+    (Arc::new(engine), time)
+}
+
+/// Moves tokio's paused time and the engine's mock clock forward together,
+/// a millisecond at a time, until `task` ends; returns the engine time
+/// then. The pump's timers fire at the engine instant they were set for,
+/// or one tick later: tokio's timer rounds a sleep up to its next
+/// millisecond. (The queue itself honours deadlines to the nanosecond:
+/// `wfq`'s tests.)
+const TIMER_TICK: Nanos = 1_000_000;
+
+async fn run_until_done<T>(
+    engine: &Engine,
+    time: &MockTime,
+    task: &mut tokio::task::JoinHandle<T>,
+) -> (Nanos, T) {
+    for _ in 0..60_000 {
+        if task.is_finished() {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+        time.advance(Duration::from_millis(1));
+        // Let the pump and the waiter run at this instant.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let at = engine.clock().now();
+    (at, task.await.expect("task"))
+}
+
+/// When a flow of `tier` that waits behind [`QUEUED`]'s only slot is
+/// refused, with `grpc_timeout` from Envoy.
+async fn refused_at(tier: &str, grpc_timeout: Duration) -> Nanos {
+    let (engine, time) = paused_engine(&[QUEUED]);
     let (_holder, _, _) = decide_real(&engine, &[]);
+    let (_, _, waits) = decide_real(&engine, &[("tier", tier)]);
+    let waiting = waits.expect("queues");
+    let e = engine.clone();
+    let mut task = tokio::spawn(async move { waiting.run(&e, Some(grpc_timeout)).await });
+    let (at, outcome) = run_until_done(&engine, &time, &mut task).await;
+    assert_eq!(
+        outcome.expect_err("refused").reason,
+        RejectReason::QueueTimeout
+    );
+    at
+}
+
+#[tokio::test(start_paused = true)]
+async fn envoys_deadline_minus_the_margin_bounds_the_wait_exactly() {
+    // vip's own queue_timeout is 5 s; Envoy gives 100 ms, minus the 10 ms
+    // margin: the refusal comes at 90 ms.
+    let at = refused_at("vip", Duration::from_millis(100)).await;
+    let deadline = 90 * 1_000_000;
+    assert!(
+        (deadline..=deadline + TIMER_TICK).contains(&at),
+        "refused at {at}, not at Envoy's deadline − margin"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_timeout_bounds_the_wait_exactly_when_envoy_allows_longer() {
+    let at = refused_at("free", Duration::from_secs(2)).await;
+    let deadline = 300 * 1_000_000;
+    assert!(
+        (deadline..=deadline + TIMER_TICK).contains(&at),
+        "refused at {at}, not at the workload's 300 ms queue_timeout"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_request_with_an_earlier_deadline_is_refused_on_time() {
+    let (engine, time) = paused_engine(&[QUEUED]);
+    let (_holder, _, _) = decide_real(&engine, &[]);
+    // The first waits up to 5 s: the pump sleeps as long as it may.
     let (_, _, vip) = decide_real(&engine, &[("tier", "vip")]);
-    let started = tokio::time::Instant::now();
-    // vip's own queue_timeout is 5 s; Envoy gives 100 ms, minus 10 ms margin.
-    let refusal = vip
-        .expect("queues")
-        .run(&engine, Some(Duration::from_millis(100)))
-        .await
-        .expect_err("deadline");
-    let waited = started.elapsed();
-    assert_eq!(refusal.reason, RejectReason::QueueTimeout);
-    // Envoy's 100 ms applied, not the workload's 5 s (the exact instant is
-    // tested on simulated time in wfq's tests).
-    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let vip = vip.expect("queues");
+    let e = engine.clone();
+    let _vip = tokio::spawn(async move { vip.run(&e, None).await });
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(1)).await;
+        time.advance(Duration::from_millis(1));
+        tokio::task::yield_now().await;
+    }
+    // At 10 ms one arrives that Envoy gives 40 ms: it must go at 40 ms,
+    // though the pump had planned to look again only later.
+    let (_, _, hurried) = decide_real(&engine, &[("tier", "vip")]);
+    let hurried = hurried.expect("queues");
+    let e = engine.clone();
+    let mut task =
+        tokio::spawn(async move { hurried.run(&e, Some(Duration::from_millis(40))).await });
+    let (at, outcome) = run_until_done(&engine, &time, &mut task).await;
+    assert_eq!(
+        outcome.expect_err("deadline").reason,
+        RejectReason::QueueTimeout
+    );
+    // 10 ms + 40 ms − the 10 ms margin; without a wake-up the pump would
+    // have looked only at 100 ms.
+    let deadline = 40 * 1_000_000;
+    assert!(
+        (deadline..=deadline + TIMER_TICK).contains(&at),
+        "refused at {at}"
+    );
+}
+
+/// A concurrency scheduler in front of a load scheduler: flows that waited
+/// for a slot reach the load scheduler late, and must get its verdict as
+/// if they had not waited.
+const CHAINED: &str = r#"
+name: chain
+concurrency_schedulers:
+  - name: slots
+    selectors: [{control_point: ingress}]
+    max_concurrency: 1
+    scheduler:
+      default_workload_parameters: {queue_timeout: 5s}
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+    rate_window: 1s
+    dry_run: DRY
+    scheduler:
+      default_workload_parameters: {queue_timeout: 200ms}
+"#;
+
+/// Sends a flow through [`CHAINED`] while another holds the only slot,
+/// returns the slot, and says how the waiting flow ended and when.
+/// `warm`: traffic first, so that the load scheduler knows the incoming
+/// rate.
+async fn through_the_chain(
+    warm: bool,
+    dry_run: bool,
+    multiplier: Option<f64>,
+) -> (Nanos, Result<(), String>) {
+    let doc = CHAINED.replace("DRY", if dry_run { "true" } else { "false" });
+    let (engine, time) = paused_engine(&[&doc]);
+    for _ in 0..if warm { 20 } else { 0 } {
+        let (meta, accepted, _) = decide_real(&engine, &[]);
+        assert!(accepted);
+        engine.end_flow(&end_of(&meta, "200", "5"), &flow_end::NoExtras);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        time.advance(Duration::from_millis(100));
+    }
+    if let Some(lm) = multiplier {
+        let plan = engine.plan();
+        let load = &plan.policies[0].load_schedulers[0];
+        load.set_multiplier(lm, 60_000_000_000);
+    }
+    let (holder, accepted, _) = decide_real(&engine, &[]);
+    assert!(accepted, "takes the slot");
+    let (_, _, waits) = decide_real(&engine, &[]);
+    let waiting = waits.expect("waits for the slot");
+    let e = engine.clone();
+    let mut task = tokio::spawn(async move {
+        waiting
+            .run(&e, None)
+            .await
+            .map_err(|r| format!("{:?}", r.reason))
+    });
+    for _ in 0..50 {
+        tokio::time::advance(Duration::from_millis(1)).await;
+        time.advance(Duration::from_millis(1));
+        tokio::task::yield_now().await;
+    }
+    assert!(!task.is_finished(), "still waiting for the slot");
+    engine.end_flow(&end_of(&holder, "200", "5"), &flow_end::NoExtras);
+    run_until_done(&engine, &time, &mut task).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flow_that_waited_for_a_slot_passes_a_load_scheduler_at_one() {
+    for warm in [false, true] {
+        let (at, outcome) = through_the_chain(warm, false, None).await;
+        assert_eq!(outcome, Ok(()), "warm: {warm}");
+        // (Warm-up and) 50 ms of waiting: admitted as soon as the slot
+        // came back, not held to the load scheduler's timeout, even before
+        // it knows the incoming rate.
+        let waited = at - if warm { 2_000_000_000 } else { 0 };
+        assert!(waited <= 52_000_000, "warm: {warm}, admitted at {at}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flow_that_waited_for_a_slot_passes_a_dry_run_load_scheduler() {
+    let (_, outcome) = through_the_chain(true, true, Some(0.0)).await;
+    assert_eq!(outcome, Ok(()), "a dry run admits everything");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flow_that_waited_for_a_slot_is_paced_by_a_load_scheduler_at_zero() {
+    let (_, outcome) = through_the_chain(true, false, Some(0.0)).await;
+    assert_eq!(
+        outcome,
+        Err("QueueTimeout".to_owned()),
+        "a multiplier of 0 admits nothing"
+    );
+}
+
+#[test]
+fn a_dry_run_load_scheduler_counts_what_it_would_reject_and_admits_it() {
+    let doc = r#"
+name: dry
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+    rate_window: 1s
+    dry_run: true
+"#;
+    let (engine, time) = engine(&[doc]);
+    for _ in 0..50 {
+        assert_eq!(check(&engine, &[]).0, None);
+        time.advance(Duration::from_millis(20));
+    }
+    let plan = engine.plan();
+    plan.policies[0].load_schedulers[0].set_multiplier(0.5, 60_000_000_000);
+    let mut admitted = 0;
+    for _ in 0..400 {
+        let source = MapLabels::default();
+        let (accepted, waits) = engine.decide(ingress(&source), |mut d| {
+            (d.accepted(), d.scheduling.take().is_some())
+        });
+        assert!(!waits, "a dry run never queues");
+        admitted += usize::from(accepted);
+        time.advance(Duration::from_millis(5));
+    }
+    assert_eq!(admitted, 400, "everything admitted");
+    let text = engine.metrics().encode_text();
+    let series = |decision: &str| -> f64 {
+        let prefix = format!(
+            r#"workload_requests_total{{component="load",decision_type="{decision}",policy_name="dry",workload_index="default"}} "#
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {decision} series in {text}"))
+    };
+    // At twice the rate of the window and a multiplier of 0.5, a real
+    // scheduler would have refused most of them: the dry run says so.
+    assert!(series("rejected") > 100.0, "{text}");
+    assert!(series("accepted") > 50.0, "{text}");
+}
+
+#[test]
+fn latency_based_tokens_make_slow_workloads_cost_more() {
+    let doc = r#"
+name: lat
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+    workload_latency_based_tokens: true
+    scheduler:
+      workloads:
+        - name: slow
+          label_matcher: {match_labels: {kind: report}}
+        - name: fast
+          label_matcher: {match_labels: {kind: lookup}}
+"#;
+    let (engine, _time) = engine(&[doc]);
+    let source = |kind: &'static str| MapLabels::from_pairs([("kind", kind)]);
+    for (kind, ms) in [("report", "250"), ("lookup", "10")] {
+        for _ in 0..30 {
+            let labels = source(kind);
+            let meta = engine.decide(ingress(&labels), |d| d.metadata());
+            let mut end = end_of(&meta, "200", ms);
+            end.set("authz_duration", flow_end::AttrValue::Text("0".into()));
+            engine.end_flow(&end, &flow_end::NoExtras);
+        }
+    }
+    let plan = engine.plan();
+    let load = &plan.policies[0].load_schedulers[0];
+    let slow = load.estimated_tokens(0).expect("learnt");
+    let fast = load.estimated_tokens(1).expect("learnt");
+    assert!((slow - 250.0).abs() < 1.0, "{slow}");
+    assert!((fast - 10.0).abs() < 1.0, "{fast}");
+    assert_eq!(load.estimated_tokens(2), None, "the default saw nothing");
+    // The next report flow counts 250 incoming tokens, a lookup 10.
+    let before = engine.metrics().encode_text();
+    let labels = source("report");
+    engine.decide(ingress(&labels), |_| ());
+    let after = engine.metrics().encode_text();
+    let tokens = |text: &str| -> f64 {
+        let prefix =
+            r#"incoming_tokens_total{component="load",policy_name="lat",workload_index="0"} "#;
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        (tokens(&after) - tokens(&before) - slow).abs() < 1e-9,
+        "{after}"
+    );
 }
 
 #[tokio::test]

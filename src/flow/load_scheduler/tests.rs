@@ -15,6 +15,7 @@ fn admitted_share(lm: f64, per_second: u64, seconds: u64, after: Nanos) -> f64 {
         rate: rate.clone(),
         multiplier,
         tat: 0,
+        max_debt: 10 * SEC,
         dry_run: false,
     };
     let mut queue = Queue::new(1, 10_000);
@@ -44,7 +45,7 @@ fn admitted_share(lm: f64, per_second: u64, seconds: u64, after: Nanos) -> f64 {
                 admitted += 1.0;
             }
         }
-        queue.dispatch(now, &mut pacer, &|_| true, &mut |_, r, o| {
+        queue.dispatch(now, &mut pacer, &mut |_| true, &mut |_, r, o| {
             if matches!(o, Outcome::Admitted { .. }) && r.arrived > after {
                 admitted += r.tokens;
             }
@@ -124,6 +125,36 @@ fn the_rate_window_measures_tokens_per_second() {
     // Silence: the rate falls as the window empties.
     assert!(w.rate(now + 5 * SEC).expect("known") < 120.0);
     assert_eq!(w.rate(now + 11 * SEC), Some(0.0));
+}
+
+#[test]
+fn an_absurd_request_holds_up_admission_for_one_window_at_most() {
+    use crate::flow::scheduler::wfq::Capacity;
+    let rate = Arc::new(RateWindow::new(SEC));
+    let mut pacer = Pacer {
+        rate: rate.clone(),
+        multiplier: Arc::new(Multiplier::new(0.5)),
+        tat: 0,
+        max_debt: SEC,
+        dry_run: false,
+    };
+    let mut now = 0;
+    for _ in 0..200 {
+        now += 10 * MS;
+        rate.add(now, 1.0);
+    }
+    // A `tokens` label of 1e18 (a header anyone can send).
+    assert!(pacer.try_take(now, 1e18));
+    assert!(!pacer.try_take(now + 10 * MS, 1.0), "it costs a window");
+    let ready = pacer.ready_at(now, 1.0).expect("the rate is known");
+    assert!(ready <= now + SEC, "{ready} vs {now}");
+    // Keep the incoming rate up; admissions resume after a window.
+    let mut t = now;
+    while t <= now + SEC + BURST {
+        t += 10 * MS;
+        rate.add(t, 1.0);
+    }
+    assert!(pacer.try_take(t, 1.0), "admitting again");
 }
 
 use std::time::Duration;

@@ -273,9 +273,6 @@ pub trait Source: Send + 'static {
     fn bypass(&mut self, _now: Nanos) -> bool {
         false
     }
-    /// Sees every request's tokens as it arrives (the load scheduler's
-    /// incoming rate).
-    fn arrived(&mut self, _now: Nanos, _tokens: f64) {}
     /// Gives back what an admitted request took, when a later scheduler
     /// rejected its flow.
     fn give_back(&mut self, _key: Option<Digest>, _tokens: f64) {}
@@ -306,6 +303,10 @@ struct Inner<S> {
     /// Requests waiting, all keys together (bounded by `max_queued`).
     queued: usize,
     pump_running: bool,
+    /// When the pump will look at the queues next unless woken: a request
+    /// queued with an earlier deadline (or turn) must wake it, or it would
+    /// wait past its deadline.
+    pump_at: Nanos,
 }
 
 /// Why a scheduler refused a flow.
@@ -385,6 +386,7 @@ impl<S: Source> Scheduler<S> {
                 queues: HashMap::new(),
                 queued: 0,
                 pump_running: false,
+                pump_at: Nanos::MAX,
             }),
             wake: Notify::new(),
         }
@@ -430,12 +432,20 @@ impl<S: Source> Scheduler<S> {
     /// never fit, and says [`Now::Wait`] otherwise (then call
     /// [`Scheduler::wait`]). Never queues.
     pub fn try_now(&self, p: &Prepared, key: Option<Digest>) -> Now {
+        self.config.count_incoming(p.workload, p.tokens);
+        self.decide_now(p, key)
+    }
+
+    /// [`Scheduler::try_now`] for a flow whose arrival was already counted:
+    /// one that waited in an earlier scheduler and reaches this one only
+    /// now. It gets the same chances as any other (pass-through, dry run,
+    /// admission when nobody waits) and the same refusal when it can never
+    /// fit, instead of going straight to the queue.
+    pub fn decide_now(&self, p: &Prepared, key: Option<Digest>) -> Now {
         let now = self.clock.now();
         let workload = &self.config.workloads[p.workload].metrics;
-        workload.incoming_tokens.inc_by(p.tokens);
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        inner.source.arrived(now, p.tokens);
         if inner.source.bypass(now) {
             workload.decided(p.tokens, true, 0);
             return Now::Admitted;
@@ -521,10 +531,19 @@ impl<S: Source> Scheduler<S> {
                     let (tx, rx) = oneshot::channel();
                     kq.waiters.insert(ticket, tx);
                     inner.queued += 1;
-                    self.dispatch_locked(inner, now);
-                    if !inner.pump_running && !inner.queues.is_empty() {
+                    // Only this key's queue changed: dispatch it alone, so
+                    // that queueing costs the same with 10 or 10,000
+                    // waiting.
+                    let event = Self::dispatch_key(&self.config, inner, key, now);
+                    if !inner.pump_running {
                         inner.pump_running = true;
+                        inner.pump_at = Nanos::MAX;
                         tokio::spawn(pump(self.clone()));
+                    } else if event.is_some_and(|e| e < inner.pump_at) {
+                        // The pump sleeps past this request's deadline or
+                        // turn: wake it to plan again.
+                        inner.pump_at = now;
+                        self.wake.notify_one();
                     }
                     Ok(Some(rx))
                 }
@@ -560,45 +579,68 @@ impl<S: Source> Scheduler<S> {
     /// Runs every queue once: rejects what is past its deadline and admits
     /// what the capacity allows. Returns when to run again.
     fn dispatch_locked(&self, inner: &mut Inner<S>, now: Nanos) -> Option<Nanos> {
-        let workloads = &self.config.workloads;
         let mut next: Option<Nanos> = None;
-        let source = &mut inner.source;
-        let queued = &mut inner.queued;
-        inner.queues.retain(|key, kq| {
-            let waiters = &mut kq.waiters;
-            let queue = &mut kq.queue;
-            let before = queue.len();
-            let event = source.with(*key, now, |capacity| {
-                let alive = |t: Ticket| waiters.get(&t).is_some_and(|tx| !tx.is_closed());
-                let mut left: Vec<(Ticket, Outcome)> = Vec::new();
-                queue.dispatch(now, capacity, &alive, &mut |ticket, request, outcome| {
+        let keys: smallvec::SmallVec<[Option<Digest>; 4]> = inner.queues.keys().copied().collect();
+        for key in keys {
+            if let Some(e) = Self::dispatch_key(&self.config, inner, key, now) {
+                next = Some(next.map_or(e, |n: Nanos| n.min(e)));
+            }
+        }
+        next
+    }
+
+    /// Runs the queue of `key` once (see [`Scheduler::dispatch_locked`]),
+    /// dropping it when it is empty. Returns when to run it again.
+    fn dispatch_key(
+        config: &Config,
+        inner: &mut Inner<S>,
+        key: Option<Digest>,
+        now: Nanos,
+    ) -> Option<Nanos> {
+        let KeyQueue { queue, waiters } = inner.queues.get_mut(&key)?;
+        let before = queue.len();
+        let event = inner.source.with(key, now, |capacity| {
+            // A waiter that went away (Envoy gave up) is forgotten when
+            // its request comes up; the request leaves without capacity.
+            let mut alive = |t: Ticket| match waiters.get(&t) {
+                Some(tx) if !tx.is_closed() => true,
+                _ => {
+                    waiters.remove(&t);
+                    false
+                }
+            };
+            let mut left: smallvec::SmallVec<[(Ticket, Outcome); 8]> = smallvec::SmallVec::new();
+            queue.dispatch(
+                now,
+                capacity,
+                &mut alive,
+                &mut |ticket, request, outcome| {
                     let (accepted, waited) = match &outcome {
                         Outcome::Admitted { waited } => (true, *waited),
                         Outcome::TimedOut { waited } => (false, *waited),
                     };
-                    workloads[request.workload]
-                        .metrics
-                        .decided(request.tokens, accepted, waited);
+                    config.workloads[request.workload].metrics.decided(
+                        request.tokens,
+                        accepted,
+                        waited,
+                    );
                     left.push((ticket, outcome));
-                });
-                for (ticket, outcome) in left {
-                    if let Some(tx) = waiters.remove(&ticket) {
-                        // A waiter gone meanwhile: capacity it took is lost
-                        // only for this instant; the flow never runs.
-                        let _ = tx.send(outcome);
-                    }
+                },
+            );
+            for (ticket, outcome) in left {
+                if let Some(tx) = waiters.remove(&ticket) {
+                    // A waiter gone meanwhile: capacity it took is lost
+                    // only for this instant; the flow never runs.
+                    let _ = tx.send(outcome);
                 }
-                // Waiters that went away and were dropped from the queue.
-                waiters.retain(|t, _| queue.contains(*t));
-                queue.next_event(now, capacity)
-            });
-            *queued -= before - queue.len();
-            if let Some(e) = event {
-                next = Some(next.map_or(e, |n: Nanos| n.min(e)));
             }
-            !queue.is_empty()
+            queue.next_event(now, capacity)
         });
-        next
+        inner.queued -= before - queue.len();
+        if queue.is_empty() {
+            inner.queues.remove(&key);
+        }
+        event
     }
 
     /// Wakes the pump (a slot came back).
@@ -607,25 +649,28 @@ impl<S: Source> Scheduler<S> {
     }
 }
 
+/// Longest the pump sleeps without looking at the queues.
+const PUMP_IDLE: Nanos = 100_000_000;
+
 /// Runs while requests wait: dispatches at each deadline, each time tokens
 /// become available, and whenever poked; ends when the queues are empty.
 async fn pump<S: Source>(scheduler: Arc<Scheduler<S>>) {
     loop {
         let now = scheduler.clock.now();
-        let next = {
+        let wait = {
             let mut inner = scheduler.inner.lock();
             let next = scheduler.dispatch_locked(&mut inner, now);
             if inner.queues.is_empty() {
                 inner.pump_running = false;
+                inner.pump_at = Nanos::MAX;
                 return;
             }
-            next
+            // With nothing timed, wait to be poked; check again now and
+            // then regardless, as a safety net against a missed wake-up.
+            let wait = next.map_or(PUMP_IDLE, |at| at.saturating_sub(now).min(PUMP_IDLE));
+            inner.pump_at = now.saturating_add(wait);
+            Duration::from_nanos(wait)
         };
-        // With nothing timed, wait to be poked; check again now and then
-        // regardless, as a safety net against a missed wake-up.
-        let wait = next.map_or(Duration::from_millis(100), |at| {
-            Duration::from_nanos(at.saturating_sub(now)).min(Duration::from_millis(100))
-        });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = scheduler.wake.notified() => {}

@@ -148,6 +148,9 @@ pub struct Queue {
     time: f64,
     workloads: Vec<Workload>,
     entries: HashMap<Ticket, Entry>,
+    /// Tokens of the waiting requests, kept as they come and go so that a
+    /// rejection's `retry-after` does not sum the whole queue.
+    backlog: f64,
     deadlines: BinaryHeap<Reverse<(Nanos, Ticket)>>,
     next_ticket: Ticket,
     max_queued: usize,
@@ -160,6 +163,7 @@ impl Queue {
             time: 0.0,
             workloads: (0..workloads).map(|_| Workload::default()).collect(),
             entries: HashMap::new(),
+            backlog: 0.0,
             deadlines: BinaryHeap::new(),
             next_ticket: 0,
             max_queued,
@@ -183,7 +187,19 @@ impl Queue {
 
     /// Tokens waiting, all workloads together.
     pub fn backlog_tokens(&self) -> f64 {
-        self.entries.values().map(|e| e.request.tokens).sum()
+        self.backlog
+    }
+
+    /// Takes a request out of the queue, keeping the backlog.
+    fn remove(&mut self, ticket: Ticket) -> Option<Entry> {
+        let e = self.entries.remove(&ticket)?;
+        // Exactly zero when empty, so rounding never accumulates.
+        self.backlog = if self.entries.is_empty() {
+            0.0
+        } else {
+            (self.backlog - e.request.tokens).max(0.0)
+        };
+        Some(e)
     }
 
     /// A new request: admitted at once when nobody waits and `capacity`
@@ -230,6 +246,7 @@ impl Queue {
         w.waiting.push(Reverse((OrderedF64(sub_finish), ticket)));
         w.live += 1;
         self.deadlines.push(Reverse((request.deadline, ticket)));
+        self.backlog += request.tokens;
         self.entries.insert(
             ticket,
             Entry {
@@ -268,13 +285,13 @@ impl Queue {
 
     /// Rejects what is past its deadline and admits what `capacity` allows,
     /// in fair order. `alive` says whether a ticket's waiter still waits (a
-    /// cancelled request is dropped without taking capacity). Calls `done`
-    /// for every request that leaves.
+    /// cancelled request is dropped without taking capacity, and without
+    /// `done`). Calls `done` for every request that leaves.
     pub fn dispatch(
         &mut self,
         now: Nanos,
         capacity: &mut dyn Capacity,
-        alive: &dyn Fn(Ticket) -> bool,
+        alive: &mut dyn FnMut(Ticket) -> bool,
         done: &mut dyn FnMut(Ticket, &Request, Outcome),
     ) {
         while let Some(Reverse((deadline, ticket))) = self.deadlines.peek().copied() {
@@ -282,7 +299,7 @@ impl Queue {
                 break;
             }
             self.deadlines.pop();
-            if let Some(e) = self.entries.remove(&ticket) {
+            if let Some(e) = self.remove(ticket) {
                 self.left_unserved(&e);
                 let waited = now.saturating_sub(e.request.arrived);
                 done(ticket, &e.request, Outcome::TimedOut { waited });
@@ -291,7 +308,7 @@ impl Queue {
         while let Some((ticket, finish)) = self.next() {
             let entry = &self.entries[&ticket];
             if !alive(ticket) {
-                if let Some(e) = self.entries.remove(&ticket) {
+                if let Some(e) = self.remove(ticket) {
                     self.left_unserved(&e);
                 }
                 continue;
@@ -299,7 +316,7 @@ impl Queue {
             if !capacity.try_take(now, entry.request.tokens) {
                 break;
             }
-            let Some(e) = self.entries.remove(&ticket) else {
+            let Some(e) = self.remove(ticket) else {
                 break;
             };
             let w = &mut self.workloads[e.request.workload];

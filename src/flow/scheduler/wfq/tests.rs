@@ -96,7 +96,7 @@ fn saturate(kinds: &[(usize, f64, f64, Option<&str>)], rate: f64, seconds: u64) 
     while now < seconds * SEC {
         now += MS;
         let mut left = Vec::new();
-        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, r, o| {
+        queue.dispatch(now, &mut bucket, &mut |_| true, &mut |t, r, o| {
             assert!(matches!(o, Outcome::Admitted { .. }), "{o:?}");
             left.push((t, r.tokens));
         });
@@ -199,7 +199,7 @@ fn an_idle_workload_gets_its_share_back_not_a_burst() {
             }
         }
         let mut left = Vec::new();
-        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, _, _| left.push(t));
+        queue.dispatch(now, &mut bucket, &mut |_| true, &mut |t, _, _| left.push(t));
         for t in left {
             let w = kind.remove(&t).expect("known");
             if now > 30 * SEC {
@@ -237,13 +237,16 @@ fn deadlines_are_honoured_to_the_nanosecond() {
     queue.dispatch(
         1_000 + 250 * MS - 1,
         &mut Closed,
-        &|_| true,
+        &mut |_| true,
         &mut |t, _, o| out.push((t, o)),
     );
     assert!(out.is_empty(), "one nanosecond early");
-    queue.dispatch(1_000 + 250 * MS, &mut Closed, &|_| true, &mut |t, _, o| {
-        out.push((t, o))
-    });
+    queue.dispatch(
+        1_000 + 250 * MS,
+        &mut Closed,
+        &mut |_| true,
+        &mut |t, _, o| out.push((t, o)),
+    );
     assert_eq!(out, vec![(ticket, Outcome::TimedOut { waited: 250 * MS })]);
     assert!(queue.is_empty());
     assert_eq!(queue.next_event(2 * SEC, &Closed), None);
@@ -305,7 +308,7 @@ fn cancelled_waiters_take_no_capacity() {
         panic!()
     };
     let mut out = Vec::new();
-    queue.dispatch(SEC, &mut bucket, &|t| t != gone, &mut |t, _, o| {
+    queue.dispatch(SEC, &mut bucket, &mut |t| t != gone, &mut |t, _, o| {
         out.push((t, o))
     });
     assert_eq!(out, vec![(waiting, Outcome::Admitted { waited: SEC })]);
@@ -321,7 +324,7 @@ fn many_distinct_fairness_values_do_not_grow_memory_without_bound() {
         now += MS;
         let value = i.to_string();
         let _ = queue.offer(request(0, 1.0, 1.0, Some(&value), now), now, &mut bucket);
-        queue.dispatch(now, &mut bucket, &|_| true, &mut |_, _, _| {});
+        queue.dispatch(now, &mut bucket, &mut |_| true, &mut |_, _, _| {});
     }
     assert!(
         queue.workloads[0].fairness.len() < 1000,
@@ -360,7 +363,7 @@ fn values_whose_requests_time_out_keep_their_fair_share() {
                 kind.insert(t, is_busy);
             }
         }
-        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, _, o| {
+        queue.dispatch(now, &mut bucket, &mut |_| true, &mut |t, _, o| {
             let is_busy = kind.remove(&t).expect("known");
             if matches!(o, Outcome::Admitted { .. }) {
                 if is_busy { busy += 1.0 } else { crowd += 1.0 }
@@ -407,7 +410,7 @@ fn requests_that_timed_out_leave_no_debt_behind() {
                 }
             }
         }
-        queue.dispatch(now, &mut bucket, &|_| true, &mut |t, _, o| {
+        queue.dispatch(now, &mut bucket, &mut |_| true, &mut |t, _, o| {
             let value = kind.remove(&t).expect("known");
             if matches!(o, Outcome::Admitted { .. }) {
                 *admitted.entry(value).or_default() += 1.0;
