@@ -32,6 +32,8 @@ struct Sample {
     phase: u8,
     /// Load multiplier in force in the sidecar.
     lm: f64,
+    /// Whether it is the controller's (not a lapsed decision's fallback).
+    leased: bool,
     /// The controller's latency and setpoint signals, once it has them.
     latency: Option<f64>,
     setpoint: Option<f64>,
@@ -181,12 +183,11 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let lm = {
+                let (lm, leased) = {
                     let plan = engine.plan();
-                    plan.policies[0].load_schedulers[0]
-                        .multiplier
-                        .at(engine.clock().now())
-                        .0
+                    let m = &plan.policies[0].load_schedulers[0].multiplier;
+                    let now = engine.clock().now();
+                    (m.at(now).0, m.leased(now))
                 };
                 let text = http::get(admin, "/metrics", &[])
                     .await
@@ -196,6 +197,7 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
                     t: started.elapsed().as_secs_f64(),
                     phase: phase.load(Ordering::Relaxed),
                     lm,
+                    leased,
                     latency: signal(&text, "latency"),
                     setpoint: signal(&text, "setpoint"),
                 });
@@ -219,8 +221,13 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
         .iter()
         .map(|s| {
             format!(
-                "{:5.1}s phase {} lm {:.2} latency {:?} setpoint {:?}",
-                s.t, s.phase, s.lm, s.latency, s.setpoint
+                "{:5.1}s phase {} lm {:.2}{} latency {:?} setpoint {:?}",
+                s.t,
+                s.phase,
+                s.lm,
+                if s.leased { "" } else { " (lapsed)" },
+                s.latency,
+                s.setpoint
             )
         })
         .collect();
@@ -273,10 +280,11 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
         "subscribers {subscribers:.2} vs guests {guests:.2}"
     );
 
-    // When the load drops, the multiplier returns to pass-through.
+    // When the load drops, the controller brings the multiplier back to
+    // pass-through (its own decision, not a lapse of the last one).
     let recovered = trace
         .iter()
-        .find(|s| s.phase == CALM && s.lm >= 1.0 && s.t > calm_started)
+        .find(|s| s.phase == CALM && s.lm >= 1.0 && s.leased && s.t > calm_started)
         .map(|s| s.t);
     let recovered = recovered.unwrap_or_else(|| panic!("never recovered:\n{shown}"));
     assert!(

@@ -88,6 +88,18 @@ async fn decisions_reach_sidecars_lapse_without_the_controller_and_return_with_i
         "{text}"
     );
 
+    // A sidecar restarted (same identity, new process state) gets the
+    // current decisions within a tick (200 ms) of subscribing.
+    second.stop(Duration::from_secs(2)).await;
+    let second = sidecar_of(&policy, addr).await;
+    assert!(
+        eventually(Duration::from_millis(600), || async {
+            multiplier(&second) == 0.5
+        })
+        .await,
+        "the restarted sidecar has the decisions"
+    );
+
     // The controller goes: at valid_until the sidecars pass everything again.
     controller.stop(Duration::from_secs(2)).await;
     assert!(
@@ -195,11 +207,15 @@ async fn a_dead_prometheus_makes_the_controller_hold_then_let_go() {
         })
         .await
     );
+    let text = controller_metrics().await;
     assert!(
-        controller_metrics()
-            .await
-            .contains(r#"controller_outputs_held{policy_name="svc"} 0"#)
+        text.contains(r#"controller_outputs_held{policy_name="svc"} 0"#),
+        "{text}"
     );
+    // Nor does its /metrics show an output it no longer sends.
+    let output =
+        r#"controller_output{component="protect",field="load_multiplier",policy_name="svc"}"#;
+    assert!(!text.contains(output), "{text}");
 
     prometheus.restart().await.expect("prometheus back");
     assert!(
@@ -207,6 +223,11 @@ async fn a_dead_prometheus_makes_the_controller_hold_then_let_go() {
             multiplier(&sidecar) == 0.3
         })
         .await
+    );
+    assert!(
+        controller_metrics()
+            .await
+            .contains(&format!("{output} 0.3"))
     );
     controller.stop(Duration::from_secs(2)).await;
     sidecar.stop(Duration::from_secs(2)).await;

@@ -45,26 +45,28 @@ fn shipped_examples_validate() {
     assert!(ok, "{text}");
 }
 
+/// Broken policies: (text, what the error says, where: `:line:column:`).
+const BROKEN: [(&str, &str, &str); 3] = [
+    (
+        "name: p\nsamplers: [\n",
+        "samplers: unclosed bracket",
+        ":2:11:",
+    ),
+    (
+        "name: p\nrate_limiters:\n  - name: r\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 5\n    fill_amount: 1\n    interval: 1s\n    burst: 3\n",
+        "rate_limiters[0].burst: unknown field",
+        ":8:5:",
+    ),
+    (
+        "name: p\nrate_limiters:\n  - name: r\n    selectors: [{control_point: ingress}]\n    bucket_capacity: -5\n    fill_amount: 1\n    interval: 1s\n",
+        "rate_limiters[0].bucket_capacity: must be a finite number >= 0, got -5",
+        ":5:22:",
+    ),
+];
+
 #[test]
 fn broken_policies_are_named_with_file_line_and_field() {
-    let cases = [
-        (
-            "name: p\nsamplers: [\n",
-            "samplers: unclosed bracket",
-            ":2:11:",
-        ),
-        (
-            "name: p\nrate_limiters:\n  - name: r\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 5\n    fill_amount: 1\n    interval: 1s\n    burst: 3\n",
-            "rate_limiters[0].burst: unknown field",
-            ":8:5:",
-        ),
-        (
-            "name: p\nrate_limiters:\n  - name: r\n    selectors: [{control_point: ingress}]\n    bucket_capacity: -5\n    fill_amount: 1\n    interval: 1s\n",
-            "rate_limiters[0].bucket_capacity: must be a finite number >= 0, got -5",
-            ":5:22:",
-        ),
-    ];
-    for (yaml, expected, location) in cases {
+    for (yaml, expected, location) in BROKEN {
         let file = PolicyFile::new(yaml);
         let (ok, text) = validate(&[&file.path]);
         assert!(!ok, "{yaml} should not validate");
@@ -85,6 +87,26 @@ fn a_directory_refuses_two_policies_of_one_name() {
     assert!(
         text.contains("b.yaml:1:7: name: policy \"same\" is already defined in"),
         "{text}"
+    );
+}
+
+/// Rewrites `file` to the broken `yaml` and waits until the sidecar whose
+/// admin listener is `admin` has refused it: its `errors`-th failed reload.
+async fn break_policy(file: &PolicyFile, yaml: &str, admin: std::net::SocketAddr, errors: usize) {
+    file.rewrite(yaml);
+    let reload_errors = || async {
+        let text = http::get(admin, "/metrics", &[])
+            .await
+            .expect("metrics")
+            .text();
+        metric(&text, r#"policy_reloads_total{result="error"}"#)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            reload_errors().await == errors as f64
+        })
+        .await,
+        "{yaml} was not refused"
     );
 }
 
@@ -114,22 +136,17 @@ async fn hot_reload_applies_valid_changes_and_keeps_the_policy_on_errors() {
         .await
     );
 
-    // A broken edit: the closed gate stays closed, and the failure is counted.
-    file.rewrite(&OPEN.replace("accept_percentage: 100", "accept_percentage: 250"));
-    let reload_errors = || async {
-        let text = http::get(sidecar.admin_addr, "/metrics", &[])
-            .await
-            .expect("metrics")
-            .text();
-        metric(&text, r#"policy_reloads_total{result="error"}"#)
-    };
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            reload_errors().await == 1.0
-        })
-        .await
-    );
-    assert_eq!(status(&sidecar).await, 403);
+    // Broken edits: the closed gate stays closed, and each failure is
+    // counted.
+    let out_of_range = OPEN.replace("accept_percentage: 100", "accept_percentage: 250");
+    let edits = BROKEN
+        .iter()
+        .map(|(yaml, _, _)| *yaml)
+        .chain([out_of_range.as_str()]);
+    for (i, yaml) in edits.enumerate() {
+        break_policy(&file, yaml, sidecar.admin_addr, i + 1).await;
+        assert_eq!(status(&sidecar).await, 403, "after {yaml}");
+    }
 
     file.rewrite(OPEN);
     assert!(
@@ -248,4 +265,59 @@ fn the_binary_refuses_to_start_on_a_broken_policy() {
         stderr.contains("policy.yaml:2:") && stderr.contains("samplers"),
         "{stderr}"
     );
+}
+
+/// The binary itself, edited into each broken policy in turn: it keeps
+/// serving and its log says which file, line and field, and that the policy
+/// in force stays.
+#[tokio::test]
+async fn the_binary_logs_why_a_broken_edit_is_not_reloaded() {
+    use sluice::harness::process::Process;
+    let file = PolicyFile::new(OPEN);
+    let (grpc, admin) = (free_port().expect("port"), free_port().expect("port"));
+    let args: Vec<String> = [
+        "--policy",
+        &file.path.display().to_string(),
+        "--grpc-listen",
+        &format!("127.0.0.1:{grpc}"),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+        "--policy-poll-interval",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut process = Process::spawn(
+        "sluice",
+        std::path::Path::new(env!("CARGO_BIN_EXE_sluice")),
+        tempfile::tempdir().expect("dir"),
+        &args,
+    )
+    .expect("spawn");
+    let admin = ([127, 0, 0, 1], admin).into();
+    process
+        .wait_http_ok(admin, "/readyz", Duration::from_secs(20))
+        .await
+        .expect("ready");
+    for (i, (yaml, expected, location)) in BROKEN.iter().enumerate() {
+        break_policy(&file, yaml, admin, i + 1).await;
+        let log = std::fs::read_to_string(process.log_path()).expect("log");
+        let line = log
+            .lines()
+            .filter(|l| l.contains("policy not reloaded; keeping the one in force"))
+            .nth(i)
+            .unwrap_or_else(|| panic!("no log line for {yaml:?} in:\n{log}"));
+        let at = format!("{}{location}", file.path.display());
+        assert!(
+            line.contains(expected) && line.contains(&at),
+            "expected {expected:?} at {at:?} in {line:?}"
+        );
+    }
+    let text = http::get(admin, "/metrics", &[])
+        .await
+        .expect("metrics")
+        .text();
+    assert_eq!(metric(&text, "policy_loaded"), 1.0, "{text}");
+    process.kill().await;
 }

@@ -140,6 +140,10 @@ pub async fn subscribe(
     let mut backoff = MIN_BACKOFF;
     let mut said_down = false;
     loop {
+        // Whether this session brought any decisions: only then was it a
+        // working connection after which retrying fast is right. A
+        // controller that accepts and hangs up at once keeps backing off.
+        let mut delivered = false;
         let session = async {
             let channel = tonic::transport::Endpoint::from(url.clone())
                 .connect_timeout(Duration::from_secs(5))
@@ -159,6 +163,7 @@ pub async fn subscribe(
             metrics.connected.set(1);
             tracing::info!(controller = %url, "subscribed to the controller");
             while let Some(set) = stream.message().await? {
+                delivered = true;
                 apply(&engine, &set, &metrics);
             }
             anyhow::Ok(())
@@ -167,9 +172,8 @@ pub async fn subscribe(
             r = session => r,
             _ = shutdown.wait() => return,
         };
-        let was_connected = metrics.connected.get() == 1;
         metrics.connected.set(0);
-        if was_connected {
+        if delivered {
             backoff = MIN_BACKOFF;
             said_down = false;
         }

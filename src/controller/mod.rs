@@ -347,7 +347,28 @@ async fn tick(
                         config.hold_outputs_for
                     );
                 }
-                if fresh { r.last.clone() } else { Vec::new() }
+                if fresh {
+                    r.last.clone()
+                } else {
+                    if !r.last.is_empty() {
+                        // Held long enough: stop sending, and stop showing
+                        // outputs nobody receives any more.
+                        tracing::warn!(
+                            policy = %r.name,
+                            "no fresh signals for {:?}: no longer sending outputs; sidecars return to their policy's values when the last ones lapse",
+                            config.hold_outputs_for
+                        );
+                        for o in r.last.drain(..) {
+                            let (component, field) = describe(&o.target);
+                            for field in [field, "fill_amount"] {
+                                let _ = metrics
+                                    .output
+                                    .remove_label_values(&[&r.name, component, field]);
+                            }
+                        }
+                    }
+                    Vec::new()
+                }
             }
         };
         for o in &outputs {

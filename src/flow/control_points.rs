@@ -4,7 +4,6 @@
 //! Control point and service names come from requests, so the table is
 //! bounded; pairs beyond the bound are counted, not stored.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
@@ -13,6 +12,10 @@ use serde::Serialize;
 
 /// Pairs kept at most.
 pub const MAX_PAIRS: usize = 1024;
+
+/// Read on every Check: ahash, not SipHash (names are bounded by
+/// [`MAX_PAIRS`], so flooding the table gains nothing).
+type HashMap<K, V> = ahash::AHashMap<K, V>;
 
 /// Checks per service of one control point.
 type Services = HashMap<Box<str>, AtomicU64>;
