@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DEMO_ARGS ?=
 
-.PHONY: demo test lint unit bench bootstrap
+.PHONY: demo test lint unit bench bootstrap loadtest-smoke
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -14,10 +14,18 @@ bootstrap:
 demo: bootstrap
 	$(CARGO) run --release --example demo -- $(DEMO_ARGS)
 
-## Every test, with the real Envoy and Prometheus, plus format and lint checks.
+## Every test, with the real Envoy and Prometheus, plus format and lint checks,
+## and a smoke run of the load tests (a few seconds each, debug build: it
+## proves the scripts and generators work; figures come from loadtests/run).
 test: bootstrap lint
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	$(MAKE) loadtest-smoke
+
+loadtest-smoke:
+	$(CARGO) run --quiet --example loadtest -- all --smoke --out target/loadtest-smoke/rust.json
+	$(CARGO) run --quiet --example loadtest -- check --smoke --generator k6 --out target/loadtest-smoke/k6.json
+	$(CARGO) run --quiet --example loadtest -- check --smoke --generator h2load --out target/loadtest-smoke/h2load.json
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -835,6 +835,15 @@ fn main() -> anyhow::Result<()> {
         println!("results: {}", out.display());
         let failed: u64 = report.runs.iter().map(|r| r.errors).sum();
         anyhow::ensure!(failed == 0, "{failed} requests failed");
+        // A run that got no answer at all measured nothing: fail, so that a
+        // smoke run proves the generators reach their targets.
+        let silent: Vec<String> = report
+            .runs
+            .iter()
+            .filter(|r| r.ok + r.denied == 0)
+            .map(|r| format!("{} {} {}", r.scenario, r.target, r.load))
+            .collect();
+        anyhow::ensure!(silent.is_empty(), "no answers in: {}", silent.join(", "));
         anyhow::Ok(())
     })
 }
