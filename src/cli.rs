@@ -1,7 +1,9 @@
 //! The `sluice` command line.
 //!
 //! `sluice [FLAGS]` runs the sidecar; `sluice validate PATH...` checks
-//! policies and exits. Every flag can also be set by an environment
+//! policies and exits; `sluice health` asks a running sidecar's admin
+//! listener whether it is up (a container health check for images without
+//! a shell or curl). Every flag can also be set by an environment
 //! variable named `SLUICE_<FLAG>` (e.g. `SLUICE_GRPC_LISTEN`), which is how
 //! Kubernetes manifests usually configure a sidecar.
 
@@ -43,6 +45,18 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// GET an admin URL and exit: 0 when it answers 2xx within the timeout,
+    /// 1 otherwise, with one line saying what happened. The container
+    /// image's HEALTHCHECK (distroless: no shell, no curl).
+    Health {
+        /// What to GET: by default the sidecar's liveness route on the
+        /// default admin listener (/readyz asks for readiness).
+        #[arg(long, default_value = "http://127.0.0.1:8081/healthz", value_parser = parse_health_url)]
+        url: http::Uri,
+        /// How long to wait for the whole answer, connecting included.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// How logs are written.
@@ -57,10 +71,12 @@ pub enum LogFormat {
 /// Flags of the sidecar.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Address for Envoy's ext_authz Checks and the gRPC health service.
+    /// Address for Envoy's ext_authz Checks, its OpenTelemetry access logs
+    /// (OTLP LogsService/Export) and the gRPC health service.
     #[arg(long, env = "SLUICE_GRPC_LISTEN", default_value = "127.0.0.1:8080")]
     pub grpc_listen: SocketAddr,
-    /// Address for /metrics, /healthz, /readyz and /control-points.
+    /// Address for /metrics, /healthz, /readyz, /control-points and OTLP/HTTP
+    /// access logs (POST /v1/logs).
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     pub admin_listen: SocketAddr,
     /// Policy file, or directory whose *.yaml files are loaded. Re-read on
@@ -159,6 +175,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     policy::types::DurationSpec::parse(s)
 }
 
+/// An `http://` or `https://` URL with a host: anything else would fail
+/// only when the health check runs, as an unhealthy container.
+fn parse_health_url(s: &str) -> Result<http::Uri, String> {
+    let expected = || format!("expected an http:// or https:// URL with a host, got {s:?}");
+    let url: http::Uri = s.parse().map_err(|_| expected())?;
+    match (url.scheme_str(), url.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(url),
+        _ => Err(expected()),
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (name, value) = s
         .split_once('=')
@@ -252,6 +279,60 @@ pub fn validate(paths: &[PathBuf]) -> bool {
     ok
 }
 
+/// `sluice health`: GETs `url`, printing one line; true when it answered
+/// 2xx within `timeout`.
+pub fn health(url: &http::Uri, timeout: Duration) -> bool {
+    // One request: a single-threaded runtime is enough and starts at once.
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(get_status(url, timeout)));
+    match outcome {
+        Ok((status, _)) if status.is_success() => {
+            println!("healthy: GET {url}: {status}");
+            true
+        }
+        Ok((status, body)) => {
+            let body = body.lines().next().unwrap_or("").trim();
+            let body = body.get(..200).unwrap_or(body);
+            if body.is_empty() {
+                eprintln!("unhealthy: GET {url}: {status}");
+            } else {
+                eprintln!("unhealthy: GET {url}: {status}: {body}");
+            }
+            false
+        }
+        Err(e) => {
+            eprintln!("unhealthy: GET {url}: {e:#}");
+            false
+        }
+    }
+}
+
+/// The status and (lossy, at most 4 KiB of) body of `GET url`.
+async fn get_status(
+    url: &http::Uri,
+    timeout: Duration,
+) -> anyhow::Result<(http::StatusCode, String)> {
+    use http_body_util::{BodyExt as _, Full, Limited};
+    let client = crate::http_client::build(None, timeout)?;
+    let request = http::Request::get(url.clone()).body(Full::new(bytes::Bytes::new()))?;
+    let exchange = async {
+        let response = client.request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), 4096)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout)))?
+}
+
 /// The async runtime Sluice's binaries (and the load tests' no-op Check
 /// server) run on: `threads` workers, 0 for one per core, at most 4.
 pub fn runtime(threads: usize, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
@@ -269,8 +350,13 @@ pub fn runtime(threads: usize, name: &str) -> std::io::Result<tokio::runtime::Ru
 /// Runs the command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Validate { paths }) = &cli.command {
-        return if validate(paths) {
+    let done = match &cli.command {
+        Some(Command::Validate { paths }) => Some(validate(paths)),
+        Some(Command::Health { url, timeout }) => Some(health(url, *timeout)),
+        None => None,
+    };
+    if let Some(ok) = done {
+        return if ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE

@@ -1,7 +1,9 @@
 //! Every shipped Envoy config is accepted by the real Envoy 1.40, as is and
-//! as the harness renders it onto other ports.
+//! as the harness renders it onto other ports; and every shipped config and
+//! Istio patch keeps the same access-log contract and ext_authz essentials.
 
-use sluice::harness::envoy::{EnvoyPorts, render, validate};
+use serde_json::Value;
+use sluice::harness::envoy::{EnvoyPorts, render, render_ports, validate};
 use sluice::harness::repo_root;
 
 #[tokio::test]
@@ -13,7 +15,13 @@ async fn every_shipped_config_validates() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(!files.is_empty());
+    let names: Vec<_> = files
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str())
+        .collect();
+    for shipped in ["gateway.yaml", "quickstart.yaml", "sidecar.yaml"] {
+        assert!(names.contains(&shipped), "{shipped} missing: {names:?}");
+    }
     for file in &files {
         validate(file).await.unwrap_or_else(|e| panic!("{e:#}"));
     }
@@ -38,18 +46,7 @@ async fn the_quickstart_renders_onto_other_ports_and_still_validates() {
     std::fs::write(&path, rendered).expect("write");
     validate(&path).await.unwrap_or_else(|e| panic!("{e:#}"));
     // The access-log contract is in the shipped config.
-    for key in [
-        "sluice.flow",
-        "http.status_code",
-        "authz_duration",
-        "DURATION",
-        "REQUEST_DURATION",
-        "REQUEST_TX_DURATION",
-        "RESPONSE_DURATION",
-        "RESPONSE_TX_DURATION",
-        "BYTES_RECEIVED",
-        "BYTES_SENT",
-    ] {
+    for key in CONTRACT {
         assert!(
             text.contains(&format!("- key: {key}\n")),
             "{key} missing from the access log"
@@ -105,4 +102,224 @@ async fn the_load_test_configs_validate_and_match_the_quickstart() {
             .await
             .unwrap_or_else(|e| panic!("{file}: {e:#}"));
     }
+}
+
+/// The access-log attributes Sluice reads, in quickstart.yaml's order
+/// (docs/envoy.md). Aperture's Istio patch used the same keys, except
+/// `sluice.flow`.
+const CONTRACT: [&str; 10] = [
+    "sluice.flow",
+    "http.status_code",
+    "authz_duration",
+    "DURATION",
+    "REQUEST_DURATION",
+    "REQUEST_TX_DURATION",
+    "RESPONSE_DURATION",
+    "RESPONSE_TX_DURATION",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+];
+
+const OTEL_LOG: &str = "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig";
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const EXT_AUTHZ: &str = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+
+fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn parse(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("read");
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every object in `value` whose `@type` is `type_url`.
+fn typed<'a>(value: &'a Value, type_url: &str, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Object(map) => {
+            if map.get("@type").and_then(Value::as_str) == Some(type_url) {
+                out.push(value);
+            }
+            map.values().for_each(|v| typed(v, type_url, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| typed(v, type_url, out)),
+        _ => {}
+    }
+}
+
+fn all_typed<'a>(value: &'a Value, type_url: &str) -> Vec<&'a Value> {
+    let mut out = Vec::new();
+    typed(value, type_url, &mut out);
+    out
+}
+
+/// The access-log attribute list (and batching) of every shipped Envoy
+/// config and every Istio patch is quickstart's, so the contract Sluice
+/// reads cannot drift in one file.
+#[test]
+fn every_access_log_keeps_the_quickstarts_attribute_contract() {
+    let quickstart = parse(&repo_root().join("envoy-configs/quickstart.yaml"));
+    let reference = all_typed(&quickstart, OTEL_LOG);
+    assert_eq!(reference.len(), 1);
+    let reference = reference[0];
+    let keys: Vec<&str> = reference["attributes"]["values"]
+        .as_array()
+        .expect("attributes")
+        .iter()
+        .map(|kv| kv["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(keys, CONTRACT, "quickstart.yaml's attribute keys");
+
+    let mut files = yaml_files("envoy-configs");
+    let configs = files.len();
+    files.extend(yaml_files("istio"));
+    let mut loggers = 0;
+    for file in &files {
+        let config = parse(file);
+        let name = file.display();
+        let logs = all_typed(&config, OTEL_LOG);
+        // Every HTTP connection manager (or manager patch) reports to Sluice.
+        let managers = all_typed(&config, HCM);
+        assert_eq!(
+            logs.len(),
+            managers.len(),
+            "{name}: one Sluice access log per HTTP connection manager"
+        );
+        for log in logs {
+            for field in [
+                "attributes",
+                "log_name",
+                "buffer_flush_interval",
+                "buffer_size_bytes",
+            ] {
+                assert_eq!(log[field], reference[field], "{name}: {field}");
+            }
+            assert!(
+                log["grpc_service"]["envoy_grpc"]["cluster_name"].is_string(),
+                "{name}: the log goes to a cluster"
+            );
+            loggers += 1;
+        }
+    }
+    // quickstart 1, sidecar 2, gateway 1, and two per Istio variant.
+    assert!(
+        configs >= 3 && loggers >= 8,
+        "{configs} configs, {loggers} loggers"
+    );
+}
+
+/// What every shipped bootstrap's ext_authz must say: the control point in
+/// gRPC metadata, a timeout, a body limit, an explicit failure mode, a
+/// place just before the router, and an HTTP/2 cluster that the access log
+/// uses too.
+#[test]
+fn every_shipped_ext_authz_names_its_control_point_and_limits() {
+    for file in yaml_files("envoy-configs") {
+        let name = file.display();
+        let config = parse(&file);
+        let clusters = config["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        for manager in all_typed(&config, HCM) {
+            let filters = manager["http_filters"].as_array().expect("http_filters");
+            let names: Vec<&str> = filters.iter().filter_map(|f| f["name"].as_str()).collect();
+            assert_eq!(
+                names,
+                ["envoy.filters.http.ext_authz", "envoy.filters.http.router"],
+                "{name}"
+            );
+            let authz = &filters[0]["typed_config"];
+            assert_eq!(authz["@type"], EXT_AUTHZ, "{name}");
+            let grpc = &authz["grpc_service"];
+            let metadata = grpc["initial_metadata"]
+                .as_array()
+                .expect("initial_metadata");
+            let control_points: Vec<&str> = metadata
+                .iter()
+                .filter(|m| m["key"] == "control-point")
+                .filter_map(|m| m["value"].as_str())
+                .collect();
+            assert!(
+                matches!(control_points[..], ["ingress"] | ["egress"]),
+                "{name}: control points {control_points:?}"
+            );
+            assert!(grpc["timeout"].is_string(), "{name}: timeout");
+            assert!(
+                authz["with_request_body"]["max_request_bytes"].as_u64() > Some(0),
+                "{name}: with_request_body"
+            );
+            assert!(
+                authz["failure_mode_allow"].is_boolean(),
+                "{name}: failure_mode_allow stated"
+            );
+            let cluster = grpc["envoy_grpc"]["cluster_name"]
+                .as_str()
+                .expect("cluster");
+            let log = all_typed(manager, OTEL_LOG)[0];
+            assert_eq!(log["grpc_service"]["envoy_grpc"]["cluster_name"], cluster);
+            let sluice = clusters
+                .iter()
+                .find(|c| c["name"] == cluster)
+                .unwrap_or_else(|| panic!("{name}: no cluster {cluster}"));
+            assert!(
+                sluice["typed_extension_protocol_options"]
+                    ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                    ["explicit_http_config"]["http2_protocol_options"]
+                    .is_object(),
+                "{name}: {cluster} speaks HTTP/2"
+            );
+        }
+    }
+}
+
+/// The sidecar and gateway configs render onto other ports (they have
+/// more than the four `EnvoyPorts` names) and still validate.
+#[tokio::test]
+async fn the_sidecar_and_gateway_configs_render_onto_other_ports() {
+    let ports = EnvoyPorts {
+        admin: 19901,
+        listener: 19000,
+        upstream: Some(18000),
+        sluice: Some(18080),
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    for (file, extra) in [
+        (
+            "envoy-configs/sidecar.yaml",
+            [(10001, 19001), (9000, 19002)],
+        ),
+        ("envoy-configs/gateway.yaml", [(8001, 18001), (8002, 18002)]),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect("read");
+        // EnvoyPorts' four, and two more of each config's own.
+        let mut all = ports.substitutions().to_vec();
+        all.extend(extra.iter().map(|&(default, port)| (default, Some(port))));
+        let rendered = render_ports(&text, &all).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        for (_, port) in &all {
+            let port = port.expect("given");
+            assert!(
+                rendered.contains(&format!("port_value: {port}")),
+                "{file}: {port}"
+            );
+        }
+        let path = dir.path().join("rendered.yaml");
+        std::fs::write(&path, rendered).expect("write");
+        validate(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    }
+    // A default that is missing, or there twice, is an error.
+    let text =
+        std::fs::read_to_string(repo_root().join("envoy-configs/sidecar.yaml")).expect("read");
+    let err = render_ports(&text, &[(10002, Some(1))]).expect_err("absent");
+    assert!(err.to_string().contains("found 0"), "{err}");
+    let twice = format!("{text}\n# port_value: 9000\n");
+    let err = render_ports(&twice, &[(9000, Some(1))]).expect_err("twice");
+    assert!(err.to_string().contains("found 2"), "{err}");
 }

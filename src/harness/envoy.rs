@@ -41,6 +41,17 @@ impl EnvoyPorts {
             sluice,
         })
     }
+
+    /// Each default port with the port [`render`] puts in its place, for
+    /// [`render_ports`] when a config has more ports than these four.
+    pub fn substitutions(&self) -> [(u16, Option<u16>); 4] {
+        [
+            (9901, Some(self.admin)),
+            (10000, Some(self.listener)),
+            (8000, self.upstream),
+            (8080, self.sluice),
+        ]
+    }
 }
 
 /// The Envoy binary: `$SLUICE_ENVOY`, else the venv's.
@@ -61,13 +72,18 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 /// appear exactly once, or not at all where `ports` has `None`, so that an
 /// edited config cannot silently keep talking to a default port.
 pub fn render(config: &str, ports: &EnvoyPorts) -> anyhow::Result<String> {
+    render_ports(config, &ports.substitutions())
+}
+
+/// `config` with each `(default, port)` of `ports` applied as [`render`]
+/// does: the default must appear exactly once (`port_value: <default>`)
+/// where a port is given, and not at all where it is `None`. For configs
+/// with more ports than [`EnvoyPorts`] names (`envoy-configs/sidecar.yaml`
+/// has an egress listener and a dependency, `gateway.yaml` several
+/// backends): pass `ports.substitutions()` plus the others.
+pub fn render_ports(config: &str, ports: &[(u16, Option<u16>)]) -> anyhow::Result<String> {
     let mut out = config.to_owned();
-    for (default, port) in [
-        (9901, Some(ports.admin)),
-        (10000, Some(ports.listener)),
-        (8000, ports.upstream),
-        (8080, ports.sluice),
-    ] {
+    for &(default, port) in ports {
         let re = regex::Regex::new(&format!(r"port_value:\s*{default}\b"))?;
         let found = re.find_iter(&out).count();
         let expected = usize::from(port.is_some());

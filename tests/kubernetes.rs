@@ -1,0 +1,1126 @@
+//! The Kubernetes manifests in deploy/, the EnvoyFilters in istio/ and the
+//! Dockerfile, checked against what they run: every Sluice container's args
+//! are parsed by the binary's own clap parser; its container ports, probes
+//! and Prometheus annotations must be the listeners those args open (and
+//! the probe and scrape paths answer 200 from the real admin servers,
+//! started from those args); Services must reach ports their pods listen
+//! on; the policies in the ConfigMaps must load; the EnvoyFilters must
+//! point at the Sluice the manifests deploy; and the image must be the one
+//! the Dockerfile and README name.
+//!
+//! Nothing here talks to Kubernetes, Istio or a registry.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser as _;
+use serde_json::{Value, json};
+use sluice::harness::{free_port, http, repo_root};
+
+/// The image's repository; its tag is the crate's version.
+const IMAGE_REPO: &str = "ghcr.io/sluice-dev/sluice";
+
+fn documented_image() -> String {
+    format!("{IMAGE_REPO}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// One YAML document of one file.
+struct Doc {
+    file: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or("")
+    }
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or("")
+    }
+    fn namespace(&self) -> &str {
+        self.value["metadata"]["namespace"].as_str().unwrap_or("")
+    }
+}
+
+fn yaml_docs(dir: &str) -> Vec<Doc> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).expect("read");
+        let file = format!(
+            "{dir}/{}",
+            path.file_name().expect("name").to_string_lossy()
+        );
+        let values: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for value in values.into_iter().filter(|v| !v.is_null()) {
+            docs.push(Doc {
+                file: file.clone(),
+                value,
+            });
+        }
+    }
+    docs
+}
+
+fn manifests() -> Vec<Doc> {
+    yaml_docs("deploy")
+}
+
+/// A pod template of a Deployment or DaemonSet.
+struct Pod<'a> {
+    doc: &'a Doc,
+    labels: &'a serde_json::Map<String, Value>,
+    annotations: &'a Value,
+    spec: &'a Value,
+}
+
+impl Pod<'_> {
+    fn containers(&self) -> &Vec<Value> {
+        self.spec["containers"].as_array().expect("containers")
+    }
+    fn selected_by(&self, selector: &serde_json::Map<String, Value>) -> bool {
+        !selector.is_empty() && selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+fn pods(docs: &[Doc]) -> Vec<Pod<'_>> {
+    docs.iter()
+        .filter(|d| matches!(d.kind(), "Deployment" | "DaemonSet"))
+        .map(|doc| {
+            let template = &doc.value["spec"]["template"];
+            let labels = template["metadata"]["labels"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{}/{}: pod labels", doc.file, doc.name()));
+            // The workload's selector must select its own pods.
+            let selector = doc.value["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .expect("matchLabels");
+            assert!(
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                "{}: {} does not select its pods",
+                doc.file,
+                doc.name()
+            );
+            Pod {
+                doc,
+                labels,
+                annotations: &template["metadata"]["annotations"],
+                spec: &template["spec"],
+            }
+        })
+        .collect()
+}
+
+/// The Dockerfile's instructions, continuation lines joined, comments out.
+fn dockerfile() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                let (instruction, rest) = current.split_once(' ').unwrap_or((&current, ""));
+                out.push((instruction.to_uppercase(), rest.trim().to_owned()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+fn instructions(name: &str) -> Vec<String> {
+    dockerfile()
+        .into_iter()
+        .filter(|(i, _)| i == name)
+        .map(|(_, rest)| rest)
+        .collect()
+}
+
+/// Paths of the binaries the runtime stage copies in.
+fn image_binaries() -> BTreeSet<String> {
+    let copies = instructions("COPY");
+    let from_builder: Vec<&String> = copies
+        .iter()
+        .filter(|c| c.starts_with("--from=builder"))
+        .collect();
+    assert_eq!(from_builder.len(), 1, "{copies:?}");
+    let words: Vec<&str> = from_builder[0].split_whitespace().skip(1).collect();
+    let (dest, sources) = words.split_last().expect("COPY sources dest");
+    assert!(dest.ends_with('/'), "COPY into a directory: {dest}");
+    sources
+        .iter()
+        .map(|s| format!("{dest}{}", s.rsplit('/').next().expect("name")))
+        .collect()
+}
+
+fn exec_form(instruction: &str, rest: &str) -> Vec<String> {
+    serde_json::from_str(rest)
+        .unwrap_or_else(|e| panic!("{instruction} is not in exec form ({e}): {rest}"))
+}
+
+/// What a Sluice container runs, parsed by the binary's own parser.
+enum Run {
+    Sidecar(Box<sluice::cli::RunArgs>),
+    Controller(Box<sluice::controller::cli::RunArgs>),
+}
+
+impl Run {
+    /// Its listeners: the gRPC one first, then the admin one.
+    fn listens(&self) -> [SocketAddr; 2] {
+        match self {
+            Run::Sidecar(a) => [a.grpc_listen, a.admin_listen],
+            Run::Controller(a) => [a.listen, a.admin_listen],
+        }
+    }
+    fn admin(&self) -> SocketAddr {
+        self.listens()[1]
+    }
+    fn policy(&self) -> Option<&Path> {
+        match self {
+            Run::Sidecar(a) => a.policy.as_deref(),
+            Run::Controller(a) => a.policy.as_deref(),
+        }
+    }
+}
+
+struct SluiceContainer<'a> {
+    pod: &'a Pod<'a>,
+    container: &'a Value,
+    run: Run,
+}
+
+impl SluiceContainer<'_> {
+    fn what(&self) -> String {
+        format!(
+            "{}: {}/{} container {}",
+            self.pod.doc.file,
+            self.pod.doc.kind(),
+            self.pod.doc.name(),
+            self.container["name"].as_str().unwrap_or("?")
+        )
+    }
+
+    fn ports(&self) -> Vec<(&str, u16)> {
+        self.container["ports"]
+            .as_array()
+            .map(|ports| {
+                ports
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap_or(""),
+                            p["containerPort"].as_u64().expect("containerPort") as u16,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A probe's or Service's port (a number or a container port's name).
+    fn resolve(&self, port: &Value) -> u16 {
+        self.find_port(port)
+            .unwrap_or_else(|| panic!("{}: no container port {port}", self.what()))
+    }
+
+    /// A port number as is; a name if this container has a port so named.
+    fn find_port(&self, port: &Value) -> Option<u16> {
+        match port {
+            Value::Number(n) => n.as_u64().map(|n| n as u16),
+            Value::String(name) => self
+                .ports()
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| *p),
+            other => panic!("{}: port {other}", self.what()),
+        }
+    }
+}
+
+/// No SLUICE_* variable may leak into the parsers from the test's own
+/// environment: the manifests' args must be the whole configuration.
+fn assert_clean_environment() {
+    let leaked: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("SLUICE_") && k != "SLUICE_ENVOY")
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "unset {leaked:?}: they would change how the manifests' args parse"
+    );
+}
+
+fn sluice_containers<'a>(pods: &'a [Pod<'a>]) -> Vec<SluiceContainer<'a>> {
+    assert_clean_environment();
+    let binaries = image_binaries();
+    let entrypoint = exec_form("ENTRYPOINT", &instructions("ENTRYPOINT")[0]);
+    let mut out = Vec::new();
+    for pod in pods {
+        for container in pod.containers() {
+            let image = container["image"].as_str().expect("image");
+            if !image.starts_with(IMAGE_REPO) {
+                continue;
+            }
+            let what = format!("{}: {}", pod.doc.file, container["name"]);
+            assert_eq!(
+                image,
+                documented_image(),
+                "{what}: the image the Dockerfile builds"
+            );
+            let command: Vec<String> = match &container["command"] {
+                Value::Null => entrypoint.clone(),
+                c => serde_json::from_value(c.clone()).expect("command"),
+            };
+            assert_eq!(command.len(), 1, "{what}: {command:?}");
+            assert!(
+                binaries.contains(&command[0]),
+                "{what}: {} is not in the image ({binaries:?})",
+                command[0]
+            );
+            let args: Vec<String> = serde_json::from_value(container["args"].clone())
+                .unwrap_or_else(|e| panic!("{what}: args: {e}"));
+            // Kubernetes expands $(VAR) only for the container's own env.
+            let env: BTreeSet<&str> = container["env"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|v| v["name"].as_str()).collect())
+                .unwrap_or_default();
+            assert!(
+                env.iter().all(|name| !name.starts_with("SLUICE_")),
+                "{what}: configure by args, which this test parses"
+            );
+            for arg in &args {
+                for reference in arg.split("$(").skip(1) {
+                    let name = reference.split(')').next().unwrap_or("");
+                    assert!(env.contains(name), "{what}: {arg} names no env var");
+                }
+            }
+            let binary = command[0].rsplit('/').next().expect("name");
+            let argv = std::iter::once(binary.to_owned()).chain(args);
+            let run = match binary {
+                "sluice" => {
+                    let cli = sluice::cli::Cli::try_parse_from(argv)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(cli.command.is_none(), "{what}: runs the sidecar");
+                    Run::Sidecar(Box::new(cli.run))
+                }
+                "sluice-controller" => {
+                    let cli = sluice::controller::cli::Cli::try_parse_from(argv)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(cli.command.is_none(), "{what}: runs the controller");
+                    Run::Controller(Box::new(cli.run))
+                }
+                other => panic!("{what}: unknown binary {other}"),
+            };
+            out.push(SluiceContainer {
+                pod,
+                container,
+                run,
+            });
+        }
+    }
+    out
+}
+
+fn find<'a>(docs: &'a [Doc], kind: &str, namespace: &str, name: &str) -> Option<&'a Doc> {
+    docs.iter()
+        .find(|d| d.kind() == kind && d.namespace() == namespace && d.name() == name)
+}
+
+/// `http://NAME.NAMESPACE.svc.cluster.local:PORT/...` → (name, namespace,
+/// port); `NAME.NAMESPACE` and `NAME` (same namespace) are accepted too.
+fn service_of(url: &::http::Uri, own_namespace: &str) -> (String, String, u16) {
+    let host = url.host().expect("host");
+    let parts: Vec<&str> = host.split('.').collect();
+    let (name, namespace) = match parts[..] {
+        [name] => (name, own_namespace),
+        [name, namespace] | [name, namespace, "svc", "cluster", "local"] => (name, namespace),
+        _ => panic!("{url} is not a Service address"),
+    };
+    let port = url
+        .port_u16()
+        .unwrap_or(if url.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    (name.to_owned(), namespace.to_owned(), port)
+}
+
+/// The container (and its pod) a Service port reaches, with the port.
+fn service_backends<'a>(
+    docs: &[Doc],
+    containers: &'a [SluiceContainer<'a>],
+    name: &str,
+    namespace: &str,
+    port: u16,
+) -> Vec<(&'a SluiceContainer<'a>, u16)> {
+    let service = find(docs, "Service", namespace, name)
+        .unwrap_or_else(|| panic!("no Service {namespace}/{name} in deploy/"));
+    let service_port = service.value["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["port"].as_u64() == Some(u64::from(port)))
+        .unwrap_or_else(|| panic!("Service {namespace}/{name} has no port {port}"));
+    let selector = service.value["spec"]["selector"]
+        .as_object()
+        .expect("selector");
+    let backends: Vec<_> = containers
+        .iter()
+        .filter(|c| c.pod.doc.namespace() == namespace && c.pod.selected_by(selector))
+        .map(|c| {
+            let target = &service_port["targetPort"];
+            (c, c.resolve(target))
+        })
+        .collect();
+    assert!(
+        !backends.is_empty(),
+        "Service {namespace}/{name} reaches no Sluice"
+    );
+    backends
+}
+
+#[test]
+fn every_manifest_parses_and_uses_the_documented_image() {
+    let docs = manifests();
+    let files: BTreeSet<&str> = docs.iter().map(|d| d.file.as_str()).collect();
+    assert_eq!(
+        files,
+        BTreeSet::from([
+            "deploy/shop-pod-sidecar.yaml",
+            "deploy/shop.yaml",
+            "deploy/sluice-daemonset.yaml",
+            "deploy/sluice-system.yaml",
+        ])
+    );
+    for doc in &docs {
+        assert!(doc.value["apiVersion"].is_string(), "{}", doc.file);
+        assert!(!doc.name().is_empty(), "{}: {}", doc.file, doc.kind());
+        assert!(
+            doc.kind() == "Namespace" || !doc.namespace().is_empty(),
+            "{}: {} {} has no namespace",
+            doc.file,
+            doc.kind(),
+            doc.name()
+        );
+        // Every namespace used is one the manifests create.
+        if doc.kind() != "Namespace" {
+            assert!(
+                docs.iter()
+                    .any(|n| n.kind() == "Namespace" && n.name() == doc.namespace()),
+                "{}: namespace {} is not created in deploy/",
+                doc.file,
+                doc.namespace()
+            );
+        }
+    }
+    let kinds: BTreeSet<&str> = docs.iter().map(Doc::kind).collect();
+    for kind in [
+        "ConfigMap",
+        "DaemonSet",
+        "Deployment",
+        "Namespace",
+        "Service",
+    ] {
+        assert!(kinds.contains(kind), "no {kind}");
+    }
+
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let kinds: Vec<String> = containers
+        .iter()
+        .map(|c| {
+            let binary = match c.run {
+                Run::Sidecar(_) => "sluice",
+                Run::Controller(_) => "sluice-controller",
+            };
+            format!("{} {binary}", c.pod.doc.kind())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Deployment sluice",            // shop-pod-sidecar.yaml
+            "DaemonSet sluice",             // sluice-daemonset.yaml
+            "Deployment sluice-controller", // sluice-system.yaml
+        ]
+    );
+    // Every image of ours is named so; every other image is pinned.
+    for pod in &pods {
+        for container in pod.containers() {
+            let image = container["image"].as_str().expect("image");
+            assert!(
+                image.starts_with(IMAGE_REPO) == (image == documented_image()),
+                "{}: {image}",
+                pod.doc.file
+            );
+            assert!(
+                image
+                    .rsplit_once(':')
+                    .is_some_and(|(_, tag)| tag != "latest"),
+                "{}: pin {image}",
+                pod.doc.file
+            );
+        }
+    }
+    // The documents that tell users the image's name say the same.
+    for file in ["README.md", "Dockerfile", "docs/istio.md"] {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect(file);
+        let named: BTreeSet<&str> = text
+            .match_indices(IMAGE_REPO)
+            .map(|(at, _)| {
+                let rest = &text[at..];
+                let end = rest
+                    .find(|c: char| c.is_whitespace() || c == '`' || c == ')' || c == '"')
+                    .unwrap_or(rest.len());
+                // Sentence punctuation after the name is not part of it.
+                rest[..end].trim_end_matches(['.', ',', ':', ';'])
+            })
+            .collect();
+        assert_eq!(
+            named,
+            BTreeSet::from([documented_image().as_str()]),
+            "{file} names the image"
+        );
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_both_binaries_and_checks_health_with_sluice() {
+    let from = instructions("FROM");
+    assert_eq!(
+        from,
+        [
+            "rust:1.95-bookworm AS builder",
+            "gcr.io/distroless/cc-debian12:nonroot"
+        ]
+    );
+    let runs = instructions("RUN");
+    assert!(
+        runs.iter()
+            .any(|r| r
+                .contains("cargo build --release --locked --bin sluice --bin sluice-controller")),
+        "{runs:?}"
+    );
+    let binaries = image_binaries();
+    assert_eq!(
+        binaries,
+        BTreeSet::from([
+            "/usr/local/bin/sluice".to_owned(),
+            "/usr/local/bin/sluice-controller".to_owned()
+        ])
+    );
+    assert_eq!(instructions("USER"), ["65532:65532"], "non-root, numeric");
+    let entrypoint = exec_form("ENTRYPOINT", &instructions("ENTRYPOINT")[0]);
+    assert_eq!(entrypoint, ["/usr/local/bin/sluice"]);
+    let labels = instructions("LABEL").join(" ");
+    assert!(
+        labels.contains(&format!(
+            "org.opencontainers.image.version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{labels}"
+    );
+
+    // EXPOSE: the binaries' default listeners, which the manifests use.
+    let exposed: BTreeSet<u16> = instructions("EXPOSE")
+        .iter()
+        .flat_map(|e| e.split_whitespace().map(|p| p.parse().expect("port")))
+        .collect();
+    let sidecar = sluice::cli::Cli::try_parse_from(["sluice"])
+        .expect("defaults")
+        .run;
+    let controller = sluice::controller::cli::Cli::try_parse_from(["sluice-controller"])
+        .expect("defaults")
+        .run;
+    let defaults = BTreeSet::from([
+        sidecar.grpc_listen.port(),
+        sidecar.admin_listen.port(),
+        controller.listen.port(),
+        controller.admin_listen.port(),
+    ]);
+    assert_eq!(exposed, defaults);
+    let docs = manifests();
+    let pods = pods(&docs);
+    let listened: BTreeSet<u16> = sluice_containers(&pods)
+        .iter()
+        .flat_map(|c| c.run.listens().map(|a| a.port()))
+        .collect();
+    assert_eq!(exposed, listened, "the manifests listen where EXPOSE says");
+
+    // HEALTHCHECK: `sluice health` on the sidecar's admin liveness route.
+    let healthcheck = instructions("HEALTHCHECK");
+    assert_eq!(healthcheck.len(), 1);
+    let (options, cmd) = healthcheck[0].split_once("CMD ").expect("CMD");
+    assert!(options.contains("--timeout="), "{options}");
+    let argv = exec_form("HEALTHCHECK CMD", cmd);
+    assert!(binaries.contains(&argv[0]), "{argv:?}");
+    let cli = sluice::cli::Cli::try_parse_from(
+        std::iter::once("sluice".to_owned()).chain(argv[1..].iter().cloned()),
+    )
+    .expect("the HEALTHCHECK's command parses");
+    let Some(sluice::cli::Command::Health { url, .. }) = cli.command else {
+        panic!("HEALTHCHECK does not run `sluice health`: {argv:?}");
+    };
+    assert_eq!(url.host(), Some("127.0.0.1"));
+    assert_eq!(url.port_u16(), Some(sidecar.admin_listen.port()));
+    assert_eq!(url.path(), "/healthz");
+
+    // The build context keeps out what the build does not need.
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore")).expect(".dockerignore");
+    let ignored: BTreeSet<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for path in ["target", ".git", ".venv"] {
+        assert!(ignored.contains(path), ".dockerignore: {path}");
+    }
+    for needed in [
+        "src",
+        "proto",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "benches",
+    ] {
+        assert!(
+            !ignored.contains(needed),
+            ".dockerignore must keep {needed}"
+        );
+    }
+}
+
+/// The policy directory a container's `--policy` names, rebuilt from the
+/// ConfigMap mounted there.
+fn policy_dir(docs: &[Doc], c: &SluiceContainer<'_>) -> (tempfile::TempDir, PathBuf) {
+    let what = c.what();
+    let policy = c
+        .run
+        .policy()
+        .unwrap_or_else(|| panic!("{what}: no --policy"));
+    let mounts = c.container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts");
+    let mount = mounts
+        .iter()
+        .find(|m| policy.starts_with(m["mountPath"].as_str().expect("mountPath")))
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", policy.display()));
+    let volume = c.pod.spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{what}: no volume {}", mount["name"]));
+    let config_map = volume["configMap"]["name"].as_str().expect("a ConfigMap");
+    let namespace = c.pod.doc.namespace();
+    let doc = find(docs, "ConfigMap", namespace, config_map)
+        .unwrap_or_else(|| panic!("{what}: no ConfigMap {namespace}/{config_map}"));
+    let dir = tempfile::tempdir().expect("dir");
+    for (key, text) in doc.value["data"].as_object().expect("data") {
+        std::fs::write(dir.path().join(key), text.as_str().expect("text")).expect("write");
+    }
+    let relative = policy
+        .strip_prefix(mount["mountPath"].as_str().expect("mountPath"))
+        .expect("under the mount");
+    let path = dir.path().join(relative);
+    (dir, path)
+}
+
+/// GETs `path` on `admin`, expecting 200.
+async fn answers(admin: SocketAddr, path: &str, what: &str) -> String {
+    let reply = http::get(admin, path, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{what}: GET {path}: {e:#}"));
+    assert_eq!(reply.status, 200, "{what}: GET {path}: {}", reply.text());
+    reply.text()
+}
+
+#[tokio::test]
+async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let uid = instructions("USER")[0]
+        .split(':')
+        .next()
+        .expect("uid")
+        .parse::<u64>()
+        .expect("numeric");
+    for c in &containers {
+        let what = c.what();
+        let listens = c.run.listens();
+        for addr in listens {
+            assert!(
+                addr.ip().is_loopback() || addr.ip().is_unspecified(),
+                "{what}: {addr}: loopback or every address"
+            );
+        }
+        // Declared ports are listened on; what others must reach is declared.
+        let declared: BTreeSet<u16> = c.ports().iter().map(|(_, p)| *p).collect();
+        let listened: BTreeSet<u16> = listens.iter().map(|a| a.port()).collect();
+        let public: BTreeSet<u16> = listens
+            .iter()
+            .filter(|a| a.ip().is_unspecified())
+            .map(|a| a.port())
+            .collect();
+        assert!(
+            declared.is_subset(&listened),
+            "{what}: {declared:?} ⊄ {listened:?}"
+        );
+        assert!(
+            public.is_subset(&declared),
+            "{what}: {public:?} not declared"
+        );
+
+        // Probes: the admin listener, which the kubelet must reach.
+        let admin = c.run.admin();
+        assert!(
+            admin.ip().is_unspecified(),
+            "{what}: kubelet reaches {admin}"
+        );
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            let get = &c.container[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{what}: {probe}");
+            assert_eq!(c.resolve(&get["port"]), admin.port(), "{what}: {probe}");
+        }
+        // Prometheus: the admin listener's /metrics.
+        let a = c.pod.annotations;
+        assert_eq!(a["prometheus.io/scrape"], "true", "{what}");
+        assert_eq!(a["prometheus.io/port"], admin.port().to_string(), "{what}");
+        assert_eq!(a["prometheus.io/path"], "/metrics", "{what}");
+
+        let resources = &c.container["resources"];
+        for kind in ["requests", "limits"] {
+            for resource in ["cpu", "memory"] {
+                assert!(
+                    !resources[kind][resource].is_null(),
+                    "{what}: {kind}.{resource}"
+                );
+            }
+        }
+        let security = &c.container["securityContext"];
+        assert_eq!(security["runAsNonRoot"], true, "{what}");
+        assert_eq!(security["runAsUser"], uid, "{what}: the image's user");
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{what}");
+
+        // Whoever can reach the admin port must not feed flux meters.
+        if let Run::Sidecar(args) = &c.run {
+            assert!(!args.otlp_http, "{what}: --otlp-http=false on 0.0.0.0");
+        }
+    }
+
+    // The probe and scrape paths are real routes: start each binary's
+    // server from the parsed args (on loopback, without Prometheus or the
+    // controller) and ask.
+    for c in &containers {
+        let what = c.what();
+        let (_dir, policy) = policy_dir(&docs, c);
+        let admin_paths = [
+            c.container["livenessProbe"]["httpGet"]["path"]
+                .as_str()
+                .expect("path"),
+            c.container["readinessProbe"]["httpGet"]["path"]
+                .as_str()
+                .expect("path"),
+        ];
+        let scrape = c.pod.annotations["prometheus.io/path"]
+            .as_str()
+            .expect("path");
+        match &c.run {
+            Run::Sidecar(args) => {
+                let config = sluice::server::Config {
+                    grpc_listen: ([127, 0, 0, 1], 0).into(),
+                    admin_listen: ([127, 0, 0, 1], 0).into(),
+                    policy: Some(policy),
+                    remote_write: None,
+                    controller: None,
+                    ..args.config().unwrap_or_else(|e| panic!("{what}: {e:#}"))
+                };
+                let sidecar = sluice::server::Sidecar::start(&config)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                for path in admin_paths {
+                    answers(sidecar.admin_addr, path, &what).await;
+                }
+                let metrics = answers(sidecar.admin_addr, scrape, &what).await;
+                assert!(metrics.contains("flowcontrol_requests_total"), "{what}");
+                sidecar.stop(Duration::from_secs(5)).await;
+            }
+            Run::Controller(args) => {
+                let dead = free_port().expect("port");
+                let config = sluice::controller::ControllerConfig {
+                    listen: ([127, 0, 0, 1], 0).into(),
+                    admin_listen: ([127, 0, 0, 1], 0).into(),
+                    // Never the cluster's Prometheus: nothing leaves loopback.
+                    prometheus_url: format!("http://127.0.0.1:{dead}"),
+                    ..sluice::controller::cli::config(args, &policy)
+                };
+                let controller = sluice::controller::Controller::start(config)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                for path in admin_paths {
+                    answers(controller.admin_addr, path, &what).await;
+                }
+                let metrics = answers(controller.admin_addr, scrape, &what).await;
+                assert!(metrics.contains("controller_ticks_total"), "{what}");
+                controller.stop(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+#[test]
+fn services_reach_ports_their_pods_listen_on() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let services: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Service").collect();
+    assert!(services.len() >= 4);
+    for service in services {
+        let what = format!("{}: Service {}", service.file, service.name());
+        let selector = service.value["spec"]["selector"]
+            .as_object()
+            .expect("selector");
+        let selected: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| {
+                p.doc.file == service.file
+                    && p.doc.namespace() == service.namespace()
+                    && p.selected_by(selector)
+            })
+            .collect();
+        assert!(!selected.is_empty(), "{what} selects no pod");
+        for port in service.value["spec"]["ports"].as_array().expect("ports") {
+            let target = &port["targetPort"];
+            for pod in &selected {
+                let found = pod.containers().iter().any(|c| {
+                    c["ports"].as_array().is_some_and(|ports| {
+                        ports.iter().any(|p| match target {
+                            Value::String(name) => p["name"] == *name,
+                            number => p["containerPort"] == *number,
+                        })
+                    })
+                });
+                assert!(
+                    found,
+                    "{what}: no container port {target} in {}",
+                    pod.doc.name()
+                );
+            }
+            // A Sluice port behind a Service is gRPC: named so that Istio
+            // speaks HTTP/2 to it.
+            let in_selected =
+                |c: &&SluiceContainer| selected.iter().any(|p| std::ptr::eq(*p, c.pod));
+            for c in containers.iter().filter(in_selected) {
+                let grpc = c.run.listens()[0];
+                if c.find_port(target) == Some(grpc.port()) {
+                    assert!(grpc.ip().is_unspecified(), "{what}: {grpc} is loopback");
+                    assert!(
+                        port["name"].as_str().is_some_and(|n| n.starts_with("grpc")),
+                        "{what}: port name"
+                    );
+                    assert_eq!(port["appProtocol"], "grpc", "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// Every `service` a policy's selectors name.
+fn selector_services(value: &Value, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(selectors)) = map.get("selectors") {
+                for s in selectors {
+                    out.insert(s["service"].as_str().unwrap_or("any").to_owned());
+                }
+            }
+            map.values().for_each(|v| selector_services(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| selector_services(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_policies_load_and_are_the_same_everywhere() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let maps: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "ConfigMap" && d.name() == "sluice-policies")
+        .collect();
+    assert_eq!(maps.len(), 2, "sluice-system's and the shop's copy");
+    assert_eq!(
+        maps[0].value["data"], maps[1].value["data"],
+        "the controller's decisions apply only to the same policy text"
+    );
+    // Every container's --policy loads with the real loader.
+    for c in &containers {
+        let (_dir, path) = policy_dir(&docs, c);
+        let set = sluice::policy::load_path(&path).unwrap_or_else(|e| panic!("{}: {e}", c.what()));
+        assert!(!set.policies.is_empty());
+        if let Run::Controller(_) = c.run {
+            assert!(
+                set.policies.iter().any(|p| p.policy.circuit.is_some()),
+                "{}: the controller has a circuit to run",
+                c.what()
+            );
+        }
+    }
+
+    // The services the policies select are the ones the deployments name,
+    // both ways: the pod's --service, or the service-name EnvoyFilter's.
+    // A name on one side only is a policy that never applies.
+    let mut named = BTreeSet::new();
+    for c in &containers {
+        if let Run::Sidecar(args) = &c.run
+            && args.service != "any"
+        {
+            named.insert(args.service.clone());
+        }
+    }
+    let service_name = yaml_docs("istio")
+        .into_iter()
+        .find(|d| d.file == "istio/shop-service-name.yaml")
+        .expect("istio/shop-service-name.yaml");
+    for patch in service_name.value["spec"]["configPatches"]
+        .as_array()
+        .expect("patches")
+    {
+        let service = &patch["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+            ["check_settings"]["context_extensions"]["service"];
+        named.insert(service.as_str().expect("service").to_owned());
+    }
+    for map in maps {
+        let mut selected = BTreeSet::new();
+        for text in map.value["data"].as_object().expect("data").values() {
+            let policy: Value =
+                serde_saphyr::from_str(text.as_str().expect("text")).expect("policy yaml");
+            selector_services(&policy, &mut selected);
+        }
+        selected.remove("any");
+        assert_eq!(
+            selected, named,
+            "{}: the services the policies select, and those the deployments name",
+            map.file
+        );
+    }
+}
+
+#[test]
+fn the_envoy_filters_reach_the_sluice_the_manifests_deploy() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let filters = yaml_docs("istio");
+    let filter = |name: &str| {
+        &filters
+            .iter()
+            .find(|d| d.kind() == "EnvoyFilter" && d.name() == name)
+            .unwrap_or_else(|| panic!("no EnvoyFilter {name}"))
+            .value
+    };
+
+    // Variant 1: the CLUSTER ADD patch is the pod's Sluice's gRPC listener,
+    // in every pod the filter selects, and only there.
+    let pod_filter = filter("sluice-pod-sidecar");
+    let selector = pod_filter["spec"]["workloadSelector"]["labels"]
+        .as_object()
+        .expect("workloadSelector");
+    let added = &pod_filter["spec"]["configPatches"][0]["patch"]["value"];
+    let endpoint = &added["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    let mut selected = 0;
+    for pod in &pods {
+        let own_sluice = containers
+            .iter()
+            .find(|c| std::ptr::eq(c.pod, pod) && matches!(c.run, Run::Sidecar(_)));
+        let grpc_on_loopback = own_sluice.is_some_and(|c| c.run.listens()[0].ip().is_loopback());
+        assert_eq!(
+            pod.selected_by(selector),
+            grpc_on_loopback,
+            "{}: {} is selected iff it has a Sluice container on loopback",
+            pod.doc.file,
+            pod.doc.name()
+        );
+        if let Some(c) = own_sluice.filter(|_| grpc_on_loopback) {
+            let grpc = c.run.listens()[0];
+            assert_eq!(endpoint["address"], grpc.ip().to_string(), "{}", c.what());
+            assert_eq!(endpoint["port_value"], grpc.port(), "{}", c.what());
+            selected += 1;
+        }
+    }
+    assert_eq!(selected, 1);
+
+    // Variant 2: Istio's cluster for the Service `sluice`, whose port leads
+    // to the DaemonSet's gRPC listener on every node, and to no other node.
+    let daemonset_filter = filter("sluice-daemonset");
+    let grpc = &daemonset_filter["spec"]["configPatches"][2]["patch"]["value"]["typed_config"]["grpc_service"]
+        ["envoy_grpc"];
+    let cluster = grpc["cluster_name"].as_str().expect("cluster_name");
+    let parts: Vec<&str> = cluster.split('|').collect();
+    let [direction, port, subset, host] = parts[..] else {
+        panic!("{cluster} is not an Istio cluster name");
+    };
+    assert_eq!((direction, subset), ("outbound", ""));
+    assert_eq!(grpc["authority"], host, "a valid :authority");
+    let url: ::http::Uri = format!("http://{host}:{port}").parse().expect("url");
+    let (name, namespace, port) = service_of(&url, "");
+    let service = find(&docs, "Service", &namespace, &name).expect("the Service");
+    assert_eq!(
+        service.value["spec"]["internalTrafficPolicy"], "Local",
+        "each proxy reaches its own node's Sluice"
+    );
+    for (c, target) in service_backends(&docs, &containers, &name, &namespace, port) {
+        assert_eq!(c.pod.doc.kind(), "DaemonSet", "{}", c.what());
+        assert_eq!(target, c.run.listens()[0].port(), "{}: gRPC", c.what());
+        assert!(c.run.listens()[0].ip().is_unspecified(), "{}", c.what());
+    }
+
+    // Sluice's namespace gets no istio-proxy (it would check Sluice's own
+    // Checks), the apps' namespace does.
+    let injection = |ns: &str| {
+        find(&docs, "Namespace", "", ns).expect("namespace").value["metadata"]["labels"]
+            ["istio-injection"]
+            .clone()
+    };
+    assert_eq!(injection(&namespace), json!("disabled"));
+    for c in &containers {
+        if c.pod.doc.namespace() == namespace {
+            assert_eq!(
+                c.pod.labels.get("sidecar.istio.io/inject"),
+                Some(&json!("false")),
+                "{}",
+                c.what()
+            );
+        }
+    }
+    assert_eq!(injection("shop"), json!("enabled"));
+
+    // The service-name filter selects the shop's pods of variant 2.
+    let service_name = filter("sluice-service-name");
+    let selector = service_name["spec"]["workloadSelector"]["labels"]
+        .as_object()
+        .expect("workloadSelector");
+    let shop: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.doc.file == "deploy/shop.yaml")
+        .collect();
+    assert!(!shop.is_empty());
+    for pod in shop {
+        assert_eq!(pod.doc.namespace(), service_name["metadata"]["namespace"]);
+        assert!(pod.selected_by(selector), "{}", pod.doc.name());
+    }
+}
+
+#[test]
+fn sidecars_find_the_controller_and_one_prometheus() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let prometheus: BTreeSet<String> = containers
+        .iter()
+        .map(|c| match &c.run {
+            Run::Controller(args) => {
+                let url: ::http::Uri = args.prometheus_url.parse().expect("url");
+                format!("{}", url.authority().expect("authority"))
+            }
+            Run::Sidecar(args) => {
+                let url = args.remote_write_url.as_ref().expect("--remote-write-url");
+                assert_eq!(url.path(), "/api/v1/write", "{}", c.what());
+                format!("{}", url.authority().expect("authority"))
+            }
+        })
+        .collect();
+    assert_eq!(prometheus.len(), 1, "one Prometheus: {prometheus:?}");
+
+    let mut sidecars = 0;
+    for c in &containers {
+        let Run::Sidecar(args) = &c.run else { continue };
+        let url = args.controller.as_ref().expect("--controller");
+        let (name, namespace, port) = service_of(url, c.pod.doc.namespace());
+        let backends = service_backends(&docs, &containers, &name, &namespace, port);
+        for (controller, target) in backends {
+            let Run::Controller(_) = controller.run else {
+                panic!("{}: --controller reaches {}", c.what(), controller.what());
+            };
+            let listen = controller.run.listens()[0];
+            assert_eq!(target, listen.port(), "{}", c.what());
+            assert!(listen.ip().is_unspecified(), "{}", controller.what());
+        }
+        sidecars += 1;
+    }
+    assert_eq!(sidecars, 2);
+}
+
+/// Every file the docs, configs and manifests name exists: relative links
+/// in Markdown, and repository paths (`deploy/…`, `istio/…`, `tests/…`)
+/// anywhere, so a renamed file cannot leave a dangling instruction.
+#[test]
+fn every_file_the_docs_name_exists() {
+    let root = repo_root();
+    let mut files = vec![root.join("README.md"), root.join("Dockerfile")];
+    for dir in ["docs", "envoy-configs", "istio", "deploy"] {
+        let mut more: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "md" || e == "yaml"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    let mentioned = regex::Regex::new(
+        r"(?:\.\./)?\b((?:deploy|istio|envoy-configs|examples|docs|tests|loadtests)/[A-Za-z0-9_./-]+\.(?:yaml|yml|md|rs))",
+    )
+    .expect("regex");
+    let link = regex::Regex::new(r"\]\(([^)#\s]+)").expect("regex");
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read");
+        let name = file
+            .strip_prefix(&root)
+            .expect("in repo")
+            .display()
+            .to_string();
+        for m in mentioned.captures_iter(&text) {
+            let path = &m[1];
+            assert!(
+                root.join(path).exists(),
+                "{name} names {path}, which does not exist"
+            );
+            checked += 1;
+        }
+        if file.extension().is_some_and(|e| e == "md") {
+            for m in link.captures_iter(&text) {
+                let target = &m[1];
+                if target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                let path = file.parent().expect("dir").join(target);
+                assert!(path.exists(), "{name} links {target}, which does not exist");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} references found");
+}
