@@ -113,3 +113,36 @@ fn the_accept_path_does_not_allocate() {
         "allocations in 1,000 accepted decisions"
     );
 }
+
+/// The whole accept answer: the decision plus Envoy's CheckResponse. The
+/// response allocates what its protobuf types own and nothing else: the
+/// `sluice.flow` string, the metadata map and its key, and for the
+/// `baggage` header the header list, its name and its value.
+#[test]
+fn an_accepted_check_allocates_only_what_its_response_owns() {
+    const RESPONSE_OWNS: u64 = 6;
+    let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
+    let sources = vec![(PathBuf::from("p.yaml"), POLICY.to_owned())];
+    engine.install(&parse_sources(&sources).expect("valid"));
+    let requests: Vec<wire::CheckRequest> = (0..100).map(request).collect();
+    let answer = |req: &wire::CheckRequest| {
+        let view = CheckView::new(req);
+        let flow = FlowRequest {
+            control_point: "ingress",
+            service: "any",
+            labels: &view,
+        };
+        let response = engine.decide(flow, |d| sluice::envoy::response::build(&d, &view));
+        drop(response);
+    };
+    requests.iter().for_each(answer);
+    let before = allocations();
+    for _ in 0..10 {
+        requests.iter().for_each(answer);
+    }
+    let per_check = (allocations() - before) as f64 / 1000.0;
+    assert_eq!(
+        per_check, RESPONSE_OWNS as f64,
+        "allocations per accepted Check, decision and response"
+    );
+}

@@ -58,13 +58,13 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 fn baggage(decision: &Decision<'_>, view: &CheckView<'_>) -> Option<String> {
     let mut added = decision.baggage().peekable();
     added.peek()?;
-    let mut out = String::new();
-    let ours: Vec<(&str, &str)> = decision.baggage().collect();
+    let mut out = String::with_capacity(64);
     if let Some(existing) = view.header("baggage") {
         let existing = String::from_utf8_lossy(existing);
         for member in existing.split(',') {
             let key = member.split(['=', ';']).next().unwrap_or_default().trim();
-            if key.is_empty() || ours.iter().any(|(k, _)| *k == key) {
+            // Few labels: scanning them again beats collecting them.
+            if key.is_empty() || decision.baggage().any(|(k, _)| k == key) {
                 continue;
             }
             if !out.is_empty() {
@@ -73,7 +73,7 @@ fn baggage(decision: &Decision<'_>, view: &CheckView<'_>) -> Option<String> {
             out.push_str(member.trim());
         }
     }
-    for (key, value) in ours {
+    for (key, value) in decision.baggage() {
         if !out.is_empty() {
             out.push(',');
         }

@@ -177,22 +177,17 @@ impl<'a> Decision<'a> {
     }
 
     fn encode_metadata(&self, accepted: bool, rejected_by: Option<&str>) -> String {
-        let join = |parts: &mut dyn Iterator<Item = String>| parts.collect::<Vec<_>>().join(",");
-        let meters = join(&mut self.flux_meters.iter().map(|m| m.key.to_string()));
-        let workloads = if accepted {
-            join(&mut self.workloads.iter().map(|(k, w)| format!("{k}:{w}")))
-        } else {
-            String::new()
-        };
-        let mut out = String::with_capacity(48 + meters.len() + workloads.len());
-        FlowMeta {
-            id: self.flow_id,
+        let mut out =
+            String::with_capacity(64 + 32 * (self.flux_meters.len() + self.workloads.len()));
+        metadata::encode(
+            &mut out,
+            self.flow_id,
             accepted,
             rejected_by,
-            flux_meters: &meters,
-            workloads: &workloads,
-        }
-        .encode_into(&mut out);
+            self.flux_meters.iter().map(|m| &*m.key),
+            // Only admitted flows teach schedulers their workloads' latency.
+            self.workloads.iter().copied().filter(|_| accepted),
+        );
         out
     }
 
