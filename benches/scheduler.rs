@@ -126,6 +126,24 @@ fn parked_futures(c: &mut Criterion) {
     let mut group = c.benchmark_group("scheduler_saturated");
     group.sample_size(10);
     group.throughput(Throughput::Elements(QUEUED as u64));
+    // Queueing costs the same whether 10 or 10,000 wait: filling the queue
+    // from empty is linear, not quadratic.
+    group.bench_function("async_queue_10000_checks", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += runtime.block_on(async {
+                    let engine = new_engine();
+                    let started = tokio::time::Instant::now();
+                    let waiting = queue_up(&engine).await;
+                    let took = started.elapsed();
+                    waiting.iter().for_each(|w| w.abort());
+                    took
+                });
+            }
+            total
+        })
+    });
     group.bench_function("async_drain_10000_parked_checks", |b| {
         b.iter_custom(|iterations| {
             let mut total = Duration::ZERO;
