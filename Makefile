@@ -10,7 +10,8 @@ DEMO_ARGS ?=
 bootstrap:
 	./scripts/bootstrap.sh
 
-## The demo: Envoy, an upstream, Sluice, Prometheus and sluice-controller on loopback, with traffic.
+## The demo: Envoy, an upstream, Sluice, Prometheus and sluice-controller on loopback,
+## with traffic from k6; draws target/demo/demo.svg (README, Quick start).
 demo: bootstrap
 	$(CARGO) run --release --example demo -- $(DEMO_ARGS)
 

@@ -1,7 +1,8 @@
 //! The `sluice` command line.
 //!
 //! `sluice [FLAGS]` runs the sidecar; `sluice validate PATH...` checks
-//! policies and exits; `sluice health` asks a running sidecar's admin
+//! policies and exits; `sluice schema` prints the JSON Schema of a policy
+//! file (for editors); `sluice health` asks a running sidecar's admin
 //! listener whether it is up (a container health check for images without
 //! a shell or curl). Every flag can also be set by an environment
 //! variable named `SLUICE_<FLAG>` (e.g. `SLUICE_GRPC_LISTEN`), which is how
@@ -45,6 +46,10 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print the JSON Schema of a policy file and exit, for editors
+    /// (yaml-language-server: `# yaml-language-server: $schema=<file>`).
+    /// It checks fields, types and ranges; `validate` checks everything.
+    Schema,
     /// GET an admin URL and exit: 0 when it answers 2xx within the timeout,
     /// 1 otherwise, with one line saying what happened. The container
     /// image's HEALTHCHECK (distroless: no shell, no curl).
@@ -352,6 +357,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = match &cli.command {
         Some(Command::Validate { paths }) => Some(validate(paths)),
+        Some(Command::Schema) => {
+            println!("{:#}", policy::schema::policy_schema());
+            Some(true)
+        }
         Some(Command::Health { url, timeout }) => Some(health(url, *timeout)),
         None => None,
     };

@@ -9,27 +9,31 @@
 //! lines, a blueprint that expands into such a list (`sluice-controller
 //! explain` prints it).
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::types::{DurationSpec, Name};
 
 /// `circuit:`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitSpec {
-    /// A blueprint to expand, e.g. `load_scheduling.average_latency`.
+    /// A blueprint to expand: `load_scheduling.average_latency`, the only one
+    /// so far. Its components run before `components`. Default none.
     #[serde(default)]
     pub blueprint: Option<String>,
-    /// The blueprint's parameters.
+    /// The blueprint's parameters; required with `blueprint`, refused without
+    /// it.
     #[serde(default)]
     pub parameters: Option<AverageLatencyParameters>,
-    /// Components, after the blueprint's (if any).
+    /// Components, run in this order every tick, after the blueprint's (if
+    /// any). Default none.
     #[serde(default)]
     pub components: Vec<ComponentSpec>,
 }
 
 /// A constant or a signal.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum Operand {
     /// A number.
@@ -39,7 +43,7 @@ pub enum Operand {
 }
 
 /// One component.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ComponentSpec {
     /// A PromQL instant query.
@@ -66,36 +70,41 @@ pub enum ComponentSpec {
 
 /// `promql`: its value is the query's result (the sum when it returns
 /// several series); missing when it returns nothing.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PromqlSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// The query.
+    /// A PromQL instant query; when it returns several series their values are
+    /// summed.
     pub query: String,
-    /// How often it is run (a multiple of the tick; default every tick).
+    /// How often the query runs, rounded up to a whole number of ticks; in
+    /// between, the signal keeps its last value. Default none: every tick.
     #[serde(default)]
     pub evaluation_interval: Option<DurationSpec>,
 }
 
 /// `ema`: alpha = 2 / (window / tick + 1). Missing input: it holds (missing
 /// until its first value). While `freeze` is non-zero it holds too.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EmaSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// What it averages.
+    /// What it averages: a number or a signal.
     pub input: Operand,
-    /// Its span.
+    /// Its span: alpha = 2 / (window / tick + 1), the window rounded up to a
+    /// whole number of ticks.
     pub window: DurationSpec,
-    /// Holds while non-zero.
+    /// Holds its value while this is non-zero. Default none.
     #[serde(default)]
     pub freeze: Option<Operand>,
 }
 
 /// Operators of `arithmetic`.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ArithmeticOp {
     /// `lhs + rhs`
@@ -109,21 +118,22 @@ pub enum ArithmeticOp {
 }
 
 /// `arithmetic`: missing when an operand is.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ArithmeticSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// The operator.
+    /// The operator: `add`, `sub`, `mul` or `div`.
     pub op: ArithmeticOp,
-    /// Left operand.
+    /// Left operand: a number or a signal.
     pub lhs: Operand,
-    /// Right operand.
+    /// Right operand: a number or a signal.
     pub rhs: Operand,
 }
 
 /// Comparisons of `decider`.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Comparison {
     /// `lhs > rhs`
@@ -133,22 +143,26 @@ pub enum Comparison {
 }
 
 /// `decider`: 1 once `lhs op rhs` has held for `true_for`, 0 once it has
-/// not held for `false_for`. Missing operands: it holds (0 at first).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// not held for `false_for` (0 at first). A missing operand counts as the
+/// comparison not holding.
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeciderSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// The comparison.
+    /// The comparison: `gt` (lhs > rhs) or `lt` (lhs < rhs).
     pub op: Comparison,
-    /// Left operand.
+    /// Left operand: a number or a signal.
     pub lhs: Operand,
-    /// Right operand.
+    /// Right operand: a number or a signal.
     pub rhs: Operand,
-    /// How long the comparison must hold to switch to 1.
+    /// How long the comparison must hold before the output switches to 1.
+    /// Default `0s`.
     #[serde(default = "zero")]
     pub true_for: DurationSpec,
-    /// How long it must fail to switch back to 0.
+    /// How long it must fail before the output switches back to 0. Default
+    /// `0s`.
     #[serde(default = "zero")]
     pub false_for: DurationSpec,
 }
@@ -160,25 +174,29 @@ fn zero() -> DurationSpec {
 /// `gradient_controller`: out = control_variable × clamp((signal /
 /// setpoint)^slope, min_gradient, max_gradient). With a negative slope, a
 /// signal above its setpoint scales the control variable down. Missing
-/// when any input is (or the setpoint is not positive).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// when any input is, when the setpoint is not positive or when the signal
+/// is negative.
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GradientSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// What is measured.
+    /// What is measured: a number or a signal.
     pub signal: Operand,
-    /// Where it should be.
+    /// Where the signal should be: a number or a signal (the output is missing
+    /// unless it is above 0).
     pub setpoint: Operand,
-    /// What is scaled.
+    /// What is scaled: a number or a signal.
     pub control_variable: Operand,
-    /// Sensitivity (default -1).
+    /// Sensitivity: the exponent of signal / setpoint. Negative: a signal above
+    /// its setpoint scales the control variable down. Default `-1`.
     #[serde(default = "minus_one")]
     pub slope: f64,
-    /// Smallest factor (default 0.1).
+    /// Smallest factor applied to the control variable. Default `0.1`.
     #[serde(default = "tenth")]
     pub min_gradient: f64,
-    /// Largest factor (default 1).
+    /// Largest factor applied to the control variable. Default `1`.
     #[serde(default = "one")]
     pub max_gradient: f64,
 }
@@ -195,109 +213,116 @@ fn one() -> f64 {
 
 /// `integrator`: adds `input` every tick, within `[min, max]`; back to
 /// `initial` while `reset` is non-zero. Missing input: it holds.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IntegratorSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// What it adds.
+    /// What it adds every tick: a number or a signal.
     pub input: Operand,
-    /// Resets while non-zero.
+    /// Back to `initial` while this is non-zero. Default none.
     #[serde(default)]
     pub reset: Option<Operand>,
-    /// Starting value (default 0).
+    /// Its starting value, and its value while reset. Default `0`.
     #[serde(default)]
     pub initial: f64,
-    /// Lower bound.
+    /// Lower bound of the sum. Default none.
     #[serde(default)]
     pub min: Option<f64>,
-    /// Upper bound.
+    /// Upper bound of the sum. Default none.
     #[serde(default)]
     pub max: Option<f64>,
 }
 
 /// `switcher`: `on_true` while `switch` is non-zero, else `on_false`;
 /// missing when the chosen operand (or the switch) is.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SwitcherSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// The condition.
+    /// The condition: a number or a signal, true when non-zero.
     pub switch: Operand,
     /// Chosen while the switch is non-zero.
     pub on_true: Operand,
-    /// Chosen otherwise.
+    /// Chosen while the switch is zero.
     pub on_false: Operand,
 }
 
 /// `min` / `max` over the present operands; missing when none is.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExtremumSpec {
-    /// The signal it writes.
+    /// The signal it writes: a name no other component of the circuit writes.
+    #[schemars(length(min = 1))]
     pub out: String,
-    /// The operands.
+    /// The operands: numbers or signals; missing ones are left out.
     pub inputs: Vec<Operand>,
 }
 
 /// `actuator`: sends its input(s) to one sidecar component of this policy.
 /// Nothing is sent for a missing input; the sidecars' last decision lapses
 /// at its `valid_until` and they return to the policy's own value.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ActuatorSpec {
-    /// A load scheduler: `input` is its load multiplier.
+    /// A load scheduler of this policy: `input` is its load multiplier.
     #[serde(default)]
     pub load_scheduler: Option<Name>,
-    /// A sampler: `input` is its accept percentage.
+    /// A sampler of this policy: `input` is its accept percentage.
     #[serde(default)]
     pub sampler: Option<Name>,
-    /// A concurrency limiter: `input` is its max concurrency.
+    /// A concurrency limiter of this policy: `input` is its max concurrency.
     #[serde(default)]
     pub concurrency_limiter: Option<Name>,
-    /// A rate limiter: `bucket_capacity` and/or `fill_amount`.
+    /// A rate limiter of this policy: `bucket_capacity` and/or `fill_amount`
+    /// are sent (not `input`).
     #[serde(default)]
     pub rate_limiter: Option<Name>,
-    /// The value, for all but rate limiters.
+    /// The value sent to a load scheduler, sampler or concurrency limiter.
     #[serde(default)]
     pub input: Option<Operand>,
-    /// A rate limiter's capacity.
+    /// The bucket capacity sent to a rate limiter.
     #[serde(default)]
     pub bucket_capacity: Option<Operand>,
-    /// A rate limiter's fill amount.
+    /// The fill amount sent to a rate limiter.
     #[serde(default)]
     pub fill_amount: Option<Operand>,
 }
 
 /// Parameters of `load_scheduling.average_latency`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AverageLatencyParameters {
-    /// The flux meter (of this policy) measuring the service's latency.
+    /// The flux meter of this policy measuring the service's latency.
     pub flux_meter: Name,
-    /// The load scheduler (of this policy) protecting it.
+    /// The load scheduler of this policy protecting the service.
     pub load_scheduler: Name,
-    /// Overload when the recent average exceeds the long-term one by this
-    /// factor (default 1.1).
+    /// Overload is when the recent average latency exceeds the long-term one
+    /// times this (>= 1). Default `1.1`.
     #[serde(default = "tolerance")]
+    #[schemars(range(min = 1.0))]
     pub latency_tolerance_multiplier: f64,
-    /// The recent average's window (default 30s).
+    /// The window of the recent average latency. Default `30s`.
     #[serde(default = "thirty_seconds")]
     pub signal_window: DurationSpec,
-    /// The long-term average's span (an EMA, frozen during overload;
-    /// default 30m).
+    /// The span of the long-term average (an EMA, frozen during overload).
+    /// Default `30m`.
     #[serde(default = "thirty_minutes")]
     pub baseline_window: DurationSpec,
-    /// How much the multiplier rises per tick when not overloaded (default
-    /// 0.05), back to 1 (pass-through).
+    /// How much the multiplier rises per tick when not overloaded (> 0), back
+    /// to 1 (pass-through). Default `0.05`.
     #[serde(default = "recovery")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub recovery_step: f64,
-    /// The gradient controller's slope (default -1).
+    /// The gradient controller's slope. Default `-1`.
     #[serde(default = "minus_one")]
     pub slope: f64,
-    /// The smallest multiplier the controller sets (default 0.05).
+    /// The smallest multiplier the controller sets, 0 to 1. Default `0.05`.
     #[serde(default = "floor")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub min_load_multiplier: f64,
 }
 

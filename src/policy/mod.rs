@@ -9,11 +9,13 @@
 
 pub mod circuit;
 pub mod load;
+pub mod schema;
 pub mod types;
 pub mod watch;
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -24,55 +26,67 @@ use types::{
 };
 
 /// One policy: a named set of flow-control components.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Unique across all loaded files; labels every metric of the policy.
+    /// The policy's name, unique across all loaded files: the `policy_name`
+    /// label of its metrics. 1 to 128 letters, digits, `_`, `-` or `.`.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Add labels to flows, from headers, the body or a JWT.
+    /// Classifiers: add labels to flows, from headers, the body or a JWT (stage
+    /// 2). Default none.
     #[serde(default)]
     pub classifiers: Vec<ClassifierSpec>,
-    /// Accept a percentage of flows.
+    /// Samplers: accept a percentage of flows (stage 4). Default none.
     #[serde(default)]
     pub samplers: Vec<SamplerSpec>,
-    /// Token buckets, optionally one per value of a label.
+    /// Rate limiters: token buckets, optionally one per value of a label (stage
+    /// 5). Default none.
     #[serde(default)]
     pub rate_limiters: Vec<RateLimiterSpec>,
-    /// Latency (or other access-log value) histograms.
+    /// Flux meters: histograms of a value of each flow's access log, latency by
+    /// default (attached at stage 3, observed when the log arrives). Default
+    /// none.
     #[serde(default)]
     pub flux_meters: Vec<FluxMeterSpec>,
-    /// Bounds on flows in flight, optionally per value of a label.
+    /// Concurrency limiters: bounds on the flows in flight, optionally per
+    /// value of a label (stage 5, after the rate limiters). Default none.
     #[serde(default)]
     pub concurrency_limiters: Vec<ConcurrencyLimiterSpec>,
-    /// Weighted-fair queues admitting at most `max_concurrency` in flight.
+    /// Concurrency schedulers: weighted-fair queues admitting at most
+    /// `max_concurrency` flows in flight (stage 6). Default none.
     #[serde(default)]
     pub concurrency_schedulers: Vec<ConcurrencySchedulerSpec>,
-    /// Weighted-fair queues in front of a token bucket.
+    /// Quota schedulers: weighted-fair queues in front of a token bucket (stage
+    /// 6, after the concurrency schedulers). Default none.
     #[serde(default)]
     pub quota_schedulers: Vec<QuotaSchedulerSpec>,
-    /// Weighted-fair queues admitting a share (the load multiplier) of the
-    /// incoming token rate.
+    /// Load schedulers: weighted-fair queues admitting a share (the load
+    /// multiplier) of the incoming token rate (stage 6, last). Default none.
     #[serde(default)]
     pub load_schedulers: Vec<LoadSchedulerSpec>,
-    /// What `sluice-controller` runs for this policy every tick; sidecars
-    /// only validate it.
+    /// The control loop `sluice-controller` runs for this policy every tick
+    /// (docs/controller.md); sidecars only validate it. Default none.
     #[serde(default)]
+    #[schemars(with = "Option<circuit::CircuitSpec>")]
     pub circuit: Option<Spanned<circuit::CircuitSpec>>,
 }
 
 /// Which flows a component applies to. A component applies to a flow when
 /// any of its selectors matches.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
-    /// The control point (`ingress`, `egress`, or a name set in Envoy's
-    /// ext_authz `initial_metadata`).
+    /// The control point: `ingress`, `egress`, or any name Envoy sends (gRPC
+    /// initial metadata `control-point`, or the ext_authz context extension
+    /// `control-point`; else the sidecar's `--default-control-point`).
     pub control_point: Name,
-    /// The service, from the ext_authz context extension `service` or the
-    /// sidecar's `--service`; `any` matches all.
+    /// The flow's service (the ext_authz context extension `service`, else the
+    /// sidecar's `--service`); `any` matches every service. Default `any`.
     #[serde(default = "any_service")]
     pub service: String,
-    /// Further conditions on the flow's labels.
+    /// Further conditions on the flow's labels; all given parts must hold.
+    /// Default none: every flow at the control point matches.
     #[serde(default)]
     pub label_matcher: Option<LabelMatcherSpec>,
 }
@@ -82,35 +96,37 @@ fn any_service() -> String {
 }
 
 /// Conditions on labels; all given parts must hold (Kubernetes semantics).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LabelMatcherSpec {
-    /// Label equals value, for each entry.
+    /// Label name to value: each label must be present with exactly that value.
+    /// Default none.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<LabelName, schema::ScalarText>")]
     pub match_labels: BTreeMap<LabelName, String>,
-    /// Kubernetes-style set expressions.
+    /// Kubernetes-style set expressions; each must hold. Default none.
     #[serde(default)]
     pub match_expressions: Vec<MatchExpressionSpec>,
-    /// Aperture's expression tree, for what the two above cannot say
-    /// (alternatives, negation, regular expressions).
+    /// Aperture's expression tree, for what the two above cannot say:
+    /// alternatives, negation, regular expressions. Default none.
     #[serde(default)]
     pub expression: Option<ExpressionSpec>,
 }
 
 /// `{key, operator, values}` as in Kubernetes label selectors.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, try_from = "RawMatchExpression")]
 pub struct MatchExpressionSpec {
     /// The label.
     pub key: LabelName,
-    /// How to compare it.
+    /// How the label is compared.
     pub operator: Operator,
-    /// The set for `In`/`NotIn`; empty for `Exists`/`DoesNotExist`.
+    /// The set for `In` and `NotIn`; empty for `Exists` and `DoesNotExist`.
     pub values: Vec<String>,
 }
 
 /// Operators of [`MatchExpressionSpec`].
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 pub enum Operator {
     /// The label is present and its value is in the set.
     In,
@@ -122,12 +138,19 @@ pub enum Operator {
     DoesNotExist,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawMatchExpression {
+    /// The label.
     key: LabelName,
+    /// `In`: the label is present and its value is in `values`; `NotIn`: the
+    /// label is absent or its value is not in `values`; `Exists`: the label is
+    /// present; `DoesNotExist`: it is absent.
     operator: Operator,
+    /// The set of values: non-empty for `In` and `NotIn`, empty (or absent) for
+    /// `Exists` and `DoesNotExist`. Default `[]`.
     #[serde(default)]
+    #[schemars(with = "Vec<schema::ScalarText>")]
     values: Vec<String>,
 }
 
@@ -153,7 +176,7 @@ impl TryFrom<RawMatchExpression> for MatchExpressionSpec {
 }
 
 /// Aperture's label-matcher expression tree.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ExpressionSpec {
     /// All of the listed expressions hold.
@@ -172,52 +195,58 @@ pub enum ExpressionSpec {
 }
 
 /// `{of: [...]}`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExpressionList {
-    /// The operands.
+    /// The operand expressions.
     pub of: Vec<ExpressionSpec>,
 }
 
 /// `{label, value}`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LabelValue {
     /// The label.
     pub label: LabelName,
-    /// The value it must have.
+    /// The value it must have, exactly.
+    #[schemars(with = "schema::ScalarText")]
     pub value: String,
 }
 
 /// `{label, regex}`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRegex {
     /// The label.
     pub label: LabelName,
-    /// The pattern its value must match.
+    /// A regular expression (Rust `regex` syntax) that must match somewhere in
+    /// the label's value: anchor it with `^...$` for a whole-value match.
     pub regex: RegexSpec,
 }
 
 /// Adds labels to matching flows.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifierSpec {
-    /// Optional; names the classifier in metrics (default `classifiers[i]`).
+    /// The classifier's name in metrics and logs, unique among the policy's
+    /// components. Default `classifiers[<index>]`.
     #[serde(default)]
+    #[schemars(with = "Option<Name>")]
     pub name: Option<Spanned<Name>>,
-    /// Which flows to classify.
+    /// Which flows it classifies: those matching any of these selectors (at
+    /// least one).
     pub selectors: NonEmpty<Selector>,
-    /// Output label name to how its value is found. Rules of one classifier
-    /// all read the flow as it was before the classifier ran; later
+    /// Output label name to the rule that finds its value. Rules of one
+    /// classifier all read the flow as it was before the classifier ran; later
     /// classifiers see earlier ones' labels.
     pub rules: BTreeMap<LabelName, RuleSpec>,
 }
 
 /// How one classifier label gets its value: exactly one of `from`, `json`,
 /// `path_template`, `jwt`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, try_from = "RawRule")]
+#[schemars(with = "RawRule")]
 pub struct RuleSpec {
     /// The extractor.
     pub extractor: ExtractorSpec,
@@ -251,17 +280,30 @@ pub enum ExtractorSpec {
     },
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
+    /// Copy a value: a flow label, a request header
+    /// (`request.http.headers.<name>`), or `request.http.method`, `path`,
+    /// `host`, `scheme`, `protocol`, `body` or `bearer`.
     #[serde(default)]
     from: Option<String>,
+    /// A value inside a JSON document, the request body by default: strings as
+    /// they are, numbers and booleans printed, objects and arrays as compact
+    /// JSON, `null` as absent.
     #[serde(default)]
     json: Option<RawJson>,
+    /// Path templates, each starting with `/`, e.g. `/users/{id}` (`{name}`
+    /// is one non-empty segment, a final `*` the rest): the value is the
+    /// first template that matches the path.
     #[serde(default)]
     path_template: Option<NonEmpty<String>>,
+    /// A claim of a JWT, the bearer token by default. The signature is not
+    /// verified: that is the job of Envoy's `jwt_authn` filter in front.
     #[serde(default)]
     jwt: Option<RawJwt>,
+    /// Whether the label is also sent upstream, in the `baggage` header.
+    /// Default `true`, as in Aperture.
     #[serde(default = "yes")]
     telemetry: bool,
 }
@@ -270,19 +312,32 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize)]
+/// `json`: a value inside a JSON document.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "JsonExtractor")]
 struct RawJson {
+    /// Where the JSON document is, as for `from`. Default `request.http.body`
+    /// (Envoy must send the body: `with_request_body`).
     #[serde(default = "body_source")]
     from: String,
+    /// RFC 6901 pointer to the value, e.g. `/account/tier`; empty for the whole
+    /// document.
+    #[schemars(regex(pattern = "^(/|$)"))]
     pointer: String,
 }
 
-#[derive(Deserialize)]
+/// `jwt`: a claim of a JWT, whose signature is not verified.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "JwtExtractor")]
 struct RawJwt {
+    /// Where the token is, as for `from`. Default `request.http.bearer`, the
+    /// bearer token of the `authorization` header.
     #[serde(default = "bearer_source")]
     from: String,
+    /// The claim: a name (`sub`) or a JSON pointer (`/realm_access/roles/0`).
+    #[schemars(length(min = 1))]
     claim: String,
 }
 
@@ -344,53 +399,68 @@ impl TryFrom<RawRule> for RuleSpec {
 }
 
 /// Accepts a percentage of matching flows; rejects the rest.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerSpec {
-    /// Unique among the policy's samplers.
+    /// The sampler's name, unique among the policy's components of all kinds:
+    /// it names the component in metrics and in the `x-sluice-rejected-by`
+    /// header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows to sample.
+    /// Which flows it samples: those matching any of these selectors (at least
+    /// one).
     pub selectors: NonEmpty<Selector>,
-    /// Share of flows accepted.
+    /// Percentage of flows accepted, 0 to 100. The controller can override it
+    /// (a `sampler` actuator).
     pub accept_percentage: Percentage,
-    /// When set, the decision is a pure function of this label's value, so a
-    /// session (user, device, ...) is either always in or always out, on
-    /// every sidecar. Flows without the label are sampled at random.
+    /// A label whose value decides: the decision is a hash of it, so a session
+    /// (user, device...) is always in or always out, on every sidecar, and
+    /// raising the percentage only adds sessions. Flows without the label, and
+    /// samplers without the key, are sampled at random. Default none.
     #[serde(default)]
     pub session_label_key: Option<LabelName>,
-    /// Status of a rejected flow.
+    /// HTTP status of a rejected flow, 400 to 599. Default `403`.
     #[serde(default = "DeniedStatus::forbidden")]
     pub denied_status_code: DeniedStatus,
 }
 
 /// A token bucket, optionally one per value of a label.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiterSpec {
-    /// Unique among the policy's rate limiters.
+    /// The rate limiter's name, unique among the policy's components of all
+    /// kinds: it names the component in metrics and in the
+    /// `x-sluice-rejected-by` header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows to limit.
+    /// Which flows it limits: those matching any of these selectors (at least
+    /// one).
     pub selectors: NonEmpty<Selector>,
-    /// Most tokens a bucket holds; a new bucket starts full.
+    /// Most tokens a bucket holds (>= 0); a new bucket starts full. The
+    /// controller can override it (a `rate_limiter` actuator).
     pub bucket_capacity: NonNegative,
-    /// Tokens added per `interval`.
+    /// Tokens added to a bucket per `interval` (>= 0). The controller can
+    /// override it.
     pub fill_amount: NonNegative,
-    /// The refill period.
+    /// The refill period (> 0).
     pub interval: PositiveDuration,
-    /// Refill smoothly (default) or all at once at each interval boundary.
+    /// `true`: refill smoothly; `false`: add whole `fill_amount`s at interval
+    /// boundaries. Default `true`.
     #[serde(default = "yes")]
     pub continuous_fill: bool,
     /// One bucket per value of this label; a flow without the label passes.
-    /// Without it, one bucket for all matching flows.
+    /// Default none: one bucket for all matching flows.
     #[serde(default)]
     pub limit_by_label_key: Option<LabelName>,
-    /// Tokens a flow costs, read from this label (default 1 per flow).
+    /// A label whose value (a number >= 0) is what a flow costs. Default none:
+    /// a flow costs 1 (so does one whose label is not such a number).
     #[serde(default)]
     pub tokens_label_key: Option<LabelName>,
-    /// A label value's bucket is forgotten after this long unused.
+    /// A label value's bucket is forgotten after this long unused. Default
+    /// `2h`.
     #[serde(default = "two_hours")]
     pub max_idle_time: DurationSpec,
-    /// Status of a rejected flow.
+    /// HTTP status of a rejected flow, 400 to 599. Default `429`.
     #[serde(default = "DeniedStatus::too_many_requests")]
     pub denied_status_code: DeniedStatus,
 }
@@ -400,14 +470,15 @@ fn two_hours() -> DurationSpec {
 }
 
 /// Observes matching flows in a histogram when their access logs arrive.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(try_from = "RawFluxMeter")]
 pub struct FluxMeterSpec {
     /// Unique among the policy's components; the `flux_meter_name` label.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
     /// Which flows to observe.
     pub selectors: NonEmpty<Selector>,
-    /// The access-log value observed (default `workload_duration_ms`).
+    /// The access-log value observed.
     pub attribute_key: String,
     /// Upper bounds of the histogram buckets, increasing (`+Inf` implied).
     pub buckets: Vec<f64>,
@@ -418,19 +489,34 @@ pub const DEFAULT_FLUX_METER_BUCKETS: [f64; 11] = [
     5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawFluxMeter {
+    /// The flux meter's name, unique among the policy's components: the
+    /// `flux_meter_name` label of its histogram.
+    #[schemars(with = "Name")]
     name: Spanned<Name>,
+    /// Which flows it observes: those matching any of these selectors (at least
+    /// one).
     selectors: NonEmpty<Selector>,
+    /// The access-log value observed. Default `workload_duration_ms`, the
+    /// upstream's time.
     #[serde(default = "workload_duration")]
+    #[schemars(length(min = 1))]
     attribute_key: String,
+    /// Upper bounds of the histogram buckets, strictly increasing and finite
+    /// (`+Inf` is implied). At most one bucket layout is given; without one,
+    /// the buckets are 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000.
     #[serde(default)]
+    #[schemars(length(min = 1, max = MAX_BUCKETS))]
     static_buckets: Option<Vec<f64>>,
+    /// `count` buckets: `start`, `start + width`, ...
     #[serde(default)]
     linear_buckets: Option<LinearBuckets>,
+    /// `count` buckets: `start`, `start * factor`, ...
     #[serde(default)]
     exponential_buckets: Option<ExponentialBuckets>,
+    /// `count` buckets spread exponentially from `min` to `max`.
     #[serde(default)]
     exponential_buckets_range: Option<ExponentialBucketsRange>,
 }
@@ -440,29 +526,45 @@ fn workload_duration() -> String {
 }
 
 /// `count` buckets: `start`, `start + width`, ...
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LinearBuckets {
+    /// The first bound.
     start: f64,
+    /// The step between bounds (> 0).
+    #[schemars(extend("exclusiveMinimum" = 0))]
     width: f64,
+    /// How many buckets, 1 to 200.
+    #[schemars(range(min = 1, max = MAX_BUCKETS))]
     count: u32,
 }
 
 /// `count` buckets: `start`, `start * factor`, ...
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ExponentialBuckets {
+    /// The first bound (> 0).
+    #[schemars(extend("exclusiveMinimum" = 0))]
     start: f64,
+    /// Each bound is the previous one times this (> 1).
+    #[schemars(extend("exclusiveMinimum" = 1))]
     factor: f64,
+    /// How many buckets, 1 to 200.
+    #[schemars(range(min = 1, max = MAX_BUCKETS))]
     count: u32,
 }
 
 /// `count` buckets spread exponentially from `min` to `max`.
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ExponentialBucketsRange {
+    /// The first bound (> 0).
+    #[schemars(extend("exclusiveMinimum" = 0))]
     min: f64,
+    /// The last bound (> `min`).
     max: f64,
+    /// How many buckets, 2 to 200.
+    #[schemars(range(min = 2, max = MAX_BUCKETS))]
     count: u32,
 }
 
@@ -551,23 +653,29 @@ impl TryFrom<RawFluxMeter> for FluxMeterSpec {
 
 /// Bounds the flows in flight; a slot is returned when the flow's access
 /// log arrives, or after `max_inflight_duration`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencyLimiterSpec {
-    /// Unique among the policy's components.
+    /// The concurrency limiter's name, unique among the policy's components of
+    /// all kinds: it names the component in metrics and in the
+    /// `x-sluice-rejected-by` header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows to limit.
+    /// Which flows it limits: those matching any of these selectors (at least
+    /// one).
     pub selectors: NonEmpty<Selector>,
-    /// Most flows in flight (per label value with `limit_by_label_key`).
+    /// Most flows in flight (per value of `limit_by_label_key`, when set). The
+    /// controller can override it (a `concurrency_limiter` actuator).
     pub max_concurrency: u64,
     /// One count per value of this label; a flow without the label passes.
+    /// Default none: one count for all matching flows.
     #[serde(default)]
     pub limit_by_label_key: Option<LabelName>,
-    /// A flow whose access log has not arrived after this long is taken to
-    /// have ended, and its slot returned.
+    /// A flow whose access log has not arrived after this long is taken to have
+    /// ended, and its slot returned. Default `1m`.
     #[serde(default = "one_minute")]
     pub max_inflight_duration: PositiveDuration,
-    /// Status of a rejected flow.
+    /// HTTP status of a rejected flow, 400 to 599. Default `429`.
     #[serde(default = "DeniedStatus::too_many_requests")]
     pub denied_status_code: DeniedStatus,
 }
@@ -577,38 +685,43 @@ fn one_minute() -> PositiveDuration {
 }
 
 /// How a scheduler orders and bounds the requests it queues.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSpec {
-    /// Classes of requests; the first whose label matcher matches wins.
+    /// Classes of requests, each with its own parameters: the first whose
+    /// `label_matcher` matches a request wins. Default none: every request gets
+    /// `default_workload_parameters`.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
-    /// Parameters of requests no workload matches.
+    /// Parameters of requests no workload matches. Default priority 1, tokens
+    /// 1, queue timeout 1s.
     #[serde(default)]
     pub default_workload_parameters: WorkloadParameters,
     /// A label whose value (a number > 0) overrides a request's priority.
+    /// Default none.
     #[serde(default)]
     pub priority_label_key: Option<LabelName>,
     /// A label whose value (a number >= 0) overrides a request's tokens.
+    /// Default none.
     #[serde(default)]
     pub tokens_label_key: Option<LabelName>,
-    /// A label whose value names the request's workload (overriding the
-    /// label matchers).
+    /// A label whose value names the request's workload (a workload's `name`),
+    /// overriding the label matchers. Default none.
     #[serde(default)]
     pub workload_label_key: Option<LabelName>,
-    /// Requests of one workload share its capacity evenly across the values
-    /// of this label (users, tenants...).
+    /// Requests of one workload share its capacity evenly across the values of
+    /// this label (users, tenants...). Default none.
     #[serde(default)]
     pub fairness_label_key: Option<LabelName>,
-    /// Time kept back from Envoy's gRPC deadline, so that the answer
-    /// arrives before Envoy gives up.
+    /// Time kept back from Envoy's gRPC deadline, so that the answer arrives
+    /// before Envoy gives up. Default `10ms`.
     #[serde(default = "ten_ms")]
     pub decision_deadline_margin: DurationSpec,
-    /// Status of a rejected request.
+    /// HTTP status of a rejected request, 400 to 599. Default `503`.
     #[serde(default = "DeniedStatus::service_unavailable")]
     pub denied_status_code: DeniedStatus,
-    /// Most requests waiting at once; a request finding it full is
-    /// rejected at once.
+    /// Most requests waiting at once; a request finding the queue full is
+    /// rejected at once. Default `1000`.
     #[serde(default = "thousand")]
     pub max_queued_requests: usize,
 }
@@ -622,32 +735,36 @@ fn thousand() -> usize {
 }
 
 /// A class of requests.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
-    /// Names the workload (for `workload_label_key` and metrics).
+    /// Names the workload, for `workload_label_key`. Default none. (Metrics
+    /// label workloads by position: `workload_index`.)
     #[serde(default)]
     pub name: Option<Name>,
-    /// Which requests belong to it; none matches all.
+    /// Which requests belong to it. Default none: all requests.
     #[serde(default)]
     pub label_matcher: Option<LabelMatcherSpec>,
-    /// How its requests are scheduled.
+    /// How its requests are scheduled. Default priority 1, tokens 1, queue
+    /// timeout 1s.
     #[serde(default)]
     pub parameters: WorkloadParameters,
 }
 
 /// How a workload's requests are scheduled.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadParameters {
-    /// Weight (> 0): a workload of priority 2 gets twice the tokens of one
-    /// of priority 1 when both wait.
+    /// Weight (> 0): of two saturated workloads, one of priority 2 gets twice
+    /// the tokens of one of priority 1. Default `1`.
     #[serde(default = "one")]
     pub priority: Positive,
-    /// What one request costs (>= 0).
+    /// What one request costs (>= 0), unless `tokens_label_key` or
+    /// `workload_latency_based_tokens` say otherwise. Default `1`.
     #[serde(default = "one_nonneg")]
     pub tokens: NonNegative,
-    /// Longest wait in the queue (also bounded by Envoy's deadline).
+    /// Longest wait in the queue, also bounded by Envoy's deadline less
+    /// `decision_deadline_margin`. Default `1s`.
     #[serde(default = "one_second")]
     pub queue_timeout: DurationSpec,
 }
@@ -676,28 +793,33 @@ fn one_second() -> DurationSpec {
 
 /// Admits a share of the incoming token rate; protects a service under
 /// load (the controller moves the share).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoadSchedulerSpec {
-    /// Unique among the policy's components.
+    /// The load scheduler's name, unique among the policy's components of all
+    /// kinds: it names the component in metrics and in the
+    /// `x-sluice-rejected-by` header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows it schedules.
+    /// Which flows it schedules: those matching any of these selectors (at
+    /// least one).
     pub selectors: NonEmpty<Selector>,
-    /// Share of the incoming token rate admitted; 1.0 or more passes
-    /// everything. The controller overrides it for a while.
+    /// Share of the incoming token rate admitted (>= 0); 1 or more passes
+    /// everything. The controller overrides it for a while (a `load_scheduler`
+    /// actuator). Default `1`.
     #[serde(default = "one_nonneg")]
     pub load_multiplier: NonNegative,
-    /// Window over which the incoming token rate is observed.
+    /// Window over which the incoming token rate is observed. Default `10s`.
     #[serde(default = "ten_seconds")]
     pub rate_window: PositiveDuration,
-    /// Estimate each workload's tokens per request from its observed
-    /// latency (ms, from the access logs) instead of `tokens`.
+    /// Estimate each workload's tokens per request from its observed latency
+    /// (ms, from the access logs) instead of `tokens`. Default `false`.
     #[serde(default)]
     pub workload_latency_based_tokens: bool,
-    /// Decide and count, but admit everything.
+    /// Decide and count, but admit everything. Default `false`.
     #[serde(default)]
     pub dry_run: bool,
-    /// Queueing and ordering.
+    /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,
 }
@@ -723,46 +845,55 @@ impl Default for SchedulerSpec {
 }
 
 /// A token bucket whose excess requests queue in fair order.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaSchedulerSpec {
-    /// Unique among the policy's components.
+    /// The quota scheduler's name, unique among the policy's components of all
+    /// kinds: it names the component in metrics and in the
+    /// `x-sluice-rejected-by` header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows it schedules.
+    /// Which flows it schedules: those matching any of these selectors (at
+    /// least one).
     pub selectors: NonEmpty<Selector>,
-    /// Most tokens a bucket holds; a new bucket starts full.
+    /// Most tokens a bucket holds (>= 0); a new bucket starts full.
     pub bucket_capacity: NonNegative,
-    /// Tokens added per `interval`.
+    /// Tokens added to a bucket per `interval` (>= 0).
     pub fill_amount: NonNegative,
-    /// The refill period.
+    /// The refill period (> 0).
     pub interval: PositiveDuration,
-    /// Refill smoothly (default) or all at once at each interval boundary.
+    /// `true`: refill smoothly; `false`: add whole `fill_amount`s at interval
+    /// boundaries. Default `true`.
     #[serde(default = "yes")]
     pub continuous_fill: bool,
-    /// One bucket (and queue) per value of this label; a flow without the
-    /// label passes.
+    /// One bucket (and queue) per value of this label; a flow without the label
+    /// passes. Default none: one bucket for all matching flows.
     #[serde(default)]
     pub limit_by_label_key: Option<LabelName>,
-    /// Queueing and ordering.
+    /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,
 }
 
 /// At most `max_concurrency` flows in flight; the excess queues in fair order.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencySchedulerSpec {
-    /// Unique among the policy's components.
+    /// The concurrency scheduler's name, unique among the policy's components
+    /// of all kinds: it names the component in metrics and in the
+    /// `x-sluice-rejected-by` header.
+    #[schemars(with = "Name")]
     pub name: Spanned<Name>,
-    /// Which flows it schedules.
+    /// Which flows it schedules: those matching any of these selectors (at
+    /// least one).
     pub selectors: NonEmpty<Selector>,
-    /// Most flows in flight.
+    /// Most flows in flight; the excess waits in the queue.
     pub max_concurrency: u64,
-    /// A flow whose access log has not arrived after this long is taken to
-    /// have ended.
+    /// A flow whose access log has not arrived after this long is taken to have
+    /// ended, and its slot returned. Default `1m`.
     #[serde(default = "one_minute")]
     pub max_inflight_duration: PositiveDuration,
-    /// Queueing and ordering.
+    /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,
 }

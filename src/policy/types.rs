@@ -3,10 +3,48 @@
 //! and field path by the loader (see `load.rs`) instead of by a later pass
 //! that no longer knows where the value came from.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{self, Deserialize, Deserializer};
+use serde::{Serialize, Serializer};
+
+/// `JsonSchema` for a value type read by a hand-written `Deserialize`: the
+/// schema says what that `Deserialize` accepts (as far as JSON Schema can),
+/// and is written inline where the type is used.
+macro_rules! value_schema {
+    ($ty:ty, $name:literal, $schema:tt) => {
+        impl JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                true
+            }
+            fn schema_name() -> Cow<'static, str> {
+                Cow::Borrowed($name)
+            }
+            fn schema_id() -> Cow<'static, str> {
+                Cow::Borrowed(concat!(module_path!(), "::", $name))
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!($schema)
+            }
+        }
+    };
+}
+
+/// `Serialize` as the plain number a value type is read from, so that the
+/// schema can state serde defaults of that type (schemars writes a field's
+/// default only when its type is `Serialize`).
+macro_rules! serialize_as_number {
+    ($ty:ty) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(s)
+            }
+        }
+    };
+}
 
 /// A name of a policy or component: it ends up in metric labels and in the
 /// `x-sluice-rejected-by` header, so it is kept to `[A-Za-z0-9_.-]`.
@@ -30,6 +68,13 @@ impl<'de> Deserialize<'de> for Name {
         Ok(Name(s))
     }
 }
+
+value_schema!(Name, "Name", {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "pattern": "^[A-Za-z0-9_.-]+$",
+});
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -58,6 +103,12 @@ impl<'de> Deserialize<'de> for LabelName {
     }
 }
 
+value_schema!(LabelName, "LabelName", {
+    "type": "string",
+    "minLength": 1,
+    "pattern": "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+});
+
 impl fmt::Display for LabelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -80,6 +131,9 @@ impl<'de> Deserialize<'de> for NonNegative {
     }
 }
 
+value_schema!(NonNegative, "NonNegative", { "type": "number", "minimum": 0 });
+serialize_as_number!(NonNegative);
+
 /// A finite number above zero.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Positive(pub f64);
@@ -96,6 +150,9 @@ impl<'de> Deserialize<'de> for Positive {
     }
 }
 
+value_schema!(Positive, "Positive", { "type": "number", "exclusiveMinimum": 0 });
+serialize_as_number!(Positive);
+
 /// A percentage in `[0, 100]`.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Percentage(pub f64);
@@ -111,6 +168,9 @@ impl<'de> Deserialize<'de> for Percentage {
         Ok(Percentage(v))
     }
 }
+
+value_schema!(Percentage, "Percentage", { "type": "number", "minimum": 0, "maximum": 100 });
+serialize_as_number!(Percentage);
 
 /// The HTTP status Envoy answers a rejected request with: 400 to 599.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,6 +202,9 @@ impl<'de> Deserialize<'de> for DeniedStatus {
         Ok(DeniedStatus(v as u16))
     }
 }
+
+value_schema!(DeniedStatus, "DeniedStatus", { "type": "integer", "minimum": 400, "maximum": 599 });
+serialize_as_number!(DeniedStatus);
 
 /// A duration written as text: `250ms`, `1s`, `1m30s`, `2h`, or fractional
 /// seconds as Aperture wrote them (`0.5s`).
@@ -176,6 +239,15 @@ impl<'de> Deserialize<'de> for DurationSpec {
     }
 }
 
+value_schema!(DurationSpec, "Duration", { "type": "string" });
+
+/// The text form, as `humantime` prints it (`2h`, `250ms`, `1m 30s`).
+impl Serialize for DurationSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
 /// A positive duration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PositiveDuration(pub Duration);
@@ -187,6 +259,14 @@ impl<'de> Deserialize<'de> for PositiveDuration {
             return Err(de::Error::custom("must be longer than zero"));
         }
         Ok(PositiveDuration(v))
+    }
+}
+
+value_schema!(PositiveDuration, "PositiveDuration", { "type": "string" });
+
+impl Serialize for PositiveDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        DurationSpec(self.0).serialize(s)
     }
 }
 
@@ -212,6 +292,9 @@ impl<'de> Deserialize<'de> for RegexSpec {
     }
 }
 
+// Not `"format": "regex"`: that is ECMA-262 syntax, not the `regex` crate's.
+value_schema!(RegexSpec, "Regex", { "type": "string" });
+
 /// A list that must not be empty.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NonEmpty<T>(pub Vec<T>);
@@ -223,6 +306,25 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
             return Err(de::Error::custom("must have at least one entry"));
         }
         Ok(NonEmpty(v))
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for NonEmpty<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> Cow<'static, str> {
+        Cow::Owned(format!("NonEmpty_Array_of_{}", T::schema_name()))
+    }
+    fn schema_id() -> Cow<'static, str> {
+        Cow::Owned(format!("{}::NonEmpty<{}>", module_path!(), T::schema_id()))
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "array",
+            "items": generator.subschema_for::<T>(),
+            "minItems": 1,
+        })
     }
 }
 

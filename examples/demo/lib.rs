@@ -1,0 +1,884 @@
+//! The demo behind `make demo`, as a function: [`run`] starts an upstream,
+//! Prometheus, Sluice, sluice-controller and Envoy on loopback, has k6
+//! send traffic through Envoy in three phases, shows every second what the
+//! loop is doing, and returns a [`Summary`] after writing it to
+//! `<out>/demo.json` and a picture of the run to `<out>/demo.svg`.
+//!
+//! `main.rs` (the example) calls it with the command line and Ctrl-C;
+//! `tests/demo.rs` calls it with a short duration (it includes this file
+//! with `#[path]`, so the demo stays out of the product library).
+//!
+//! Layout: this file (phases, the per-second loop, the summary), `k6.rs`
+//! (k6 and its CSV output), `plot.rs` (the SVG), `traffic.js` (the k6
+//! script).
+
+pub mod k6;
+pub mod plot;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use sluice::controller::{Controller, ControllerConfig};
+use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
+use sluice::server::{Config, Sidecar};
+use sluice::telemetry::remote_write::RemoteWriteConfig;
+use tokio::sync::watch;
+
+/// A source of traffic: who, where, how often. `traffic.js` makes one k6
+/// scenario of each.
+#[derive(Serialize)]
+pub struct Source {
+    /// The k6 scenario's name, shown in the output.
+    pub name: &'static str,
+    /// The path requested.
+    pub path: &'static str,
+    /// Requests per second.
+    pub per_second: u32,
+    /// `user-type` header, if any.
+    pub user_type: Option<&'static str>,
+    /// Distinct `user-id`s it rotates through (1: its own name).
+    pub ids: u32,
+    /// Sends only while the crowd is there.
+    pub crowd: bool,
+    /// What it shows.
+    #[serde(skip)]
+    pub note: &'static str,
+}
+
+/// The demo's traffic.
+pub const SOURCES: [Source; 6] = [
+    Source {
+        name: "alice",
+        path: "/api/items",
+        per_second: 8,
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
+        note: "bursts above her per-user limit (429)",
+    },
+    Source {
+        name: "bob",
+        path: "/api/orders",
+        per_second: 1,
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
+        note: "stays within his limit",
+    },
+    Source {
+        name: "carol",
+        path: "/api/items/42",
+        per_second: 2,
+        user_type: Some("guest"),
+        ids: 1,
+        crowd: false,
+        note: "twice her refill rate",
+    },
+    Source {
+        name: "dave",
+        path: "/beta/search",
+        per_second: 1,
+        user_type: Some("guest"),
+        ids: 1,
+        crowd: false,
+        note: "tries the closed beta (403)",
+    },
+    Source {
+        name: "subscribers",
+        path: "/api/items",
+        per_second: 60,
+        user_type: Some("subscriber"),
+        ids: 100,
+        crowd: true,
+        note: "the crowd: 100 subscribers",
+    },
+    Source {
+        name: "guests",
+        path: "/api/items",
+        per_second: 60,
+        user_type: Some("guest"),
+        ids: 100,
+        crowd: true,
+        note: "the crowd: 100 guests",
+    },
+];
+
+/// The load scheduler's workloads in `examples/demo.yaml`, by
+/// `workload_index`.
+pub const WORKLOADS: [(&str, &str); 2] = [("0", "subscribers"), ("1", "guests")];
+
+/// How `demo` is called.
+pub const USAGE: &str =
+    "usage: demo [--duration 60s] [--policy examples/demo.yaml] [--out target/demo]";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Args {
+    /// How long the traffic lasts (whole seconds, at least 4).
+    pub duration: Duration,
+    /// The policy, for Sluice and the controller.
+    pub policy: PathBuf,
+    /// Where `demo.svg` and `demo.json` go.
+    pub out: PathBuf,
+}
+
+impl Args {
+    /// Parses the arguments after the program's name; `None` for `--help`.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, String> {
+        let mut parsed = Args {
+            duration: Duration::from_secs(60),
+            policy: repo_root().join("examples/demo.yaml"),
+            out: repo_root().join("target/demo"),
+        };
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().ok_or(format!("{arg} needs a value\n{USAGE}"));
+            match arg.as_str() {
+                "--duration" => {
+                    let v = value()?;
+                    parsed.duration = humantime::parse_duration(&v)
+                        .map_err(|e| format!("--duration {v}: {e}"))?;
+                }
+                "--policy" => parsed.policy = PathBuf::from(value()?),
+                "--out" => parsed.out = PathBuf::from(value()?),
+                "-h" | "--help" => return Ok(None),
+                other => return Err(format!("unknown argument {other}\n{USAGE}")),
+            }
+        }
+        if parsed.duration < Duration::from_secs(4) {
+            return Err(format!("--duration must be at least 4s\n{USAGE}"));
+        }
+        Ok(Some(parsed))
+    }
+}
+
+/// The three phases of the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Four users; the controller learns the normal latency.
+    Calm,
+    /// The crowd is there, more than the upstream can serve.
+    Crowd,
+    /// The crowd has left.
+    Recovery,
+}
+
+/// When the phases begin and end, in whole seconds from the start of the
+/// traffic: a quarter calm, a half crowd, a quarter recovery.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Phases {
+    /// Seconds of traffic in all.
+    pub duration: u64,
+    /// When the crowd arrives.
+    pub crowd_start: u64,
+    /// When it leaves.
+    pub crowd_end: u64,
+}
+
+impl Phases {
+    /// The phases of a run of `duration` (rounded down to whole seconds).
+    pub fn of(duration: Duration) -> Phases {
+        let duration = duration.as_secs();
+        let quarter = (duration + 2) / 4;
+        Phases {
+            duration,
+            crowd_start: quarter,
+            crowd_end: duration - quarter,
+        }
+    }
+
+    /// The phase at second `t`.
+    pub fn at(&self, t: u64) -> Phase {
+        if t < self.crowd_start {
+            Phase::Calm
+        } else if t < self.crowd_end {
+            Phase::Crowd
+        } else {
+            Phase::Recovery
+        }
+    }
+}
+
+/// Accepted and rejected requests.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Decisions {
+    /// Let through.
+    pub accepted: u64,
+    /// Turned away.
+    pub rejected: u64,
+}
+
+impl Decisions {
+    /// The share accepted, when there were any.
+    pub fn share(&self) -> Option<f64> {
+        let all = self.accepted + self.rejected;
+        (all > 0).then(|| self.accepted as f64 / all as f64)
+    }
+}
+
+/// One second of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Second {
+    /// Seconds since the traffic started (this one is `[t, t+1)`).
+    pub t: u64,
+    /// Its phase.
+    pub phase: Phase,
+    /// The controller's latency signal (ms, average upstream latency over
+    /// its signal window), read at the end of the second.
+    pub latency_ms: Option<f64>,
+    /// The controller's setpoint (ms).
+    pub setpoint_ms: Option<f64>,
+    /// The load multiplier in force in Sluice.
+    pub lm: Option<f64>,
+    /// What each source got back in this second (by k6): HTTP status
+    /// (0: no answer) → count.
+    pub answers: BTreeMap<String, BTreeMap<u16, u64>>,
+    /// The load scheduler's decisions per workload in this second (Sluice's
+    /// `workload_requests_total`).
+    pub workloads: BTreeMap<String, Decisions>,
+}
+
+/// All the answers a source got with one status from one rejecter.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answers {
+    /// The source.
+    pub source: String,
+    /// HTTP status (0: no answer).
+    pub code: u16,
+    /// Sluice's `x-sluice-rejected-by` (`policy/component`), "" when none.
+    pub by: String,
+    /// How many.
+    pub count: u64,
+    /// How many of them carried `retry-after`.
+    pub with_retry_after: u64,
+}
+
+/// One series of a Prometheus query at the end of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Received {
+    /// What was asked.
+    pub what: String,
+    /// The series' labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// Where the parts ran (all gone when [`run`] returns).
+#[derive(Clone, Debug, Serialize)]
+pub struct Started {
+    /// The upstream.
+    pub upstream: SocketAddr,
+    /// Envoy's listener, where k6 sends its requests.
+    pub envoy: SocketAddr,
+    /// Envoy's admin.
+    pub envoy_admin: SocketAddr,
+    /// Sluice's gRPC listener.
+    pub sluice: SocketAddr,
+    /// Sluice's admin (`/metrics`).
+    pub sluice_admin: SocketAddr,
+    /// sluice-controller's gRPC listener.
+    pub controller: SocketAddr,
+    /// sluice-controller's admin (`/metrics`).
+    pub controller_admin: SocketAddr,
+    /// Prometheus.
+    pub prometheus: SocketAddr,
+    /// k6's process id.
+    pub k6_pid: Option<u32>,
+}
+
+/// What [`run`] returns and writes to `demo.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Stopped early (Ctrl-C, SIGTERM).
+    pub interrupted: bool,
+    /// The phases as planned.
+    pub phases: Phases,
+    /// Each second, as far as the run went.
+    pub seconds: Vec<Second>,
+    /// The totals per source, status and rejecter.
+    pub answers: Vec<Answers>,
+    /// Requests k6 could not send for lack of a free virtual user, per
+    /// source.
+    pub dropped: BTreeMap<String, u64>,
+    /// The lowest load multiplier seen.
+    pub lowest_lm: Option<f64>,
+    /// What Prometheus received from Sluice by remote-write.
+    pub prometheus: Vec<Received>,
+    /// Where the parts ran.
+    pub started: Started,
+    /// The picture.
+    pub svg: PathBuf,
+    /// This summary.
+    pub json: PathBuf,
+}
+
+/// The parts of the loop, running.
+struct Parts {
+    upstream: Upstream,
+    prometheus: Prometheus,
+    controller: Controller,
+    sidecar: Sidecar,
+    envoy: Envoy,
+}
+
+impl Parts {
+    async fn start(policy: &Path) -> anyhow::Result<Parts> {
+        // 15 ms per request, 10 ms more per other request in flight: fine
+        // for the calm phase, overloaded by the crowd.
+        let upstream = Upstream::start_with(
+            0,
+            Latency {
+                base: Duration::from_millis(15),
+                per_inflight: Duration::from_millis(10),
+            },
+        )
+        .await?;
+        let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
+        let loopback = "127.0.0.1:0".parse()?;
+        let controller = Controller::start(ControllerConfig {
+            tick: Duration::from_secs(1),
+            decision_validity: Duration::from_secs(3),
+            ..ControllerConfig::new(
+                policy.to_owned(),
+                &format!("http://{}", prometheus.addr),
+                loopback,
+                loopback,
+            )
+        })
+        .await?;
+        let sidecar = Sidecar::start(&Config {
+            policy: Some(policy.to_owned()),
+            controller: Some(format!("http://{}", controller.grpc_addr).parse()?),
+            remote_write: Some(RemoteWriteConfig {
+                url: prometheus.remote_write_url().parse()?,
+                interval: Duration::from_secs(1),
+                external_labels: vec![("job".to_owned(), "sluice-demo".to_owned())],
+                bearer_token: None,
+                ca_file: None,
+                max_queued_batches: 30,
+                timeout: Duration::from_secs(5),
+            }),
+            ..Config::ephemeral()
+        })
+        .await?;
+        let envoy = Envoy::start(
+            "envoy-configs/quickstart.yaml",
+            EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())?,
+        )
+        .await?;
+        Ok(Parts {
+            upstream,
+            prometheus,
+            controller,
+            sidecar,
+            envoy,
+        })
+    }
+
+    /// Stops them all, Envoy first.
+    async fn stop(self) {
+        drop(self.envoy);
+        self.sidecar.stop(Duration::from_secs(2)).await;
+        self.controller.stop(Duration::from_secs(2)).await;
+        drop(self.prometheus);
+        drop(self.upstream);
+    }
+}
+
+/// The loop at one moment, read from the controller's and Sluice's
+/// `/metrics` as a user would.
+struct Figures {
+    latency: Option<f64>,
+    setpoint: Option<f64>,
+    lm: Option<f64>,
+    /// `workload_requests_total` per workload name; empty when Sluice did
+    /// not answer.
+    workloads: BTreeMap<String, Decisions>,
+}
+
+impl Figures {
+    async fn read(controller: SocketAddr, sidecar: SocketAddr) -> Figures {
+        let text = |addr| async move {
+            let get = http::request(
+                addr,
+                "GET",
+                "/metrics",
+                &[],
+                b"",
+                Duration::from_millis(500),
+            );
+            get.await.map(|r| r.text()).unwrap_or_default()
+        };
+        let (controller, sidecar) = tokio::join!(text(controller), text(sidecar));
+        let signal = |name: &str| {
+            let series = format!(r#"controller_signal{{policy_name="demo",signal="{name}"}}"#);
+            scrape(&controller, &series).filter(|v| v.is_finite())
+        };
+        let workloads = WORKLOADS
+            .iter()
+            .map(|(index, name)| {
+                let count = |decision: &str| {
+                    let series = format!(
+                        r#"workload_requests_total{{component="service",decision_type="{decision}",policy_name="demo",workload_index="{index}"}}"#
+                    );
+                    scrape(&sidecar, &series).map(|v| v as u64)
+                };
+                let counts = Decisions {
+                    accepted: count("accepted")?,
+                    rejected: count("rejected")?,
+                };
+                Some((name.to_string(), counts))
+            })
+            .collect::<Option<_>>()
+            .unwrap_or_default();
+        Figures {
+            latency: signal("latency"),
+            setpoint: signal("setpoint"),
+            lm: scrape(
+                &sidecar,
+                r#"token_bucket_lm_ratio{component="service",policy_name="demo"}"#,
+            ),
+            workloads,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `200×3 429×5`.
+fn describe(counts: Option<&BTreeMap<u16, u64>>) -> String {
+    match counts {
+        None => "-".to_owned(),
+        Some(c) => c
+            .iter()
+            .map(|(s, n)| format!("{s}×{n}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// The run in progress: every second and the totals, from k6's rows and
+/// the figures read each second.
+struct Record {
+    phases: Phases,
+    seconds: Vec<Second>,
+    /// (source, code, by) → (count, with retry-after).
+    totals: BTreeMap<(String, u16, String), (u64, u64)>,
+    dropped: BTreeMap<String, u64>,
+}
+
+impl Record {
+    fn second(&mut self, t: u64) -> &mut Second {
+        // Answers that come after the last second count in it.
+        let t = t.min(self.phases.duration.saturating_sub(1));
+        while self.seconds.len() as u64 <= t {
+            let t = self.seconds.len() as u64;
+            self.seconds.push(Second {
+                t,
+                phase: self.phases.at(t),
+                latency_ms: None,
+                setpoint_ms: None,
+                lm: None,
+                answers: BTreeMap::new(),
+                workloads: BTreeMap::new(),
+            });
+        }
+        &mut self.seconds[t as usize]
+    }
+
+    fn add(&mut self, rows: Vec<k6::Row>) {
+        for row in rows {
+            match row {
+                k6::Row::Answer {
+                    at_ms,
+                    source,
+                    code,
+                    by,
+                    retry_after,
+                } => {
+                    let second = self.second(at_ms / 1000);
+                    *second
+                        .answers
+                        .entry(source.clone())
+                        .or_default()
+                        .entry(code)
+                        .or_default() += 1;
+                    let total = self.totals.entry((source, code, by)).or_default();
+                    total.0 += 1;
+                    total.1 += u64::from(retry_after);
+                }
+                k6::Row::Dropped { source, count, .. } => {
+                    *self.dropped.entry(source).or_default() += count;
+                }
+            }
+        }
+    }
+}
+
+/// Runs the demo until its traffic ends or `stop` completes (then it stops
+/// early, and still writes what it has). Everything it started is stopped
+/// when it returns.
+pub async fn run(
+    args: Args,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Summary> {
+    let k6_binary = k6::binary()?;
+    let (stop_tx, mut stopped) = watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    });
+    let _watcher = AbortOnDrop(watcher);
+    let phases = Phases::of(args.duration);
+
+    println!(
+        "Sluice demo: starting an upstream, Prometheus, Sluice, sluice-controller and Envoy on 127.0.0.1 ..."
+    );
+    let parts = tokio::select! {
+        parts = Parts::start(&args.policy) => parts?,
+        _ = stopped.wait_for(|&s| s) => bail!("interrupted while starting"),
+    };
+    let front = parts.envoy.listener();
+    let (sidecar_admin, controller_admin) = (parts.sidecar.admin_addr, parts.controller.admin_addr);
+    println!("  upstream    http://{}", parts.upstream.addr);
+    println!(
+        "  sluice      grpc {}  admin http://{sidecar_admin}/metrics",
+        parts.sidecar.grpc_addr
+    );
+    println!(
+        "  controller  grpc {}  admin http://{controller_admin}/metrics  (ticks every second)",
+        parts.controller.grpc_addr
+    );
+    println!(
+        "  envoy       http://{front}  (admin http://127.0.0.1:{})",
+        parts.envoy.ports.admin
+    );
+    println!(
+        "  prometheus  http://{}  (Sluice remote-writes to it every second)",
+        parts.prometheus.addr
+    );
+    println!("  policy      {}", args.policy.display());
+    println!();
+    println!(
+        "k6 ({}) sends traffic through Envoy for {} s, one scenario per source;",
+        k6_binary.display(),
+        phases.duration
+    );
+    println!("each request carries user-id and user-type:");
+    for s in &SOURCES {
+        let when = if s.crowd {
+            format!("{}-{}s", phases.crowd_start, phases.crowd_end)
+        } else {
+            "always".to_owned()
+        };
+        println!(
+            "  {:<12} {:>2}/s {:<7} to {:<14} {}",
+            s.name, s.per_second, when, s.path, s.note
+        );
+    }
+    println!("The policy allows each user a burst of 5, then 1 request/s (429 beyond),");
+    println!("closes /beta/* to everyone (403 from a sampler at 0%), and has a load");
+    println!("scheduler that favours subscribers (priority 200) over guests (20) when");
+    println!("sluice-controller lowers its multiplier (lm) because latency rose above");
+    println!("its setpoint (1.5 x the normal latency).");
+    println!();
+
+    let plan = k6::Plan {
+        target: front,
+        sources_json: serde_json::to_string(&SOURCES)?,
+        duration: phases.duration,
+        crowd: (phases.crowd_start, phases.crowd_end),
+        binary: &k6_binary,
+    };
+    let k6 = tokio::select! {
+        k6 = k6::K6::start(&plan) => k6,
+        _ = stopped.wait_for(|&s| s) => Err(anyhow::anyhow!("interrupted while starting k6")),
+    };
+    let mut k6 = match k6 {
+        Ok(k6) => k6,
+        Err(e) => {
+            parts.stop().await;
+            return Err(e);
+        }
+    };
+    let started = Started {
+        upstream: parts.upstream.addr,
+        envoy: front,
+        envoy_admin: ([127, 0, 0, 1], parts.envoy.ports.admin).into(),
+        sluice: parts.sidecar.grpc_addr,
+        sluice_admin: sidecar_admin,
+        controller: parts.controller.grpc_addr,
+        controller_admin,
+        prometheus: parts.prometheus.addr,
+        k6_pid: k6.id(),
+    };
+
+    let mut record = Record {
+        phases,
+        seconds: Vec::new(),
+        totals: BTreeMap::new(),
+        dropped: BTreeMap::new(),
+    };
+    let mut interrupted = false;
+    let mut failure = None;
+    let mut lowest: Option<f64> = None;
+    let mut last_counts: BTreeMap<String, Decisions> = BTreeMap::new();
+    println!("--- calm: the controller learns the normal latency.");
+    for t in 0..phases.duration {
+        // Second t is [start + t, start + t + 1); k6 flushes its rows every
+        // 200 ms, so they are in by a third of a second later.
+        let due = k6.started_ms + (t + 1) * 1000 + 350;
+        let wait = Duration::from_millis(due.saturating_sub(unix_ms()));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopped.wait_for(|&s| s) => { interrupted = true; break; }
+        }
+        let figures = Figures::read(controller_admin, sidecar_admin).await;
+        record.add(k6.poll());
+        if let Some(lm) = figures.lm {
+            lowest = Some(lowest.map_or(lm, |l: f64| l.min(lm)));
+        }
+        let second = record.second(t);
+        second.latency_ms = figures.latency;
+        second.setpoint_ms = figures.setpoint;
+        second.lm = figures.lm;
+        for (name, now) in &figures.workloads {
+            let before = last_counts.get(name).copied().unwrap_or_default();
+            let delta = Decisions {
+                accepted: now.accepted.saturating_sub(before.accepted),
+                rejected: now.rejected.saturating_sub(before.rejected),
+            };
+            second.workloads.insert(name.clone(), delta);
+            last_counts.insert(name.clone(), *now);
+        }
+        if t == phases.crowd_start {
+            println!("--- t={t}s: the crowd arrives, more than the upstream can serve.");
+        } else if t == phases.crowd_end {
+            println!(
+                "--- t={t}s: the crowd leaves. The controller raises the multiplier step by step"
+            );
+            println!("--- once its latency window no longer holds the crowd's last requests.");
+        }
+        println!("{}", live_line(second));
+        if let Ok(Some(status)) = k6.exited()
+            && !status.success()
+        {
+            // After Ctrl-C in a terminal, k6 got it too.
+            let signal = tokio::time::timeout(Duration::from_millis(500), stopped.wait_for(|&s| s));
+            if signal.await.is_ok() {
+                interrupted = true;
+            } else {
+                failure = Some(format!("k6 failed ({status}):\n{}", k6.log_tail()));
+            }
+            break;
+        }
+    }
+    if !interrupted && failure.is_none() {
+        // The last requests finish (k6's graceful stop).
+        tokio::select! {
+            _ = k6.wait(Duration::from_secs(10)) => {}
+            _ = stopped.wait_for(|&s| s) => interrupted = true,
+        }
+    }
+    if interrupted {
+        println!(
+            "\ninterrupted: stopping k6, Envoy, Sluice, the controller, Prometheus and the upstream"
+        );
+    }
+    k6.kill().await;
+    record.add(k6.poll());
+
+    let answers: Vec<Answers> = record
+        .totals
+        .iter()
+        .map(|((source, code, by), (count, with_retry_after))| Answers {
+            source: source.clone(),
+            code: *code,
+            by: by.clone(),
+            count: *count,
+            with_retry_after: *with_retry_after,
+        })
+        .collect();
+    print_answers(&answers, &record.dropped);
+    if let Some(lm) = lowest {
+        println!("The controller lowered the load multiplier to {lm:.2} at the lowest.");
+    }
+
+    // Let the last access logs arrive and one more remote-write go out,
+    // then show what Prometheus received.
+    if !interrupted {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(2500)) => {}
+            _ = stopped.wait_for(|&s| s) => interrupted = true,
+        }
+    }
+    let prometheus = received(&parts.prometheus).await;
+    parts.stop().await;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let summary = Summary {
+        interrupted,
+        phases,
+        seconds: record.seconds,
+        answers,
+        dropped: record.dropped,
+        lowest_lm: lowest,
+        prometheus,
+        started,
+        svg: args.out.join("demo.svg"),
+        json: args.out.join("demo.json"),
+    };
+    std::fs::write(&summary.json, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("write {}", summary.json.display()))?;
+    plot::svg(&summary.svg, &summary).with_context(|| format!("draw {}", summary.svg.display()))?;
+    println!();
+    println!(
+        "The picture of the run: {} (latency and setpoint, multiplier, share admitted per workload)",
+        summary.svg.display()
+    );
+    println!("Every second of it:     {}", summary.json.display());
+    if let Some(failure) = failure {
+        bail!(failure);
+    }
+    Ok(summary)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `t= 19s  latency 319 ms setpoint  33 ms lm 0.17 | alice 429×5 | ...`
+fn live_line(second: &Second) -> String {
+    let ms = |v: Option<f64>| v.map_or("  -".to_owned(), |v| format!("{v:3.0}"));
+    let lm = second.lm.map_or("   -".to_owned(), |v| format!("{v:.2}"));
+    let sources: Vec<String> = SOURCES
+        .iter()
+        .filter(|s| !s.crowd || second.phase == Phase::Crowd || second.answers.contains_key(s.name))
+        .map(|s| format!("{} {}", s.name, describe(second.answers.get(s.name))))
+        .collect();
+    format!(
+        "t={:>3}s  latency {} ms setpoint {} ms lm {lm} | {}",
+        second.t,
+        ms(second.latency_ms),
+        ms(second.setpoint_ms),
+        sources.join(" | ")
+    )
+}
+
+fn print_answers(answers: &[Answers], dropped: &BTreeMap<String, u64>) {
+    println!();
+    println!("Answers per source (HTTP status × count, and who rejected them):");
+    for s in &SOURCES {
+        let mine: Vec<&Answers> = answers.iter().filter(|a| a.source == s.name).collect();
+        let all: u64 = mine.iter().map(|a| a.count).sum();
+        if all == 0 {
+            println!("  {:<12} -", s.name);
+            continue;
+        }
+        let ok: u64 = mine.iter().filter(|a| a.code == 200).map(|a| a.count).sum();
+        let parts: Vec<String> = mine
+            .iter()
+            .map(|a| {
+                let mut part = format!("{}×{}", a.code, a.count);
+                if !a.by.is_empty() {
+                    part.push_str(&format!(" by {}", a.by));
+                }
+                if a.with_retry_after == a.count {
+                    part.push_str(" with retry-after");
+                } else if a.with_retry_after > 0 {
+                    part.push_str(&format!(" ({} with retry-after)", a.with_retry_after));
+                }
+                part
+            })
+            .collect();
+        println!(
+            "  {:<12} {:>3.0}% admitted  {}",
+            s.name,
+            100.0 * ok as f64 / all as f64,
+            parts.join(", ")
+        );
+    }
+    if !dropped.is_empty() {
+        let what: Vec<String> = dropped.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        println!(
+            "  (k6 had no virtual user free for some requests and did not send them: {})",
+            what.join(", ")
+        );
+    }
+}
+
+/// What Prometheus received from Sluice, printed and returned.
+async fn received(prometheus: &Prometheus) -> Vec<Received> {
+    println!();
+    println!("What Prometheus received from Sluice by remote-write:");
+    const P50: &str = r#"histogram_quantile(0.5, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
+    const P99: &str = r#"histogram_quantile(0.99, sum by (le) (flux_meter_bucket{flux_meter_name="latency",http_status_code="200"}))"#;
+    let mut out = Vec::new();
+    for (what, query) in [
+        (
+            "decisions",
+            "sum by (decision_type) (flowcontrol_decisions_total)",
+        ),
+        (
+            "rate limiter",
+            "sum by (component, decision_type) (rate_limiter_counter_total)",
+        ),
+        (
+            "sampler",
+            "sum by (component, decision_type) (sampler_counter_total)",
+        ),
+        (
+            "scheduler",
+            "sum by (workload_index, decision_type) (workload_requests_total)",
+        ),
+        (
+            "flux meter",
+            r#"sum by (http_status_code, decision_type) (flux_meter_count{flux_meter_name="latency"})"#,
+        ),
+        ("latency p50 ms", P50),
+        ("latency p99 ms", P99),
+    ] {
+        match prometheus.query(query).await {
+            Ok(samples) => {
+                for s in samples {
+                    let labels: BTreeMap<String, String> = s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+                        .collect();
+                    let shown: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!("  {what:<15} {:<45} {:.1}", shown.join(" "), s.value);
+                    out.push(Received {
+                        what: what.to_owned(),
+                        labels,
+                        value: s.value,
+                    });
+                }
+            }
+            Err(e) => {
+                // After Ctrl-C in a terminal, Prometheus got it too.
+                println!("  Prometheus did not answer ({e:#}); nothing to show");
+                return out;
+            }
+        }
+    }
+    println!("  (scheduler workload_index 0 = subscribers, 1 = guests)");
+    out
+}
