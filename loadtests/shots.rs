@@ -6,11 +6,10 @@
 //! far as the verdict: the generator should spend its CPU on sending, not
 //! on protobuf.
 
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf as _, BufMut as _, Bytes};
+use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -18,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use prost::Message as _;
 use sluice::envoy::wire;
 use sluice::harness::access_log::{self, accepted_flow};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use sluice::harness::grpc::RawCodec;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
@@ -46,50 +45,6 @@ pub struct Code {
 /// Of an ExportLogsServiceResponse, nothing: answered is all we need.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Nothing {}
-
-/// Sends pre-encoded bodies, decodes answers as `M`.
-struct RawCodec<M>(PhantomData<M>);
-
-impl<M: prost::Message + Default + Send + 'static> Codec for RawCodec<M> {
-    type Encode = Bytes;
-    type Decode = M;
-    type Encoder = RawEncoder;
-    type Decoder = PartialDecoder<M>;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> PartialDecoder<M> {
-        PartialDecoder(PhantomData)
-    }
-}
-
-struct RawEncoder;
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-struct PartialDecoder<M>(PhantomData<M>);
-
-impl<M: prost::Message + Default> Decoder for PartialDecoder<M> {
-    type Item = M;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<M>, tonic::Status> {
-        let message =
-            M::decode(&mut *src).map_err(|e| tonic::Status::internal(format!("decode: {e}")))?;
-        src.advance(src.remaining());
-        Ok(Some(message))
-    }
-}
 
 /// `connections` HTTP/2 connections to a gRPC server (Envoy holds one per
 /// worker to its ext_authz cluster).
@@ -136,7 +91,7 @@ impl<M: prost::Message + Default + Send + Sync + 'static> Shot for Grpc<M> {
             .unary(
                 tonic::Request::new(body),
                 self.path.clone(),
-                RawCodec::<M>(PhantomData),
+                RawCodec::<M>::default(),
             )
             .await
         {

@@ -3,11 +3,13 @@
 //! [`Envoy`] runs the real Envoy binary (from the venv that
 //! `scripts/bootstrap.sh` fills) on a rendered copy of a shipped config;
 //! [`Upstream`] is a small HTTP service whose behaviour a request chooses by
-//! its path; [`http`] sends one HTTP/1.1 request. Everything binds to
+//! its path; [`http`] sends one HTTP/1.1 request, [`grpc`] a gRPC call
+//! with a body encoded beforehand. Everything binds to
 //! 127.0.0.1 and stops when dropped.
 
 pub mod access_log;
 pub mod envoy;
+pub mod grpc;
 pub mod http;
 pub mod process;
 pub mod prometheus;

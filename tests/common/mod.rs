@@ -2,12 +2,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use bytes::Bytes;
 
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
@@ -161,45 +159,6 @@ where
     }
 }
 
-/// A codec that sends pre-encoded bytes (valid protobuf or not) and decodes
-/// the answer as `R`.
-pub struct RawCodec<R>(PhantomData<R>);
-pub struct RawEncoder;
-pub struct RawDecoder<R>(PhantomData<R>);
-
-impl<R: prost::Message + Default + Send + 'static> Codec for RawCodec<R> {
-    type Encode = Bytes;
-    type Decode = R;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder<R>;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder<R> {
-        RawDecoder(PhantomData)
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl<R: prost::Message + Default> Decoder for RawDecoder<R> {
-    type Item = R;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<R>, tonic::Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        R::decode(bytes)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
 /// Calls a unary gRPC method with raw request bytes.
 pub async fn raw_unary<R: prost::Message + Default + Send + 'static>(
     addr: std::net::SocketAddr,
@@ -216,7 +175,7 @@ pub async fn raw_unary<R: prost::Message + Default + Send + 'static>(
     grpc.unary(
         tonic::Request::new(body),
         http::uri::PathAndQuery::from_static(path),
-        RawCodec(PhantomData),
+        sluice::harness::grpc::RawCodec::default(),
     )
     .await
     .map(tonic::Response::into_inner)
