@@ -17,16 +17,7 @@ use crate::generate::{Load, Stats};
 
 /// The k6 binary: `$SLUICE_K6`, else the venv's.
 fn binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SLUICE_K6")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/k6"));
-    if !path.exists() {
-        bail!(
-            "k6 not found at {}: run scripts/bootstrap.sh, which installs it into .venv",
-            path.display()
-        );
-    }
-    Ok(path)
+    sluice::harness::venv_binary("SLUICE_K6", "k6")
 }
 
 /// Runs `check.js` against `target`; `Load::Max(n)` is `n` VUs back to

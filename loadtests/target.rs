@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use sluice::harness::envoy::{self, EnvoyPorts};
+use sluice::harness::free_port;
 use sluice::harness::process::Process;
-use sluice::harness::{free_port, repo_root};
 
 /// Where the load tests put what they start, and on which cores.
 #[derive(Clone, Debug)]
@@ -141,24 +141,7 @@ impl Server {
         authz: Option<SocketAddr>,
     ) -> anyhow::Result<Server> {
         let ports = EnvoyPorts::free_for(None, authz.map(|a| a.port()))?;
-        let template = std::fs::read_to_string(repo_root().join(config))
-            .with_context(|| format!("read {config}"))?;
-        let rendered = envoy::render(&template, &ports)?;
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, rendered)?;
-        let args: Vec<String> = [
-            "-c",
-            &path.display().to_string(),
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let (dir, args) = envoy::staged(&envoy::rendered(config, &ports)?)?;
         let mut process = place.spawn(name, &envoy::binary()?, &args)?;
         process
             .wait_http_ok(

