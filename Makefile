@@ -18,9 +18,13 @@ demo: bootstrap
 ## Every test, with the real Envoy and Prometheus, plus format and lint checks,
 ## and a smoke run of the load tests (a few seconds each, debug build: it
 ## proves the scripts and generators work; figures come from loadtests/run).
+## Tests that run sluice-controller or sluice as processes find them in
+## target/debug: cargo builds a package's own binaries for its tests, not
+## another package's, so every binary is built first.
 test: bootstrap lint
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
 	$(MAKE) loadtest-smoke
 
 # The driver starts Sluice and the no-op server as processes: build them
@@ -33,7 +37,7 @@ loadtest-smoke:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Criterion benchmarks of the engine (figures in BENCHMARKS.md).
 bench:

@@ -12,20 +12,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use prost::Message;
-use sluice::clock::Clock;
 use sluice::envoy::AuthzService;
 use sluice::envoy::request::CheckView;
 use sluice::envoy::wire;
-use sluice::flow::{Engine, EngineOptions, FlowRequest};
-use sluice::policy::load::parse_sources;
-use sluice::telemetry::Metrics;
+use sluice_engine::Metrics;
+use sluice_engine::{Engine, EngineOptions, FlowRequest};
+use sluice_policy::load::parse_sources;
+use sluice_time::Clock;
 
 const USERS: usize = 10_000;
 
 /// The benchmark policy: a classifier, a flux meter, a sampler and a
 /// per-user rate limiter (examples/bench.yaml).
 fn bench_policy() -> String {
-    std::fs::read_to_string(sluice::harness::repo_root().join("examples/bench.yaml"))
+    std::fs::read_to_string(sluice_testkit::repo_root().join("examples/bench.yaml"))
         .expect("examples/bench.yaml")
 }
 
@@ -41,7 +41,7 @@ fn engine(policy: Option<&str>) -> Arc<Engine> {
 /// A CheckRequest as Envoy sends one for a browser-ish GET: 14 headers.
 fn request(user: usize) -> wire::CheckRequest {
     let user = format!("user-{user}");
-    let mut req = wire::CheckRequest::http(
+    let mut req = sluice_testkit::check::http(
         "GET",
         "/api/items?page=2",
         &[

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
-use sluice::clock::Clock;
-use sluice::flow::{Engine, EngineOptions};
-use sluice::harness::access_log::{self, accepted_flow};
 use sluice::otlp::{AccessLogs, wire};
-use sluice::policy::load::parse_sources;
-use sluice::telemetry::Metrics;
+use sluice_engine::Metrics;
+use sluice_engine::{Engine, EngineOptions};
+use sluice_policy::load::parse_sources;
+use sluice_testkit::access_log::{self, accepted_flow};
+use sluice_time::Clock;
 
 const RECORDS: usize = 1_000;
 
@@ -35,7 +35,7 @@ fn ingest(c: &mut Criterion) {
         "name: bench\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";
     let sources = vec![(PathBuf::from("bench.yaml"), policy.to_owned())];
     engine.install(&parse_sources(&sources).expect("valid policy"));
-    let logs = AccessLogs::new(Arc::new(engine));
+    let logs = AccessLogs::new(Arc::new(engine)).expect("one access-log edge per engine");
     let body = export();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

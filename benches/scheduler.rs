@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice::clock::{Clock, Nanos};
-use sluice::flow::labels::MapLabels;
-use sluice::flow::scheduler::wfq::{Capacity, Offer, Queue, Request};
-use sluice::flow::{Engine, EngineOptions, FlowRequest};
-use sluice::policy::load::parse_sources;
-use sluice::telemetry::Metrics;
+use sluice_engine::Metrics;
+use sluice_engine::labels::MapLabels;
+use sluice_engine::schedulers::wfq::{Capacity, Offer, Queue, Request};
+use sluice_engine::{Engine, EngineOptions, FlowRequest};
+use sluice_policy::load::parse_sources;
+use sluice_time::{Clock, Nanos};
 
 /// Counts bytes currently allocated, to measure what queued requests hold.
 struct Counting;
@@ -169,7 +169,7 @@ async fn queue_up(engine: &Arc<Engine>) -> Vec<tokio::task::JoinHandle<bool>> {
             labels: &source,
         };
         let pending = engine
-            .decide(flow, |mut d| d.scheduling.take())
+            .decide(flow, |mut d| d.waiting.take())
             .expect("waits");
         let engine = engine.clone();
         waiting.push(tokio::spawn(async move {
@@ -208,7 +208,7 @@ async fn drain_once() -> Duration {
     // Raise the limit one slot at a time: each admission is one trip
     // through the pump and one woken future.
     for _ in 0..QUEUED {
-        gate.with_source(|s| s.max += 1);
+        gate.with_pool(|s| s.max += 1);
         gate.poke();
     }
     for w in waiting {

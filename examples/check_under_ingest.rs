@@ -30,9 +30,9 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use parking_lot::Mutex;
-use sluice::harness::access_log::{self, accepted_flow};
-use sluice::harness::repo_root;
 use sluice::server::{Config, Sidecar};
+use sluice_testkit::access_log::{self, accepted_flow};
+use sluice_testkit::repo_root;
 use tokio::time::Instant;
 
 struct Args {
@@ -54,7 +54,7 @@ fn args() -> Result<Args, String> {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "--rate" => a.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
-            "--duration" => a.duration = sluice::policy::types::DurationSpec::parse(&value()?)?,
+            "--duration" => a.duration = sluice_policy::types::DurationSpec::parse(&value()?)?,
             "--batch" => a.batch = value()?.parse().map_err(|e| format!("--batch: {e}"))?,
             "--ingest-rate" => {
                 a.ingest_rate = value()?

@@ -2,8 +2,8 @@
 //! answers OK without looking at the request.
 //!
 //! It is built on exactly Sluice's stack — the same tonic server settings
-//! (`sluice::server::grpc_server`), the same listener options, the same
-//! runtime (`sluice::cli::runtime`), and the same request decoding (Sluice's
+//! (`sluice_runtime::grpc::server`), the same listener options, the same
+//! runtime (`sluice_runtime::runtime`), and the same request decoding (Sluice's
 //! lean `CheckRequest`) — so that the difference the load tests measure is
 //! Sluice's own work: reading the request, deciding, and writing an answer
 //! with headers and dynamic metadata.
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match sluice::cli::runtime(args.worker_threads, "noop-worker") {
+    let runtime = match sluice_runtime::runtime(args.worker_threads, "noop-worker") {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -106,11 +106,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        let served = sluice::server::grpc_server()
+        let served = sluice_runtime::grpc::server()
             .add_service(AuthorizationServer::new(Noop))
             .serve_with_incoming_shutdown(
-                sluice::server::grpc_incoming(listener),
-                sluice::cli::wait_for_signal(),
+                sluice_runtime::grpc::incoming(listener),
+                sluice_runtime::signal::terminate(),
             )
             .await;
         match served {

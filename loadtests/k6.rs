@@ -11,13 +11,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use sluice::harness::repo_root;
+use sluice_testkit::repo_root;
 
 use crate::generate::{Load, Stats};
 
 /// The k6 binary: `$SLUICE_K6`, else the venv's.
 fn binary() -> anyhow::Result<PathBuf> {
-    sluice::harness::venv_binary("SLUICE_K6", "k6")
+    sluice_testkit::venv_binary("SLUICE_K6", "k6")
 }
 
 /// Runs `check.js` against `target`; `Load::Max(n)` is `n` VUs back to

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Serialize;
-use sluice::harness::repo_root;
+use sluice_testkit::repo_root;
 
 use generate::{Load, Stats};
 use target::{Placement, Server};
@@ -89,7 +89,7 @@ fn args() -> Result<Args, String> {
                 Scenario::Ingest,
                 Scenario::Mixed,
             ]),
-            "--duration" => a.duration = sluice::policy::types::DurationSpec::parse(&value()?)?,
+            "--duration" => a.duration = sluice_policy::types::DurationSpec::parse(&value()?)?,
             "--smoke" => a.smoke = true,
             "--generator" => {
                 a.generator = match value()?.as_str() {

@@ -16,8 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prost::Message as _;
 use sluice::envoy::wire;
-use sluice::harness::access_log::{self, accepted_flow};
-use sluice::harness::grpc::RawCodec;
+use sluice_testkit::access_log::{self, accepted_flow};
+use sluice_testkit::grpc::RawCodec;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 

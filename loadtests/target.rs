@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use sluice::harness::envoy::{self, EnvoyPorts};
-use sluice::harness::free_port;
-use sluice::harness::process::Process;
+use sluice_testkit::envoy::{self, EnvoyPorts};
+use sluice_testkit::free_port;
+use sluice_testkit::process::Process;
 
 /// Where the load tests put what they start, and on which cores.
 #[derive(Clone, Debug)]

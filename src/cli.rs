@@ -13,11 +13,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use sluice_policy as policy;
+use sluice_runtime::logging::{self, LogFormat};
+use sluice_time::parse_duration;
 
-use crate::policy;
 use crate::server::{Config, Sidecar};
-use crate::telemetry::remote_write::RemoteWriteConfig;
+use crate::telemetry::remote_write::{self, RemoteWriteConfig};
 
 /// Sluice: a flow-control sidecar for Envoy and Istio.
 ///
@@ -62,15 +64,6 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
     },
-}
-
-/// How logs are written.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
 }
 
 /// Flags of the sidecar.
@@ -176,10 +169,6 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    policy::types::DurationSpec::parse(s)
-}
-
 /// An `http://` or `https://` URL with a host: anything else would fail
 /// only when the health check runs, as an unhealthy container.
 fn parse_health_url(s: &str) -> Result<http::Uri, String> {
@@ -196,7 +185,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("expected name=value, got {s:?}"))?;
     let name = name.trim();
-    if !crate::telemetry::remote_write::valid_label_name(name) {
+    if !remote_write::valid_label_name(name) {
         return Err(format!("invalid label name {name:?}"));
     }
     Ok((name.to_owned(), value.to_owned()))
@@ -245,20 +234,6 @@ impl RunArgs {
             agent_group: self.agent_group.clone(),
             instance: self.instance.clone(),
         })
-    }
-}
-
-fn init_logging(args: &RunArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
-        eprintln!("invalid --log-level {:?}: {e}; using info", args.log_level);
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -321,7 +296,7 @@ async fn get_status(
     timeout: Duration,
 ) -> anyhow::Result<(http::StatusCode, String)> {
     use http_body_util::{BodyExt as _, Full, Limited};
-    let client = crate::http_client::build(None, timeout)?;
+    let client = sluice_runtime::http_client::build(None, timeout)?;
     let request = http::Request::get(url.clone()).body(Full::new(bytes::Bytes::new()))?;
     let exchange = async {
         let response = client.request(request).await?;
@@ -336,20 +311,6 @@ async fn get_status(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout)))?
-}
-
-/// The async runtime Sluice's binaries (and the load tests' no-op Check
-/// server) run on: `threads` workers, 0 for one per core, at most 4.
-pub fn runtime(threads: usize, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
-        n => n,
-    };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name(name)
-        .enable_all()
-        .build()
 }
 
 /// Runs the command line.
@@ -371,8 +332,8 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    init_logging(&cli.run);
-    let runtime = match runtime(cli.run.worker_threads, "sluice-worker") {
+    logging::init(&cli.run.log_level, cli.run.log_format);
+    let runtime = match sluice_runtime::runtime(cli.run.worker_threads, "sluice-worker") {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -394,25 +355,9 @@ pub fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        sluice_runtime::signal::terminate().await;
         tracing::info!("shutting down");
         sidecar.stop(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends).
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

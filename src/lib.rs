@@ -7,42 +7,31 @@
 //! meters, returns its concurrency slots, and remote-writes the histograms
 //! to Prometheus.
 //!
-//! Layout, following a flow from the edge inwards:
+//! This crate is the sidecar's edges around the decision engine
+//! (`sluice-engine`), which never sees a protobuf: each edge translates its
+//! protocol to the engine's types and back (`docs/architecture.md` has the
+//! map of the whole workspace). Layout, following a flow from the edge
+//! inwards:
 //!
-//! - [`envoy`]: the ext_authz Check service. Translates Envoy's protobufs to
-//!   the engine's [`flow::FlowRequest`] and the engine's [`flow::Decision`]
-//!   back; nothing else in the crate sees a protobuf.
+//! - [`envoy`]: the ext_authz Check service: a CheckRequest read as the
+//!   engine's flow labels, the engine's decision written as a
+//!   CheckResponse.
 //! - [`otlp`]: the access-log edge (OTLP logs over gRPC and HTTP), turning
-//!   log records into [`flow::flow_end::FlowEnd`]s.
-//! - [`flow`]: the decision engine, one file per component kind
-//!   (selectors, classifiers, flux meters, samplers, rate limiters,
-//!   concurrency limiters), run in the stage order of DESIGN.md over a
-//!   compiled [`flow::Plan`], and the flow's end.
-//! - [`policy`]: the policy language (YAML), its validation with
-//!   file/line/field errors, and hot reload.
-//! - [`telemetry`]: the sidecar's own metrics (Aperture's names) and
-//!   Prometheus remote-write.
-//! - [`admin`]: the HTTP admin server (`/metrics`, `/healthz`, `/readyz`,
-//!   `/control-points`).
+//!   log records into the engine's flow ends.
+//! - [`control`]: the subscription to `sluice-controller`, turning its
+//!   decisions into the engine's.
+//! - [`admin`]: the admin routes (`/metrics`, `/healthz`, `/readyz`,
+//!   `/control-points`, `POST /v1/logs`).
+//! - [`telemetry`]: the sidecar's own metrics and Prometheus remote-write.
 //! - [`server`]: wires the above into a running sidecar; [`cli`] is the
 //!   command line on top.
-//! - [`clock`]: the one injectable clock.
-//! - [`harness`]: starts real Envoy, an upstream and Sluice on loopback for
-//!   the tests and the demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod cli;
-pub mod clock;
 pub mod control;
-pub mod controller;
 pub mod envoy;
-pub mod flow;
-pub mod harness;
-pub mod http_client;
 pub mod otlp;
-pub mod policy;
 pub mod server;
-pub mod shutdown;
 pub mod telemetry;

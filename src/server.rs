@@ -15,25 +15,17 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState};
-use crate::clock::Clock;
-use crate::envoy::AuthzService;
-use crate::flow::{Engine, EngineOptions};
-use crate::otlp::AccessLogs;
-use crate::policy::{self, watch::Reload};
-use crate::shutdown::{self, Trigger};
-use crate::telemetry::Metrics;
-use crate::telemetry::remote_write::{self, RemoteWriteConfig, RemoteWriteMetrics};
+use sluice_engine::{Engine, EngineOptions, Metrics};
+use sluice_policy::{self as policy, watch::Reload};
+use sluice_runtime::shutdown::{self, Trigger};
+use sluice_runtime::{admin as admin_server, grpc, hostname};
+use sluice_time::Clock;
 
-/// This machine's name, for the default `instance` label.
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
+use crate::admin::AdminState;
+use crate::envoy::AuthzService;
+use crate::otlp::AccessLogs;
+use crate::telemetry::SidecarMetrics;
+use crate::telemetry::remote_write::{self, RemoteWriteConfig, RemoteWriteMetrics};
 
 /// Everything a sidecar needs to start.
 #[derive(Clone, Debug)]
@@ -122,24 +114,13 @@ pub struct Sidecar {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The gRPC server settings Sluice serves with. Shared with the no-op
-/// Check server of the load tests, so that it measures the same stack.
-pub fn grpc_server() -> tonic::transport::Server {
-    tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)))
-}
-
-/// Connections accepted on `listener`, with Nagle off: answers are small and
-/// Envoy waits for each.
-pub fn grpc_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 impl Sidecar {
     /// Loads the policy, binds both listeners and starts serving. A policy
     /// that does not validate is an error here: there is none in force yet
     /// that could stay.
     pub async fn start(config: &Config) -> anyhow::Result<Sidecar> {
         let metrics = Metrics::new();
+        let sidecar_metrics = SidecarMetrics::register(metrics.registry())?;
         let engine = Arc::new(Engine::new(
             Clock::new(),
             metrics.clone(),
@@ -154,7 +135,10 @@ impl Sidecar {
             let set = policy::load::parse_sources(&sources)?;
             fingerprint = policy::load::fingerprint(&sources);
             engine.install(&set);
-            metrics.policy_reloads.with_label_values(&["ok"]).inc();
+            sidecar_metrics
+                .policy_reloads
+                .with_label_values(&["ok"])
+                .inc();
             tracing::info!(policies = set.policies.len(), path = %path.display(), "policy loaded");
         } else {
             metrics.policy_loaded.set(1);
@@ -176,13 +160,13 @@ impl Sidecar {
             &config.default_control_point,
             &config.service,
         );
-        let access_logs = AccessLogs::new(engine.clone());
+        let access_logs = AccessLogs::new(engine.clone())?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
-            .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>()
+            .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>(
+            )
             .await;
-        let incoming = grpc_incoming(grpc);
-        let router = grpc_server()
+        let router = grpc::server()
             .add_service(health)
             .add_service(authz.into_server(config.max_check_request_bytes))
             .add_service(
@@ -190,13 +174,7 @@ impl Sidecar {
                     .clone()
                     .into_server(config.max_log_request_bytes),
             );
-        let mut grpc_stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let stopped = async move { grpc_stop.wait().await };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
-                tracing::error!(error = %e, "gRPC server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(grpc::serve(router, grpc, stop.clone())));
 
         let admin_state = Arc::new(AdminState {
             engine: engine.clone(),
@@ -205,9 +183,9 @@ impl Sidecar {
             max_log_request_bytes: config.max_log_request_bytes,
             otlp_http: config.otlp_http,
         });
-        tasks.push(tokio::spawn(admin::serve(
+        tasks.push(tokio::spawn(admin_server::serve(
             admin,
-            admin_state.clone() as Arc<dyn admin::Handler>,
+            admin_state.clone() as Arc<dyn admin_server::Handler>,
             stop.clone(),
         )));
 
@@ -225,7 +203,8 @@ impl Sidecar {
 
         if let Some(path) = config.policy.clone() {
             let target = engine.clone();
-            let reloads = metrics.policy_reloads.clone();
+            let reloads = sidecar_metrics.policy_reloads.clone();
+            let mut reload_stop = stop.clone();
             tasks.push(tokio::spawn(policy::watch::watch(
                 path,
                 config.policy_poll_interval,
@@ -239,7 +218,7 @@ impl Sidecar {
                     };
                     reloads.with_label_values(&[result]).inc();
                 },
-                stop.clone(),
+                async move { reload_stop.wait().await },
             )));
         }
 
@@ -251,7 +230,7 @@ impl Sidecar {
                     format!("{}:{}", hostname(), admin_addr.port()),
                 ));
             }
-            let rw_metrics = RemoteWriteMetrics::register(&metrics.registry)?;
+            let rw_metrics = RemoteWriteMetrics::register(metrics.registry())?;
             tracing::info!(url = %rw.url, interval = ?rw.interval, "remote-writing metrics");
             tasks.extend(remote_write::start(
                 rw,
@@ -272,7 +251,7 @@ impl Sidecar {
                 service: config.service.clone(),
                 instance,
             };
-            let control_metrics = crate::control::ControlMetrics::register(&metrics.registry)?;
+            let control_metrics = crate::control::ControlMetrics::register(metrics.registry())?;
             tracing::info!(controller = %url, "subscribing to the controller");
             tasks.push(tokio::spawn(crate::control::subscribe(
                 engine.clone(),

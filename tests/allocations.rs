@@ -8,12 +8,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 
-use sluice::clock::Clock;
 use sluice::envoy::request::CheckView;
 use sluice::envoy::wire;
-use sluice::flow::{Engine, EngineOptions, FlowRequest};
-use sluice::policy::load::parse_sources;
-use sluice::telemetry::Metrics;
+use sluice_engine::Metrics;
+use sluice_engine::{Engine, EngineOptions, FlowRequest};
+use sluice_policy::load::parse_sources;
+use sluice_time::Clock;
 
 struct Counting;
 
@@ -75,7 +75,7 @@ load_schedulers:
 
 fn request(user: usize) -> wire::CheckRequest {
     let user = format!("user-{user}");
-    wire::CheckRequest::http(
+    sluice_testkit::check::http(
         "GET",
         "/api/items?page=2",
         &[("accept", "*/*"), ("user-id", &user)],

@@ -4,21 +4,23 @@
 //! its concurrency. Under a load step the controller lowers the load
 //! multiplier, latency comes back near the setpoint with subscribers
 //! favoured over guests; when the load drops the multiplier returns to
-//! pass-through. Short ticks and windows keep it to about a minute.
+//! pass-through. Short ticks and windows keep it to about a minute; the
+//! phases follow the loop's state and their bounds count controller ticks.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+
 use std::time::Duration;
 
 use common::*;
 use parking_lot::Mutex;
-use sluice::controller::{Controller, ControllerConfig};
-use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
 use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
+use sluice_controller::{Controller, ControllerConfig};
+use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
 use tokio::time::Instant;
 
 /// Finished requests by (phase, class, HTTP status; 0 for a transport error).
@@ -34,6 +36,8 @@ struct Sample {
     lm: f64,
     /// Whether it is the controller's (not a lapsed decision's fallback).
     leased: bool,
+    /// The controller's ticks so far.
+    ticks: u64,
     /// The controller's latency and setpoint signals, once it has them.
     latency: Option<f64>,
     setpoint: Option<f64>,
@@ -78,7 +82,37 @@ const CALM: u8 = 2;
 
 fn signal(text: &str, name: &str) -> Option<f64> {
     let series = format!(r#"controller_signal{{policy_name="svc",signal="{name}"}}"#);
-    sluice::harness::scrape(text, &series).filter(|v| v.is_finite())
+    sluice_testkit::scrape(text, &series).filter(|v| v.is_finite())
+}
+
+/// What the loop looks like now, half a second after the last look: the
+/// multiplier in force in the sidecar, the controller's signals and ticks.
+async fn watch(
+    engine: &sluice_engine::Engine,
+    admin: std::net::SocketAddr,
+    started: Instant,
+    phase: u8,
+) -> Sample {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (lm, leased) = {
+        let plan = engine.plan();
+        let m = &plan.policies[0].load_schedulers[0].multiplier;
+        let now = engine.clock().now();
+        (m.at(now).0, m.leased(now))
+    };
+    let text = http::get(admin, "/metrics", &[])
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    Sample {
+        t: started.elapsed().as_secs_f64(),
+        phase,
+        lm,
+        leased,
+        ticks: sluice_testkit::scrape(&text, "controller_ticks_total").unwrap_or(0.0) as u64,
+        latency: signal(&text, "latency"),
+        setpoint: signal(&text, "setpoint"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,98 +207,107 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
         })
     };
 
-    // Watch the loop twice a second.
+    // Watch the loop twice a second; the phases change on what it sees,
+    // and every bound is counted in the controller's ticks, so a slow
+    // machine makes the test longer, not red.
     let started = Instant::now();
-    let trace: Arc<Mutex<Vec<Sample>>> = Default::default();
-    let watcher = {
-        let (trace, phase) = (trace.clone(), phase.clone());
-        let engine = sidecar.engine.clone();
-        let admin = controller.admin_addr;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let (lm, leased) = {
-                    let plan = engine.plan();
-                    let m = &plan.policies[0].load_schedulers[0].multiplier;
-                    let now = engine.clock().now();
-                    (m.at(now).0, m.leased(now))
-                };
-                let text = http::get(admin, "/metrics", &[])
-                    .await
-                    .map(|r| r.text())
-                    .unwrap_or_default();
-                trace.lock().push(Sample {
-                    t: started.elapsed().as_secs_f64(),
-                    phase: phase.load(Ordering::Relaxed),
-                    lm,
-                    leased,
-                    latency: signal(&text, "latency"),
-                    setpoint: signal(&text, "setpoint"),
-                });
-            }
-        })
+    let mut trace: Vec<Sample> = Vec::new();
+    let engine = sidecar.engine.clone();
+    let admin = controller.admin_addr;
+    let sample = async |phase: u8, trace: &mut Vec<Sample>| {
+        let s = watch(&engine, admin, started, phase).await;
+        trace.push(s);
+        s
+    };
+    let show = |trace: &[Sample]| {
+        trace
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:5.1}s tick {:3} phase {} lm {:.2}{} latency {:?} setpoint {:?}",
+                    s.t,
+                    s.ticks,
+                    s.phase,
+                    s.lm,
+                    if s.leased { "" } else { " (lapsed)" },
+                    s.latency,
+                    s.setpoint
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     };
 
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    phase.store(LOAD, Ordering::Relaxed);
-    let load_started = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    phase.store(CALM, Ordering::Relaxed);
-    let calm_started = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    driver.abort();
-    watcher.abort();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Warm: until the controller has learnt the normal latency (a bound in
+    // seconds only here: before Prometheus has data there are no ticks
+    // worth counting).
+    let warm_until = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = sample(WARM, &mut trace).await;
+        if s.ticks >= 5 && s.latency.is_some() && s.setpoint.is_some() {
+            break;
+        }
+        assert!(Instant::now() < warm_until, "no signals:\n{}", show(&trace));
+    }
 
-    let trace = trace.lock().clone();
-    let shown: Vec<String> = trace
-        .iter()
-        .map(|s| {
-            format!(
-                "{:5.1}s phase {} lm {:.2}{} latency {:?} setpoint {:?}",
-                s.t,
-                s.phase,
-                s.lm,
-                if s.leased { "" } else { " (lapsed)" },
-                s.latency,
-                s.setpoint
-            )
-        })
-        .collect();
-    let shown = shown.join("\n");
-    println!("{shown}");
+    // The load step: the controller must throttle within 15 ticks...
+    phase.store(LOAD, Ordering::Relaxed);
+    let step = trace.last().map_or(0, |s| s.ticks);
+    loop {
+        let s = sample(LOAD, &mut trace).await;
+        if s.lm < 1.0 && s.leased {
+            break;
+        }
+        assert!(
+            s.ticks <= step + 15,
+            "not throttled 15 ticks after the step:\n{}",
+            show(&trace)
+        );
+    }
+    // ...and bring latency back under twice its setpoint while the load
+    // lasts, three samples on distinct ticks in a row, within 40 ticks.
+    let mut held: Vec<u64> = Vec::new();
+    loop {
+        let s = sample(LOAD, &mut trace).await;
+        match (s.latency, s.setpoint) {
+            (Some(l), Some(p)) if l < 2.0 * p => {
+                if held.last() != Some(&s.ticks) {
+                    held.push(s.ticks);
+                }
+            }
+            _ => held.clear(),
+        }
+        if held.len() >= 3 {
+            break;
+        }
+        assert!(
+            s.ticks <= step + 40,
+            "latency not back near the setpoint 40 ticks into the load:\n{}",
+            show(&trace)
+        );
+    }
+
+    // Calm: the controller brings the multiplier back to pass-through (its
+    // own decision, not a lapse of the last one), 0.1 per tick.
+    phase.store(CALM, Ordering::Relaxed);
+    let calm = trace.last().map_or(0, |s| s.ticks);
+    loop {
+        let s = sample(CALM, &mut trace).await;
+        if s.lm >= 1.0 && s.leased && s.ticks > calm {
+            break;
+        }
+        assert!(
+            s.ticks <= calm + 30,
+            "not back to pass-through 30 ticks after the load dropped:\n{}",
+            show(&trace)
+        );
+    }
+    driver.abort();
+    println!("{}", show(&trace));
     let tally = tally.lock().clone();
     println!("{tally:?}");
 
-    // Under the load step the controller lowers the multiplier within a
-    // few ticks.
-    let lowered = trace
-        .iter()
-        .find(|s| s.phase == LOAD && s.lm < 1.0)
-        .map(|s| s.t);
-    let lowered = lowered.unwrap_or_else(|| panic!("never throttled:\n{shown}"));
-    assert!(
-        lowered - load_started < 10.0,
-        "throttled {:.1}s after the step:\n{shown}",
-        lowered - load_started
-    );
-
-    // Latency comes back near the setpoint while the load lasts.
-    let late: Vec<(f64, f64)> = trace
-        .iter()
-        .filter(|s| s.phase == LOAD && s.t > calm_started - 10.0)
-        .filter_map(|s| Some((s.latency?, s.setpoint?)))
-        .collect();
-    assert!(!late.is_empty(), "no signals late in the load:\n{shown}");
-    let mut ratios: Vec<f64> = late.iter().map(|(l, s)| l / s).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    assert!(
-        median < 2.0,
-        "latency / setpoint late in the load: median {median:.2}\n{shown}"
-    );
-
-    // Subscribers keep a higher acceptance than guests.
+    // Subscribers kept a higher acceptance than guests under the load.
     let share = |class: &str| {
         let ok = tally.get(&(LOAD, class, 200)).copied().unwrap_or(0) as f64;
         let all: u64 = tally
@@ -278,19 +321,6 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
     assert!(
         subscribers > guests + 0.1,
         "subscribers {subscribers:.2} vs guests {guests:.2}"
-    );
-
-    // When the load drops, the controller brings the multiplier back to
-    // pass-through (its own decision, not a lapse of the last one).
-    let recovered = trace
-        .iter()
-        .find(|s| s.phase == CALM && s.lm >= 1.0 && s.leased && s.t > calm_started)
-        .map(|s| s.t);
-    let recovered = recovered.unwrap_or_else(|| panic!("never recovered:\n{shown}"));
-    assert!(
-        recovered - calm_started < 14.0,
-        "recovered {:.1}s after the load dropped",
-        recovered - calm_started
     );
 
     controller.stop(Duration::from_secs(2)).await;

@@ -3,8 +3,8 @@
 //! Istio patch keeps the same access-log contract and ext_authz essentials.
 
 use serde_json::Value;
-use sluice::harness::envoy::{EnvoyPorts, render, render_ports, validate};
-use sluice::harness::repo_root;
+use sluice_testkit::envoy::{EnvoyPorts, render, render_ports, validate};
+use sluice_testkit::repo_root;
 
 #[tokio::test]
 async fn every_shipped_config_validates() {

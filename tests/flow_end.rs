@@ -6,16 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use common::*;
-use sluice::harness::{Prometheus, http};
 use sluice::server::Sidecar;
 use sluice::telemetry::remote_write::RemoteWriteConfig;
+use sluice_testkit::{Prometheus, http};
 
 fn remote_write(prometheus: &Prometheus, interval: Duration, batches: usize) -> RemoteWriteConfig {
     RemoteWriteConfig {
@@ -218,46 +214,23 @@ async fn a_dead_prometheus_costs_checks_nothing_and_data_resumes() {
     )
     .await;
     let front = envoy.listener();
-
-    // Steady traffic through Envoy for the whole test, ~20 requests/s.
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let outage = Arc::new(AtomicBool::new(false));
-    let latencies: Arc<parking_lot::Mutex<(Vec<Duration>, Vec<Duration>)>> = Default::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (sent, failed, outage, latencies, stop) = (
-            sent.clone(),
-            failed.clone(),
-            outage.clone(),
-            latencies.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let started = Instant::now();
-                let ok = http::get(front, "/", &[])
-                    .await
-                    .is_ok_and(|r| r.status == 200);
-                let took = started.elapsed();
-                sent.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut l = latencies.lock();
-                if outage.load(Ordering::Relaxed) {
-                    l.1.push(took)
-                } else {
-                    l.0.push(took)
-                }
+    let ok = async |n: usize| {
+        let mut ok = 0;
+        for _ in 0..n {
+            if http::get(front, "/", &[])
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
+                ok += 1;
             }
-        })
+        }
+        ok
     };
+
+    assert_eq!(ok(20).await, 20);
     let count = r#"sum(flux_meter_count{flux_meter_name="latency"})"#;
     assert!(
-        eventually(Duration::from_secs(15), || async {
+        eventually(Duration::from_secs(30), || async {
             prometheus
                 .query_one(count)
                 .await
@@ -269,73 +242,56 @@ async fn a_dead_prometheus_costs_checks_nothing_and_data_resumes() {
         "data before the outage"
     );
 
+    // Prometheus goes. Traffic goes on until remote-write is fully backed
+    // up: its sender retrying with backoff, its queue of 5 batches full and
+    // dropping the oldest.
     prometheus.kill().await;
-    outage.store(true, Ordering::Relaxed);
-    let sent_before_outage = sent.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let sent_during = sent.load(Ordering::Relaxed) - sent_before_outage;
-    outage.store(false, Ordering::Relaxed);
     assert!(
-        sent_during >= 100,
-        "traffic went on: {sent_during} requests in 30 s"
+        eventually(Duration::from_secs(60), || async {
+            ok(5).await;
+            let text = metrics_text(&sidecar).await;
+            metric(&text, "remote_write_failures_total") > 0.0
+                && metric(&text, "remote_write_dropped_samples_total") > 0.0
+        })
+        .await,
+        "remote-write never backed up: {}",
+        metrics_text(&sidecar).await
     );
+    // With telemetry stuck, Checks and access logs go on. Envoy gives a
+    // Check 0.5 s and fails closed (envoy-configs/quickstart.yaml): a Check
+    // that waited on remote-write would come back as an error, not a 200.
+    let before = metrics_text(&sidecar).await;
     assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
+        ok(100).await,
+        100,
         "every request during the outage was answered 200"
     );
-
-    let text = metrics_text(&sidecar).await;
-    assert!(metric(&text, "remote_write_failures_total") > 0.0, "{text}");
     assert!(
-        metric(&text, "remote_write_dropped_samples_total") > 0.0,
-        "{text}"
+        eventually(Duration::from_secs(10), || async {
+            let after = metrics_text(&sidecar).await;
+            let grew = |series: &str| metric(&after, series) - metric(&before, series);
+            grew("flowcontrol_requests_total") >= 100.0
+                && grew(r#"flowcontrol_access_logs_total{result="matched"}"#) >= 100.0
+        })
+        .await,
+        "the Checks were Sluice's, and their access logs were ingested"
     );
-    {
-        let l = latencies.lock();
-        let (before, during) = (median(&l.0), median(&l.1));
-        println!(
-            "request latency through Envoy+Sluice, median before / during the outage: {before:?} / {during:?} ({} / {} requests)",
-            l.0.len(),
-            l.1.len()
-        );
-        // Not a benchmark (BENCHMARKS.md has those): a Check that waited on
-        // remote-write would take its retries and 2 s timeout, so "about
-        // the same" is a wide band here, medians over hundreds of requests.
-        let (before, during) = (before.expect("some before"), during.expect("some during"));
-        assert!(
-            during <= before * 2 + Duration::from_millis(5),
-            "Checks slowed down while Prometheus was gone: median {before:?} → {during:?}"
-        );
-        let slowest = l.1.iter().max().copied().unwrap_or_default();
-        assert!(
-            slowest < Duration::from_secs(1),
-            "a request took {slowest:?} during the outage"
-        );
-    }
 
     prometheus.restart().await.expect("prometheus restarts");
-    let sent_at_restart = sent.load(Ordering::Relaxed) as f64;
+    assert_eq!(ok(20).await, 20);
+    let answered = metric(&metrics_text(&sidecar).await, "flowcontrol_requests_total");
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(30), || async {
             prometheus
                 .query_one(count)
                 .await
                 .ok()
                 .flatten()
-                .is_some_and(|v| v >= sent_at_restart)
+                .is_some_and(|v| v >= answered)
         })
         .await,
-        "new data after the outage: {:?} of at least {sent_at_restart}",
+        "new data after the outage: {:?} of at least {answered}",
         prometheus.query_one(count).await
     );
-    stop.store(true, Ordering::Relaxed);
-    let _ = traffic.await;
     sidecar.stop(Duration::from_secs(2)).await;
-}
-
-fn median(v: &[Duration]) -> Option<Duration> {
-    let mut v = v.to_vec();
-    v.sort();
-    v.get(v.len() / 2).copied()
 }

@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use clap::Parser as _;
 use sluice::cli::{Cli, Command};
-use sluice::harness::free_port;
 use sluice::server::{Config, Sidecar};
+use sluice_testkit::free_port;
 
 /// Runs `sluice health ARGS` off the async runtime (it blocks).
 async fn health(args: &[String]) -> (Output, Duration) {

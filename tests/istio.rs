@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use sluice::harness::envoy::{Envoy, EnvoyPorts, validate};
-use sluice::harness::{Upstream, free_port, http, repo_root};
 use sluice::server::{Config, Sidecar};
+use sluice_testkit::envoy::{Envoy, EnvoyPorts, validate};
+use sluice_testkit::{Upstream, free_port, http, repo_root};
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";

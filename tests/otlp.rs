@@ -14,8 +14,8 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message;
-use sluice::harness::access_log::{self, accepted_flow, attribute};
-use sluice::harness::http;
+use sluice_testkit::access_log::{self, accepted_flow, attribute};
+use sluice_testkit::http;
 
 const POLICY: &str =
     "name: p\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";

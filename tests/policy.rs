@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use sluice::harness::{free_port, http, repo_root};
+use sluice_testkit::{free_port, http, repo_root};
 
 fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -272,7 +272,7 @@ fn the_binary_refuses_to_start_on_a_broken_policy() {
 /// in force stays.
 #[tokio::test]
 async fn the_binary_logs_why_a_broken_edit_is_not_reloaded() {
-    use sluice::harness::process::Process;
+    use sluice_testkit::process::Process;
     let file = PolicyFile::new(OPEN);
     let (grpc, admin) = (free_port().expect("port"), free_port().expect("port"));
     let args: Vec<String> = [

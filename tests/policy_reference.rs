@@ -1,8 +1,8 @@
 //! The policy reference checked against the code, so that the docs cannot
 //! drift from what the loader accepts.
 //!
-//! The policy types (`src/policy/`) are the source of truth: their JSON
-//! Schema (`sluice schema`, `sluice::policy::schema::policy_schema`) lists
+//! The policy types (`crates/policy/src/`) are the source of truth: their JSON
+//! Schema (`sluice schema`, `sluice_policy::schema::policy_schema`) lists
 //! every field, whether it is required, its default and its doc comment.
 //! `docs/policy.md` (and `docs/controller.md`, for `circuit:`) document
 //! fields in tables that follow one convention:
@@ -37,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde_json::Value;
-use sluice::policy::schema::policy_schema;
-use sluice::policy::types::DurationSpec;
+use sluice_policy::schema::policy_schema;
+use sluice_policy::types::DurationSpec;
 
 /// The documents holding the reference.
 const REFERENCE: [&str; 2] = ["docs/policy.md", "docs/controller.md"];
@@ -421,7 +421,7 @@ fn every_field_has_a_doc_comment_stating_its_default() {
             .filter(|d| !d.trim().is_empty())
         else {
             problems.push(format!(
-                "`{}` has no doc comment: document the field in src/policy/",
+                "`{}` has no doc comment: document the field in crates/policy/src/",
                 field.shown
             ));
             continue;
@@ -473,7 +473,7 @@ fn the_reference_documents_every_field_and_only_fields_that_exist() {
         let Some(found) = by_key.get(row.key.as_slice()) else {
             problems.push(format!(
                 "{}: documents `{}`, which is not a field of the policy schema \
-                 (renamed or removed in src/policy/? `sluice schema` prints the fields)",
+                 (renamed or removed in crates/policy/src/? `sluice schema` prints the fields)",
                 row.at, row.shown
             ));
             continue;
@@ -579,7 +579,7 @@ fn check_example(file: &str, at: usize, info: &str, body: String) -> Option<Stri
     match info {
         "yaml" => {
             let name = PathBuf::from(format!("{file}:{at}"));
-            let e = sluice::policy::load::parse_sources(&[(name, body)]).err()?;
+            let e = sluice_policy::load::parse_sources(&[(name, body)]).err()?;
             // The error's line is within the block: make it the document's.
             let line = e
                 .line

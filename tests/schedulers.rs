@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use parking_lot::Mutex;
-use sluice::harness::http;
-use tokio::time::Instant;
+use sluice_testkit::http;
 
 const POLICY: &str = r#"
 name: protect
@@ -40,17 +39,31 @@ async fn subscribers_go_first_when_the_load_scheduler_throttles() {
     let (sidecar, _upstream, envoy) = stack(&policy, None).await;
     let front = envoy.listener();
 
-    // (user type, status) → count, for requests sent after the 2 s window
-    // has filled; and every rejection's headers checked on the way.
+    // (user type, status) → count, for the 240 rounds sent once the
+    // scheduler knows the incoming rate (its fill rate is then 0.3 of it);
+    // every rejection's headers checked on the way. A round every 25 ms
+    // overloads the 30%: the shares compared are the scheduler's, whatever
+    // pace this machine keeps.
     let tally: Arc<Mutex<BTreeMap<(&str, u16), u64>>> = Default::default();
-    let started = Instant::now();
+    let fill_rate = r#"token_bucket_fill_rate{component="service",policy_name="protect"}"#;
+    let mut counted_rounds = 0;
+    let mut rounds = 0;
     let mut tasks = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(25));
-    while started.elapsed() < Duration::from_secs(8) {
+    while counted_rounds < 240 {
         tick.tick().await;
+        rounds += 1;
+        let counted = counted_rounds > 0
+            || (rounds % 20 == 0 && metric(&metrics_text(&sidecar).await, fill_rate) > 0.0);
+        if counted {
+            counted_rounds += 1;
+        }
+        assert!(
+            rounds < 4000,
+            "the scheduler never measured the incoming rate"
+        );
         for user_type in ["subscriber", "guest"] {
             let tally = tally.clone();
-            let counted = started.elapsed() > Duration::from_secs(2);
             tasks.push(tokio::spawn(async move {
                 let reply = http::request(
                     front,

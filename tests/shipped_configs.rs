@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use sluice::harness::envoy::{Envoy, EnvoyPorts, render_ports};
-use sluice::harness::{Upstream, free_port, http, repo_root};
 use sluice::server::{Config, Sidecar};
+use sluice_testkit::envoy::{Envoy, EnvoyPorts, render_ports};
+use sluice_testkit::{Upstream, free_port, http, repo_root};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// `config_file` rendered onto `ports` plus `extra`, its one listener on

@@ -17,7 +17,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use sluice::harness::repo_root;
+use sluice_testkit::repo_root;
 use tokio::process::{Child, Command};
 
 /// Every IPv4 address but 127.0.0.0/8, and all of IPv6.
@@ -25,7 +25,7 @@ const NOT_LOOPBACK: &str = "0.0.0.0/2,64.0.0.0/3,96.0.0.0/4,112.0.0.0/5,120.0.0.
 
 /// The k6 binary: `$SLUICE_K6`, else the venv's.
 pub fn binary() -> anyhow::Result<PathBuf> {
-    sluice::harness::venv_binary("SLUICE_K6", "k6")
+    sluice_testkit::venv_binary("SLUICE_K6", "k6")
 }
 
 /// What the traffic script needs to know.

@@ -23,10 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use sluice::controller::{Controller, ControllerConfig};
-use sluice::harness::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
 use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
+use sluice_controller::{Controller, ControllerConfig};
+use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
 use tokio::sync::watch;
 
 /// A source of traffic: who, where, how often. `traffic.js` makes one k6
@@ -527,11 +527,13 @@ impl Record {
 }
 
 /// Runs the demo until its traffic ends or `stop` completes (then it stops
-/// early, and still writes what it has). Everything it started is stopped
-/// when it returns.
+/// early, and still writes what it has). `seconds` hears how many seconds
+/// of traffic are recorded so far (a test stops the demo on it). Everything
+/// it started is stopped when it returns.
 pub async fn run(
     args: Args,
     stop: impl Future<Output = ()> + Send + 'static,
+    seconds: watch::Sender<u64>,
 ) -> anyhow::Result<Summary> {
     let k6_binary = k6::binary()?;
     let (stop_tx, mut stopped) = watch::channel(false);
@@ -671,6 +673,7 @@ pub async fn run(
             println!("--- once its latency window no longer holds the crowd's last requests.");
         }
         println!("{}", live_line(second));
+        seconds.send_replace(t + 1);
         if let Ok(Some(status)) = k6.exited()
             && !status.success()
         {
@@ -715,11 +718,11 @@ pub async fn run(
         println!("The controller lowered the load multiplier to {lm:.2} at the lowest.");
     }
 
-    // Let the last access logs arrive and one more remote-write go out,
-    // then show what Prometheus received.
+    // Let the last access logs arrive and a remote-write carrying them go
+    // out, then show what Prometheus received.
     if !interrupted {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(2500)) => {}
+            () = settled(&parts) => {}
             _ = stopped.wait_for(|&s| s) => interrupted = true,
         }
     }
@@ -752,6 +755,34 @@ pub async fn run(
         bail!(failure);
     }
     Ok(summary)
+}
+
+/// Returns once every Check's access log has reached Sluice and
+/// Prometheus holds the count of them (or after 15 s, saying so): what the
+/// summary then shows from Prometheus is the whole run.
+async fn settled(parts: &Parts) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let logs = r#"sum(flowcontrol_access_logs_total)"#;
+    let mut ingested = 0.0;
+    while tokio::time::Instant::now() < deadline {
+        let text = parts.sidecar.engine.metrics().encode_text();
+        let value = |series: &str| scrape(&text, series).unwrap_or(0.0);
+        let checks = value("flowcontrol_requests_total");
+        ingested = value(r#"flowcontrol_access_logs_total{result="matched"}"#)
+            + value(r#"flowcontrol_access_logs_total{result="without_flow"}"#);
+        let written = parts
+            .prometheus
+            .query_one(logs)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0.0);
+        if ingested >= checks && written >= ingested {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("Prometheus had not received every access log within 15 s ({ingested} ingested)");
 }
 
 /// Aborts a task when dropped.

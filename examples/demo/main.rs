@@ -54,7 +54,8 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match demo::run(args, stop).await {
+    let (seconds, _) = tokio::sync::watch::channel(0);
+    match demo::run(args, stop, seconds).await {
         Ok(summary) if summary.interrupted => ExitCode::from(130),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

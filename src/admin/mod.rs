@@ -1,29 +1,22 @@
-//! The admin HTTP server: `/metrics` (Prometheus text format), `/healthz`
-//! (the process is up), `/readyz` (a policy is in force and the Check
-//! listener is serving), `/control-points` (JSON: control points and
+//! The sidecar's admin routes: `/metrics` (Prometheus text format),
+//! `/healthz` (the process is up), `/readyz` (a policy is in force and the
+//! Check listener is serving), `/control-points` (JSON: control points and
 //! services seen, with counts), and `POST /v1/logs` (OTLP/HTTP access logs,
-//! protobuf encoding).
-//!
-//! HTTP/1.1 only, on its own listener, so that scraping and probing never
-//! share a connection or a queue with Envoy's Checks.
+//! protobuf encoding). The server they run on is `sluice_runtime::admin`,
+//! shared with the controller.
 
-use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use sluice_engine::Engine;
+use sluice_engine::control_points::ControlPointStat;
+use sluice_runtime::admin::{Body, Handler, METRICS, TEXT, answer as respond};
 
-use crate::flow::Engine;
 use crate::otlp::{AccessLogs, wire};
-use crate::shutdown::Shutdown;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -39,32 +32,17 @@ pub struct AdminState {
     pub otlp_http: bool,
 }
 
-type Body = Full<Bytes>;
-
-fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-}
-
 #[derive(Serialize)]
 struct ControlPoints {
-    control_points: Vec<crate::flow::control_points::ControlPointStat>,
+    control_points: Vec<ControlPointStat>,
 }
 
 /// Answers one admin request.
 pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
-    const TEXT: &str = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            METRICS,
             state.engine.metrics().encode_text(),
         ),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, TEXT, "ok\n"),
@@ -103,7 +81,6 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
 async fn otlp_http(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     use http_body_util::{BodyExt, Limited};
     use prost::Message;
-    const TEXT: &str = "text/plain; charset=utf-8";
     let header = |name| {
         req.headers()
             .get(name)
@@ -162,67 +139,11 @@ async fn otlp_http(state: &AdminState, req: Request<Incoming>) -> Response<Body>
     )
 }
 
-/// Answers admin requests; the sidecar's [`AdminState`] and the
-/// controller's admin are two.
-pub trait Handler: Send + Sync + 'static {
-    /// Answers one request.
-    fn handle(
-        &self,
-        req: Request<Incoming>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>>;
-}
-
 impl Handler for AdminState {
     fn handle(
         &self,
         req: Request<Incoming>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
         Box::pin(route(self, req))
-    }
-}
-
-/// A plain-text or JSON answer.
-pub fn answer(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    respond(status, content_type, body)
-}
-
-/// Serves `handler` on `listener` (HTTP/1.1) until `shutdown` fires.
-pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>, mut shutdown: Shutdown) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, go on.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
-        let handler = handler.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req).await) }
-            });
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
     }
 }

@@ -3,29 +3,27 @@
 //! The sidecar dials the controller (`--controller`), identifies itself and
 //! holds one server-streaming `Subscribe`; every [`wire::DecisionSet`] that
 //! arrives is translated into engine decisions
-//! ([`crate::flow::control`]) and applied. On any error the subscription is
+//! ([`sluice_engine::control`]) and applied. On any error the subscription is
 //! re-established with exponential backoff (100 ms doubling to 10 s, with
 //! jitter). While disconnected, decisions already applied lapse at their
 //! `valid_until` and components return to their policy's values.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use sluice_engine::Engine;
+use sluice_engine::control::{Action, Applied, ControlDecision};
+use sluice_runtime::backoff::Backoff;
+use sluice_runtime::shutdown::Shutdown;
+use sluice_time::unix_ms;
 
-use crate::flow::Engine;
-use crate::flow::control::{Action, ControlDecision};
-use crate::shutdown::Shutdown;
-
-/// The control API's messages and services (generated).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod wire {
-    tonic::include_proto!("sluice.control.v1");
-}
-
+pub use sluice_proto::control as wire;
 use wire::decision::Action as WireAction;
 
+/// First delay before subscribing again.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay before subscribing again.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Who this sidecar is, for the controller.
@@ -71,15 +69,9 @@ impl ControlMetrics {
     }
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Applies a decision set; returns how many were put in force.
 pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics) -> usize {
-    let now = now_unix_ms();
+    let now = unix_ms();
     let mut applied = 0;
     for d in &set.decisions {
         let Some(action) = &d.action else {
@@ -121,7 +113,7 @@ pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics)
             .decisions
             .with_label_values(&[outcome.as_str()])
             .inc();
-        if outcome == crate::flow::control::Applied::Applied {
+        if outcome == Applied::Applied {
             applied += 1;
         }
     }
@@ -137,7 +129,7 @@ pub async fn subscribe(
     metrics: ControlMetrics,
     mut shutdown: Shutdown,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut said_down = false;
     loop {
         // Whether this session brought any decisions: only then was it a
@@ -174,7 +166,7 @@ pub async fn subscribe(
         };
         metrics.connected.set(0);
         if delivered {
-            backoff = MIN_BACKOFF;
+            backoff.reset();
             said_down = false;
         }
         match result {
@@ -187,11 +179,9 @@ pub async fn subscribe(
             }
             Err(_) => {}
         }
-        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = backoff.wait() => {}
             _ = shutdown.wait() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

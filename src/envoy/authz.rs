@@ -11,7 +11,7 @@ use super::request::{CheckView, text};
 use super::response;
 use super::wire::CheckRequest;
 use super::wire::authorization_server::{Authorization, AuthorizationServer};
-use crate::flow::{Engine, FlowRequest};
+use sluice_engine::{Engine, FlowRequest};
 
 /// gRPC metadata (from Envoy's `grpc_service.initial_metadata`) and context
 /// extension naming the control point.
@@ -85,7 +85,7 @@ impl AuthzService {
             labels: &view,
         };
         let (response, waiting) = self.engine.decide(flow, |mut decision| {
-            let waiting = decision.scheduling.take();
+            let waiting = decision.waiting.take();
             (response::build(&decision, &view), waiting)
         });
         match waiting {

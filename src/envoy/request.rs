@@ -10,7 +10,9 @@ use std::borrow::Cow;
 use bytes::Bytes;
 
 use super::wire::{AttributeContext, CheckRequest, HttpRequest, SocketAddress};
-use crate::flow::labels::{LabelKind, LabelRef, LabelSource, baggage_member, header_name_matches};
+use sluice_engine::labels::{
+    LabelKind, LabelRef, LabelSource, baggage_member, header_name_matches,
+};
 
 /// The text of a bytes field. Invalid UTF-8 is replaced, not refused.
 #[inline]

@@ -20,9 +20,9 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 
 use super::request::CheckView;
-use crate::flow::labels::percent_encode_into;
-use crate::flow::scheduling::SchedulerRejection;
-use crate::flow::{Decision, RejectReason};
+use sluice_engine::labels::percent_encode_into;
+use sluice_engine::schedulers::SchedulerRejection;
+use sluice_engine::{Decision, RejectReason};
 
 /// The dynamic metadata key (under the ext_authz filter's namespace).
 pub const FLOW_METADATA_KEY: &str = "sluice.flow";

@@ -5,7 +5,8 @@
 //!
 //! Each log record's attributes become a [`FlowEnd`] for
 //! [`Engine::end_flow`]. Requests are decoded with Sluice's own
-//! wire-compatible messages ([`wire`], from `proto/sluice/otlp_logs.proto`):
+//! wire-compatible messages ([`wire`], `sluice_proto::otlp_logs`, from
+//! `proto/sluice/otlp_logs.proto`):
 //! strings as bytes, so one value that is not UTF-8 cannot make a whole
 //! batch undecodable. Large batches yield to the runtime every
 //! [`YIELD_EVERY`] records, so that ingesting telemetry never holds up the
@@ -18,14 +19,10 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
 use prometheus::IntCounter;
 use tonic::{Request, Response, Status};
 
-use crate::flow::flow_end::{AttrValue, ExtraAttributes, FlowEnd};
-use crate::flow::{EndOutcome, Engine};
+use sluice_engine::flow_end::{AttrValue, ExtraAttributes, FlowEnd};
+use sluice_engine::{EndOutcome, Engine};
 
-/// Sluice's decoding of OTLP logs messages (generated).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod wire {
-    tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
-}
+pub use sluice_proto::otlp_logs as wire;
 
 use wire::any_value::Value;
 use wire::logs_service_server::{LogsService, LogsServiceServer};
@@ -81,15 +78,31 @@ impl ExtraAttributes for RecordAttributes<'_> {
 }
 
 impl AccessLogs {
-    /// Ends flows on `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        let counter = |result| engine.metrics().access_logs.with_label_values(&[result]);
-        AccessLogs {
+    /// Ends flows on `engine`, counting records in
+    /// `flowcontrol_access_logs_total{result}` of the engine's registry: by
+    /// whether they named a flow (`matched`), did not (`without_flow`: a
+    /// flow Sluice never saw, or one Envoy let through while Sluice was
+    /// down), or named it unreadably (`invalid`). One per engine: a second
+    /// would register the counter twice, which is an error.
+    pub fn new(engine: Arc<Engine>) -> anyhow::Result<Self> {
+        let family = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "flowcontrol_access_logs_total",
+                "Access-log records, by whether they named a flow (matched, without_flow, invalid).",
+            ),
+            &["result"],
+        )?;
+        engine
+            .metrics()
+            .registry()
+            .register(Box::new(family.clone()))?;
+        let counter = |result| family.with_label_values(&[result]);
+        Ok(AccessLogs {
             matched: counter("matched"),
             without_flow: counter("without_flow"),
             invalid: counter("invalid"),
             engine,
-        }
+        })
     }
 
     /// Ends one record's flow.

@@ -28,14 +28,11 @@ use prost::Message;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::http_client::HttpsClient;
-use crate::shutdown::Shutdown;
+use sluice_runtime::backoff::Backoff;
+use sluice_runtime::http_client::{self, HttpsClient};
+use sluice_runtime::shutdown::Shutdown;
 
-/// The protobuf messages of remote-write 1.0 (generated).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod wire {
-    tonic::include_proto!("prometheus");
-}
+pub use sluice_proto::remote_write as wire;
 
 /// First retry delay.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -314,7 +311,7 @@ pub fn start(
             config.url
         );
     }
-    let client = crate::http_client::build(config.ca_file.as_deref(), config.timeout)?;
+    let client = http_client::build(config.ca_file.as_deref(), config.timeout)?;
     let queue = Arc::new(Queue {
         batches: Mutex::new(VecDeque::new()),
         ready: Notify::new(),
@@ -363,7 +360,7 @@ pub fn start(
                         _ = shutdown.wait() => return,
                     }
                 };
-                let mut backoff = MIN_BACKOFF;
+                let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
                 loop {
                     match send(&client, &config, &batch).await {
                         Ok(()) => {
@@ -386,14 +383,10 @@ pub fn start(
                                 tracing::warn!(url = %config.url, error = %message, "remote-write failing; retrying with backoff");
                                 failing = true;
                             }
-                            let jitter = Duration::from_millis(fastrand::u64(
-                                0..=backoff.as_millis() as u64 / 4,
-                            ));
                             tokio::select! {
-                                _ = tokio::time::sleep(backoff + jitter) => {}
+                                _ = backoff.wait() => {}
                                 _ = shutdown.wait() => return,
                             }
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
                     }
                 }

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,29 +12,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, attribute_context,
 };
 use sluice::server::{Config, Sidecar};
+pub use sluice_testkit::PolicyFile;
 use tonic::transport::Channel;
-
-/// A policy written to a temporary file, kept until dropped.
-pub struct PolicyFile {
-    pub dir: tempfile::TempDir,
-    pub path: PathBuf,
-}
-
-impl PolicyFile {
-    pub fn new(yaml: &str) -> PolicyFile {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("policy.yaml");
-        std::fs::write(&path, yaml).expect("write policy");
-        PolicyFile { dir, path }
-    }
-
-    /// Replaces the policy's text (atomically, as editors and ConfigMaps do).
-    pub fn rewrite(&self, yaml: &str) {
-        let tmp = self.dir.path().join(".policy.yaml.tmp");
-        std::fs::write(&tmp, yaml).expect("write policy");
-        std::fs::rename(&tmp, &self.path).expect("rename policy");
-    }
-}
 
 /// Starts an in-process sidecar on free ports with `policy`.
 pub async fn sidecar(policy: &PolicyFile) -> Sidecar {
@@ -135,13 +113,16 @@ pub fn flow_metadata(resp: &CheckResponse) -> Option<String> {
     }
 }
 
-/// The value of one series (`name` or `name{labels}`) in an admin
-/// `/metrics` text, 0 when absent.
+/// The value of one series (`name` or `name{labels}`, labels as the
+/// exporter orders them) in an admin `/metrics` text. A missing series
+/// fails the test, naming what is there: read as 0, a renamed series would
+/// pass every check that something did not happen.
 pub fn metric(text: &str, series: &str) -> f64 {
-    sluice::harness::scrape(text, series).unwrap_or(0.0)
+    sluice_testkit::metric(text, series).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Polls `f` until it returns true or `within` passes.
+/// Polls `f` until it returns true or `within` passes. `within` bounds a
+/// failing test; it is never a claim about speed, so give it room.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -175,7 +156,7 @@ pub async fn raw_unary<R: prost::Message + Default + Send + 'static>(
     grpc.unary(
         tonic::Request::new(body),
         http::uri::PathAndQuery::from_static(path),
-        sluice::harness::grpc::RawCodec::default(),
+        sluice_testkit::grpc::RawCodec::default(),
     )
     .await
     .map(tonic::Response::into_inner)
@@ -183,7 +164,7 @@ pub async fn raw_unary<R: prost::Message + Default + Send + 'static>(
 
 /// The admin `/metrics` text of a sidecar.
 pub async fn metrics_text(sidecar: &Sidecar) -> String {
-    sluice::harness::http::get(sidecar.admin_addr, "/metrics", &[])
+    sluice_testkit::http::get(sidecar.admin_addr, "/metrics", &[])
         .await
         .expect("metrics")
         .text()
@@ -194,7 +175,7 @@ pub async fn metrics_text(sidecar: &Sidecar) -> String {
 pub async fn stack(
     policy: &PolicyFile,
     remote: Option<sluice::telemetry::remote_write::RemoteWriteConfig>,
-) -> (Sidecar, sluice::harness::Upstream, sluice::harness::Envoy) {
+) -> (Sidecar, sluice_testkit::Upstream, sluice_testkit::Envoy) {
     let sidecar = Sidecar::start(&Config {
         policy: Some(policy.path.clone()),
         policy_poll_interval: Duration::from_millis(50),
@@ -203,10 +184,10 @@ pub async fn stack(
     })
     .await
     .expect("sidecar starts");
-    let upstream = sluice::harness::Upstream::start(0).await.expect("upstream");
-    let ports = sluice::harness::EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())
+    let upstream = sluice_testkit::Upstream::start(0).await.expect("upstream");
+    let ports = sluice_testkit::EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())
         .expect("ports");
-    let envoy = sluice::harness::Envoy::start("envoy-configs/quickstart.yaml", ports)
+    let envoy = sluice_testkit::Envoy::start("envoy-configs/quickstart.yaml", ports)
         .await
         .expect("envoy starts");
     (sidecar, upstream, envoy)

@@ -1,0 +1,337 @@
+//! The `sluice-controller` command line.
+//!
+//! `sluice-controller --policy PATH [FLAGS]` runs the controller;
+//! `sluice-controller explain PATH` prints each policy's circuit with its
+//! blueprint expanded. Every flag can also be set by an environment
+//! variable `SLUICE_CONTROLLER_<FLAG>`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use sluice_policy as policy;
+use sluice_policy::circuit::{ComponentSpec, Operand};
+use sluice_runtime::logging::{self, LogFormat};
+
+use super::{Controller, ControllerConfig};
+
+/// sluice-controller: closed-loop flow control for Sluice sidecars.
+///
+/// Reads signals from Prometheus (where sidecars remote-write), runs each
+/// policy's `circuit:` every tick, and pushes its outputs (load
+/// multipliers, limits, sampling) to every sidecar subscribed with
+/// `--controller`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-controller",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// A command other than running the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of the controller.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Commands besides running.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print each policy's circuit, blueprints expanded, and exit.
+    Explain {
+        /// Policy files or directories (as for --policy).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Flags of the controller.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Policy file, or directory of *.yaml files: the sidecars' policies,
+    /// whose `circuit:` sections the controller runs. Re-read on change.
+    #[arg(long, env = "SLUICE_CONTROLLER_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Prometheus to query (where the sidecars remote-write).
+    #[arg(
+        long,
+        env = "SLUICE_CONTROLLER_PROMETHEUS_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub prometheus_url: String,
+    /// PEM file of CA certificates to trust for an https:// Prometheus.
+    #[arg(long, env = "SLUICE_CONTROLLER_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
+    /// Address of the control API that sidecars subscribe to (gRPC).
+    #[arg(
+        long,
+        env = "SLUICE_CONTROLLER_LISTEN",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub listen: SocketAddr,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROLLER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8083"
+    )]
+    pub admin_listen: SocketAddr,
+    /// How often the circuits run.
+    #[arg(long, env = "SLUICE_CONTROLLER_TICK", default_value = "10s", value_parser = sluice_time::parse_duration)]
+    pub tick: Duration,
+    /// How long a decision holds in the sidecars (default: 3 ticks).
+    #[arg(long, env = "SLUICE_CONTROLLER_DECISION_VALIDITY", value_parser = sluice_time::parse_duration)]
+    pub decision_validity: Option<Duration>,
+    /// How long the last outputs are held while Prometheus cannot be asked;
+    /// after that nothing is sent and sidecars return to their policies.
+    #[arg(long, env = "SLUICE_CONTROLLER_HOLD_OUTPUTS_FOR", default_value = "2m", value_parser = sluice_time::parse_duration)]
+    pub hold_outputs_for: Duration,
+    /// How often the policy path is checked for changes.
+    #[arg(long, env = "SLUICE_CONTROLLER_POLICY_POLL_INTERVAL", default_value = "1s", value_parser = sluice_time::parse_duration)]
+    pub policy_poll_interval: Duration,
+    /// Log filter: a level or tracing directives.
+    #[arg(long, env = "SLUICE_CONTROLLER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log line format.
+    #[arg(long, env = "SLUICE_CONTROLLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn operand(o: &Operand) -> String {
+    match o {
+        Operand::Constant(c) => c.to_string(),
+        Operand::Signal(s) => s.clone(),
+    }
+}
+
+/// One line per component.
+pub fn describe(components: &[ComponentSpec]) -> String {
+    let mut out = String::new();
+    let width = components
+        .iter()
+        .filter_map(ComponentSpec::out)
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    // Signal read before it is written → its readers, in circuit order.
+    let mut delayed: indexmap::IndexMap<&str, Vec<&str>> = indexmap::IndexMap::new();
+    for (i, c) in components.iter().enumerate() {
+        for input in c.inputs() {
+            // Written later in the list (or by itself): last tick's value.
+            if let Operand::Signal(s) = input
+                && !components[..i].iter().any(|p| p.out() == Some(s.as_str()))
+            {
+                delayed
+                    .entry(s.as_str())
+                    .or_default()
+                    .push(c.out().unwrap_or("an actuator"));
+            }
+        }
+        let line = match c {
+            ComponentSpec::Promql(p) => format!("promql {}", p.query),
+            ComponentSpec::Ema(e) => format!(
+                "ema of {} over {}{}",
+                operand(&e.input),
+                humantime::format_duration(e.window.0),
+                e.freeze
+                    .as_ref()
+                    .map(|f| format!(", frozen while {}", operand(f)))
+                    .unwrap_or_default()
+            ),
+            ComponentSpec::Arithmetic(a) => {
+                let op = match a.op {
+                    policy::circuit::ArithmeticOp::Add => "+",
+                    policy::circuit::ArithmeticOp::Sub => "-",
+                    policy::circuit::ArithmeticOp::Mul => "*",
+                    policy::circuit::ArithmeticOp::Div => "/",
+                };
+                format!("{} {op} {}", operand(&a.lhs), operand(&a.rhs))
+            }
+            ComponentSpec::Decider(d) => format!(
+                "1 when {} {} {} (for {}), 0 when not (for {})",
+                operand(&d.lhs),
+                if d.op == policy::circuit::Comparison::Gt {
+                    ">"
+                } else {
+                    "<"
+                },
+                operand(&d.rhs),
+                humantime::format_duration(d.true_for.0),
+                humantime::format_duration(d.false_for.0)
+            ),
+            ComponentSpec::GradientController(g) => format!(
+                "{} * clamp(({} / {})^{}, {}, {})",
+                operand(&g.control_variable),
+                operand(&g.signal),
+                operand(&g.setpoint),
+                g.slope,
+                g.min_gradient,
+                g.max_gradient
+            ),
+            ComponentSpec::Integrator(n) => format!(
+                "sum of {} from {}{}",
+                operand(&n.input),
+                n.initial,
+                n.reset
+                    .as_ref()
+                    .map(|r| format!(", reset while {}", operand(r)))
+                    .unwrap_or_default()
+            ),
+            ComponentSpec::Switcher(s) => format!(
+                "{} if {} else {}",
+                operand(&s.on_true),
+                operand(&s.switch),
+                operand(&s.on_false)
+            ),
+            ComponentSpec::Min(m) => format!(
+                "min({})",
+                m.inputs.iter().map(operand).collect::<Vec<_>>().join(", ")
+            ),
+            ComponentSpec::Max(m) => format!(
+                "max({})",
+                m.inputs.iter().map(operand).collect::<Vec<_>>().join(", ")
+            ),
+            ComponentSpec::Actuator(a) => {
+                let target = if let Some(n) = &a.load_scheduler {
+                    format!("load scheduler {n} multiplier")
+                } else if let Some(n) = &a.sampler {
+                    format!("sampler {n} accept_percentage")
+                } else if let Some(n) = &a.concurrency_limiter {
+                    format!("concurrency limiter {n} max_concurrency")
+                } else {
+                    format!(
+                        "rate limiter {}",
+                        a.rate_limiter.as_ref().map(|n| n.0.as_str()).unwrap_or("")
+                    )
+                };
+                let value = [
+                    a.input.as_ref().map(operand),
+                    a.bucket_capacity
+                        .as_ref()
+                        .map(|o| format!("bucket_capacity {}", operand(o))),
+                    a.fill_amount
+                        .as_ref()
+                        .map(|o| format!("fill_amount {}", operand(o))),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ");
+                let _ = writeln!(out, "  {:>width$} -> {target}", value);
+                continue;
+            }
+        };
+        let _ = writeln!(out, "  {:>width$} = {line}", c.out().unwrap_or(""));
+    }
+    if !delayed.is_empty() {
+        let delayed: Vec<String> = delayed
+            .iter()
+            .map(|(s, readers)| format!("{s} (read by {})", readers.join(", ")))
+            .collect();
+        let _ = writeln!(out, "  (from the previous tick: {})", delayed.join("; "));
+    }
+    out
+}
+
+/// `sluice-controller explain`: prints the expanded circuits.
+pub fn explain(paths: &[PathBuf]) -> bool {
+    let mut ok = true;
+    for path in paths {
+        match policy::load_path(path) {
+            Ok(set) => {
+                for loaded in &set.policies {
+                    let name = &loaded.policy.name.value.0;
+                    let Some(circuit) = &loaded.policy.circuit else {
+                        println!("policy {name} ({}): no circuit", loaded.file.display());
+                        continue;
+                    };
+                    match circuit.value.expand(name) {
+                        Ok(components) => {
+                            println!(
+                                "policy {name} ({}), {} components{}:",
+                                loaded.file.display(),
+                                components.len(),
+                                circuit
+                                    .value
+                                    .blueprint
+                                    .as_ref()
+                                    .map(|b| format!(" from blueprint {b}"))
+                                    .unwrap_or_default()
+                            );
+                            print!("{}", describe(&components));
+                        }
+                        Err(e) => {
+                            eprintln!("error: {}: {e}", loaded.file.display());
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// The controller configuration these flags describe.
+pub fn config(args: &RunArgs, policy: &Path) -> ControllerConfig {
+    ControllerConfig {
+        policy: policy.to_owned(),
+        policy_poll_interval: args.policy_poll_interval,
+        prometheus_url: args.prometheus_url.clone(),
+        prometheus_ca_file: args.prometheus_ca_file.clone(),
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        tick: args.tick,
+        decision_validity: args.decision_validity.unwrap_or(args.tick * 3),
+        hold_outputs_for: args.hold_outputs_for,
+    }
+}
+
+/// Runs the command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Explain { paths }) = &cli.command {
+        return if explain(paths) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let Some(policy) = cli.run.policy.clone() else {
+        eprintln!(
+            "error: --policy is required (a policy file or directory with circuit: sections)"
+        );
+        return ExitCode::FAILURE;
+    };
+    logging::init(&cli.run.log_level, cli.run.log_format);
+    let runtime = match sluice_runtime::runtime(2, "sluice-controller") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let controller = match Controller::start(config(&cli.run, &policy)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot start: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        sluice_runtime::signal::terminate().await;
+        tracing::info!("shutting down");
+        controller.stop(Duration::from_secs(5)).await;
+        ExitCode::SUCCESS
+    })
+}

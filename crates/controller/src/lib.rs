@@ -1,0 +1,605 @@
+//! `sluice-controller`: reads signals from Prometheus, runs each policy's
+//! circuit every tick, and pushes the outputs to every sidecar.
+//!
+//! A program of its own: it shares the policy language (`sluice-policy`),
+//! the control API's wire types (`sluice-proto`) and the runtime helpers
+//! (`sluice-runtime`) with the sidecar, and nothing else.
+//!
+//! - [`circuit`]: a policy's circuit, compiled and run tick by tick, with
+//!   no I/O (tested on synthetic series).
+//! - [`promql`]: the PromQL client.
+//! - this file: the running controller: the tick loop, the control API
+//!   that sidecars subscribe to (a `watch` channel fans the latest
+//!   decisions out to every open stream, so the controller never needs to
+//!   know where sidecars are), policy reload, and its own `/metrics`.
+//! - [`cli`]: the `sluice-controller` command line.
+//!
+//! When Prometheus cannot be asked, the controller holds the outputs it
+//! computed last (re-sent with a fresh `valid_until`) for at most
+//! `hold_outputs_for`, and says so (`controller_prometheus_up` 0,
+//! `controller_outputs_held` 1, a log line); after that it sends nothing
+//! and the sidecars' decisions lapse to their policies' values.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod circuit;
+pub mod cli;
+pub mod promql;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use parking_lot::Mutex;
+use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::{Stream, StreamExt as _};
+
+use circuit::{Circuit, Output, Target};
+use sluice_policy::{self as policy, PolicySet};
+use sluice_proto::control as wire;
+use sluice_runtime::admin::{self, Handler};
+use sluice_runtime::shutdown::{self, Shutdown, Trigger};
+use sluice_time::{Clock, unix_ms};
+
+/// Everything a controller needs to start.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Policy file or directory (the sidecars' files, with `circuit:`).
+    pub policy: PathBuf,
+    /// How often the policy path is re-read.
+    pub policy_poll_interval: Duration,
+    /// Prometheus's base URL.
+    pub prometheus_url: String,
+    /// PEM CAs to trust for an https Prometheus.
+    pub prometheus_ca_file: Option<PathBuf>,
+    /// Where sidecars subscribe (gRPC).
+    pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub admin_listen: SocketAddr,
+    /// How often circuits run.
+    pub tick: Duration,
+    /// How long a decision holds (`valid_until` = now + this).
+    pub decision_validity: Duration,
+    /// How long last outputs are held while Prometheus cannot be asked.
+    pub hold_outputs_for: Duration,
+}
+
+impl ControllerConfig {
+    /// Defaults around `policy`, on the given listeners.
+    pub fn new(
+        policy: PathBuf,
+        prometheus_url: &str,
+        listen: SocketAddr,
+        admin_listen: SocketAddr,
+    ) -> Self {
+        ControllerConfig {
+            policy,
+            policy_poll_interval: Duration::from_secs(1),
+            prometheus_url: prometheus_url.to_owned(),
+            prometheus_ca_file: None,
+            listen,
+            admin_listen,
+            tick: Duration::from_secs(10),
+            decision_validity: Duration::from_secs(30),
+            hold_outputs_for: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The controller's metrics: the loop, plottable.
+#[derive(Clone)]
+struct Metrics {
+    registry: Registry,
+    signal: GaugeVec,
+    output: GaugeVec,
+    ticks: IntCounter,
+    prometheus_up: IntGauge,
+    prometheus_errors: IntCounter,
+    held: IntGaugeVec,
+    subscribers: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<GaugeVec> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let signal = gauge_vec(
+            "controller_signal",
+            "Each circuit signal after the last tick (NaN: missing).",
+            &["policy_name", "signal"],
+        )?;
+        let output = gauge_vec(
+            "controller_output",
+            "Each actuator's output after the last tick.",
+            &["policy_name", "component", "field"],
+        )?;
+        let ticks = IntCounter::new("controller_ticks_total", "Ticks run.")?;
+        registry.register(Box::new(ticks.clone()))?;
+        let prometheus_up = IntGauge::new(
+            "controller_prometheus_up",
+            "1 when the last tick's queries all got an answer from Prometheus.",
+        )?;
+        registry.register(Box::new(prometheus_up.clone()))?;
+        let prometheus_errors = IntCounter::new(
+            "controller_prometheus_errors_total",
+            "Queries Prometheus could not answer.",
+        )?;
+        registry.register(Box::new(prometheus_errors.clone()))?;
+        let held = IntGaugeVec::new(
+            Opts::new(
+                "controller_outputs_held",
+                "1 while a policy's last outputs are held because Prometheus cannot be asked.",
+            ),
+            &["policy_name"],
+        )?;
+        registry.register(Box::new(held.clone()))?;
+        let subscribers = IntGauge::new("controller_subscribers", "Sidecars subscribed now.")?;
+        registry.register(Box::new(subscribers.clone()))?;
+        #[cfg(target_os = "linux")]
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        Ok(Metrics {
+            registry,
+            signal,
+            output,
+            ticks,
+            prometheus_up,
+            prometheus_errors,
+            held,
+            subscribers,
+        })
+    }
+}
+
+/// One policy's circuit, running.
+struct Running {
+    name: String,
+    hash: u64,
+    circuit: Circuit,
+    /// What the circuit last computed from fresh data.
+    last: Vec<Output>,
+    /// When that was (engine clock); `None` before the first fresh tick.
+    last_fresh: Option<u64>,
+}
+
+/// What the tick loop and the reloader share.
+struct State {
+    running: Mutex<Vec<Running>>,
+    tick: Duration,
+}
+
+impl State {
+    /// Compiles the circuits of `set`, keeping running ones whose policy
+    /// is unchanged (their state: EMAs, deciders, integrators).
+    fn install(&self, set: &PolicySet) {
+        let mut running = self.running.lock();
+        let mut next = Vec::new();
+        for loaded in &set.policies {
+            let Some(circuit) = &loaded.policy.circuit else {
+                continue;
+            };
+            let name = loaded.policy.name.value.0.clone();
+            if let Some(i) = running
+                .iter()
+                .position(|r| r.name == name && r.hash == loaded.hash)
+            {
+                next.push(running.swap_remove(i));
+                continue;
+            }
+            // Validated when the policy loaded.
+            let Ok(components) = circuit.value.expand(&name) else {
+                continue;
+            };
+            tracing::info!(policy = %name, components = components.len(), "circuit loaded");
+            next.push(Running {
+                name,
+                hash: loaded.hash,
+                circuit: Circuit::compile(&components, self.tick),
+                last: Vec::new(),
+                last_fresh: None,
+            });
+        }
+        *running = next;
+    }
+}
+
+/// An actuator output as decisions on the wire.
+fn decision(policy: &Running, output: &Output, valid_until: i64) -> Option<wire::Decision> {
+    use wire::decision::Action;
+    let action = match &output.target {
+        Target::LoadMultiplier(c) => Action::LoadMultiplier(wire::LoadMultiplier {
+            load_scheduler: c.clone(),
+            multiplier: output.value?.max(0.0),
+        }),
+        Target::AcceptPercentage(c) => Action::AcceptPercentage(wire::AcceptPercentage {
+            sampler: c.clone(),
+            percentage: output.value?.clamp(0.0, 100.0),
+        }),
+        Target::MaxConcurrency(c) => Action::MaxConcurrency(wire::MaxConcurrency {
+            concurrency_limiter: c.clone(),
+            max_concurrency: output.value?.max(0.0).round() as u64,
+        }),
+        Target::RateLimit(c) => Action::RateLimit(wire::RateLimit {
+            rate_limiter: c.clone(),
+            bucket_capacity: output.value.map(|v| v.max(0.0)),
+            fill_amount: output.fill_amount.map(|v| v.max(0.0)),
+        }),
+    };
+    Some(wire::Decision {
+        policy_name: policy.name.clone(),
+        policy_hash: format!("{:016x}", policy.hash),
+        valid_until_unix_ms: valid_until,
+        action: Some(action),
+    })
+}
+
+fn describe(target: &Target) -> (&str, &'static str) {
+    match target {
+        Target::LoadMultiplier(c) => (c, "load_multiplier"),
+        Target::AcceptPercentage(c) => (c, "accept_percentage"),
+        Target::MaxConcurrency(c) => (c, "max_concurrency"),
+        Target::RateLimit(c) => (c, "bucket"),
+    }
+}
+
+/// Runs every policy's circuit once and returns the decisions to send.
+async fn tick(
+    state: &State,
+    prometheus: &promql::Prometheus,
+    metrics: &Metrics,
+    config: &ControllerConfig,
+    clock: &Clock,
+) -> wire::DecisionSet {
+    metrics.ticks.inc();
+    // Ask Prometheus first, without holding the state lock across awaits.
+    let queries: Vec<(String, Vec<(usize, String)>)> = state
+        .running
+        .lock()
+        .iter()
+        .map(|r| {
+            let due = r
+                .circuit
+                .due_queries()
+                .into_iter()
+                .map(|(i, q)| (i, q.to_owned()))
+                .collect();
+            (r.name.clone(), due)
+        })
+        .collect();
+    let mut answers: HashMap<String, Result<HashMap<usize, Option<f64>>, String>> = HashMap::new();
+    let mut all_up = true;
+    for (policy, due) in queries {
+        let mut results = HashMap::new();
+        let mut failure = None;
+        for (i, q) in due {
+            match prometheus.query(&q).await {
+                Ok(v) => {
+                    results.insert(i, v);
+                }
+                Err(e) => {
+                    metrics.prometheus_errors.inc();
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        all_up &= failure.is_none();
+        answers.insert(policy, failure.map_or(Ok(results), Err));
+    }
+    metrics.prometheus_up.set(i64::from(all_up));
+
+    let now = clock.now();
+    let valid_until = unix_ms() + config.decision_validity.as_millis() as i64;
+    let hold = sluice_time::nanos(config.hold_outputs_for);
+    let mut decisions = Vec::new();
+    let mut running = state.running.lock();
+    for r in running.iter_mut() {
+        let outputs = match answers.remove(&r.name) {
+            Some(Ok(results)) => {
+                let outputs = r.circuit.tick(&results);
+                for o in &outputs {
+                    let before = r.last.iter().find(|l| l.target == o.target);
+                    if before.map(|b| (b.value, b.fill_amount)) != Some((o.value, o.fill_amount)) {
+                        let (component, field) = describe(&o.target);
+                        tracing::info!(
+                            policy = %r.name, component, field,
+                            value = ?o.value, fill_amount = ?o.fill_amount,
+                            "output changed"
+                        );
+                    }
+                }
+                for (signal, value) in r.circuit.signals() {
+                    metrics
+                        .signal
+                        .with_label_values(&[&r.name, signal])
+                        .set(value.unwrap_or(f64::NAN));
+                }
+                r.last.clone_from(&outputs);
+                r.last_fresh = Some(now);
+                metrics.held.with_label_values(&[&r.name]).set(0);
+                outputs
+            }
+            failed => {
+                let fresh = r.last_fresh.is_some_and(|t| now.saturating_sub(t) <= hold);
+                let was_held = metrics.held.with_label_values(&[&r.name]).get() == 1;
+                metrics
+                    .held
+                    .with_label_values(&[&r.name])
+                    .set(i64::from(fresh));
+                if let Some(Err(e)) = failed
+                    && !was_held
+                {
+                    tracing::warn!(
+                        policy = %r.name, error = %e,
+                        "cannot query Prometheus; holding the last outputs for at most {:?}",
+                        config.hold_outputs_for
+                    );
+                }
+                if fresh {
+                    r.last.clone()
+                } else {
+                    if !r.last.is_empty() {
+                        // Held long enough: stop sending, and stop showing
+                        // outputs nobody receives any more.
+                        tracing::warn!(
+                            policy = %r.name,
+                            "no fresh signals for {:?}: no longer sending outputs; sidecars return to their policy's values when the last ones lapse",
+                            config.hold_outputs_for
+                        );
+                        for o in r.last.drain(..) {
+                            let (component, field) = describe(&o.target);
+                            for field in [field, "fill_amount"] {
+                                let _ = metrics
+                                    .output
+                                    .remove_label_values(&[&r.name, component, field]);
+                            }
+                        }
+                    }
+                    Vec::new()
+                }
+            }
+        };
+        for o in &outputs {
+            let (component, field) = describe(&o.target);
+            if let Some(v) = o.value {
+                metrics
+                    .output
+                    .with_label_values(&[&r.name, component, field])
+                    .set(v);
+            }
+            if let Some(v) = o.fill_amount {
+                metrics
+                    .output
+                    .with_label_values(&[&r.name, component, "fill_amount"])
+                    .set(v);
+            }
+            decisions.extend(decision(r, o, valid_until));
+        }
+    }
+    wire::DecisionSet {
+        decisions,
+        sent_unix_ms: unix_ms(),
+    }
+}
+
+/// The control API: every subscriber gets the latest decision set at once,
+/// then each new one.
+struct ControlService {
+    decisions: watch::Receiver<Arc<wire::DecisionSet>>,
+    subscribers: IntGauge,
+}
+
+/// Decrements the subscriber gauge when a stream ends.
+struct Subscribed(IntGauge);
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+type DecisionStream = Pin<Box<dyn Stream<Item = Result<wire::DecisionSet, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl wire::control_server::Control for ControlService {
+    type SubscribeStream = DecisionStream;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<wire::SubscribeRequest>,
+    ) -> Result<tonic::Response<DecisionStream>, tonic::Status> {
+        let who = request.into_inner();
+        tracing::info!(
+            agent_group = %who.agent_group, service = %who.service, instance = %who.instance,
+            "sidecar subscribed"
+        );
+        self.subscribers.inc();
+        let guard = Subscribed(self.subscribers.clone());
+        let stream =
+            tokio_stream::wrappers::WatchStream::new(self.decisions.clone()).map(move |set| {
+                let _ = &guard;
+                Ok((*set).clone())
+            });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// The controller's admin endpoints.
+struct Admin {
+    metrics: Metrics,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for Admin {
+    fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Pin<Box<dyn Future<Output = http::Response<admin::Body>> + Send + '_>> {
+        Box::pin(async move {
+            use admin::TEXT;
+            use http::StatusCode;
+            match (req.method(), req.uri().path()) {
+                (&http::Method::GET, "/metrics") => {
+                    use prometheus::Encoder;
+                    let mut out = Vec::new();
+                    let _ = prometheus::TextEncoder::new()
+                        .encode(&self.metrics.registry.gather(), &mut out);
+                    admin::answer(StatusCode::OK, admin::METRICS, out)
+                }
+                (&http::Method::GET, "/healthz") => admin::answer(StatusCode::OK, TEXT, "ok\n"),
+                (&http::Method::GET, "/readyz") => {
+                    if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+                        admin::answer(StatusCode::OK, TEXT, "ready\n")
+                    } else {
+                        admin::answer(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n")
+                    }
+                }
+                _ => admin::answer(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+            }
+        })
+    }
+}
+
+/// A started controller.
+pub struct Controller {
+    /// Where sidecars subscribe.
+    pub grpc_addr: SocketAddr,
+    /// Where its admin endpoints are.
+    pub admin_addr: SocketAddr,
+    shutdown: Trigger,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Controller {
+    /// Loads the policies, binds both listeners and starts ticking.
+    pub async fn start(config: ControllerConfig) -> anyhow::Result<Controller> {
+        let sources = policy::load::read_sources(&config.policy)?;
+        let set = policy::load::parse_sources(&sources)?;
+        let fingerprint = policy::load::fingerprint(&sources);
+        let metrics = Metrics::new()?;
+        let state = Arc::new(State {
+            running: Mutex::new(Vec::new()),
+            tick: config.tick,
+        });
+        state.install(&set);
+        let client = sluice_runtime::http_client::build(
+            config.prometheus_ca_file.as_deref(),
+            config.tick.min(Duration::from_secs(5)),
+        )?;
+        let prometheus = promql::Prometheus::new(
+            client,
+            &config.prometheus_url,
+            (config.tick / 2).max(Duration::from_millis(200)),
+        );
+
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen for admin on {}", config.admin_listen))?;
+        let grpc_addr = grpc.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let (trigger, stop) = shutdown::channel();
+        let (publish, decisions) = watch::channel(Arc::new(wire::DecisionSet::default()));
+        let mut tasks = Vec::new();
+
+        let service = ControlService {
+            decisions,
+            subscribers: metrics.subscribers.clone(),
+        };
+        let router = sluice_runtime::grpc::server()
+            .add_service(wire::control_server::ControlServer::new(service));
+        tasks.push(tokio::spawn(sluice_runtime::grpc::serve(
+            router,
+            grpc,
+            stop.clone(),
+        )));
+
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            ready: false.into(),
+        });
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            admin.clone(),
+            stop.clone(),
+        )));
+
+        let reload_state = state.clone();
+        let mut reload_stop = stop.clone();
+        tasks.push(tokio::spawn(policy::watch::watch(
+            config.policy.clone(),
+            config.policy_poll_interval,
+            fingerprint,
+            move |set| reload_state.install(set),
+            |_| {},
+            async move { reload_stop.wait().await },
+        )));
+
+        let clock = Clock::new();
+        let loop_config = config.clone();
+        tasks.push(tokio::spawn(ticker(
+            state,
+            prometheus,
+            metrics,
+            loop_config,
+            clock,
+            publish,
+            stop,
+        )));
+        admin
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tick = ?config.tick, "sluice-controller serving");
+        Ok(Controller {
+            grpc_addr,
+            admin_addr,
+            shutdown: trigger,
+            tasks,
+        })
+    }
+
+    /// Stops everything it started.
+    pub async fn stop(self, grace: Duration) {
+        self.shutdown.fire();
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+async fn ticker(
+    state: Arc<State>,
+    prometheus: promql::Prometheus,
+    metrics: Metrics,
+    config: ControllerConfig,
+    clock: Clock,
+    publish: watch::Sender<Arc<wire::DecisionSet>>,
+    mut stop: Shutdown,
+) {
+    let mut interval = tokio::time::interval(config.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait() => return,
+        }
+        let set = tick(&state, &prometheus, &metrics, &config, &clock).await;
+        publish.send_replace(Arc::new(set));
+    }
+}

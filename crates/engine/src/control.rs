@@ -1,0 +1,101 @@
+//! Decisions from `sluice-controller`, as the engine takes them
+//! ([`Engine::apply`](crate::Engine::apply); the sidecar's control edge
+//! translates the protobufs).
+//!
+//! A decision names a policy, the version of it the controller computed for
+//! (the hash of the policy file's text), a component and a value, and how
+//! long it holds. A sidecar running another version of the policy ignores
+//! it: the controller's circuit was computed for components that may not be
+//! these. When it lapses, the component returns to its policy's value (a
+//! load scheduler to passing everything): a controller that goes away never
+//! leaves a sidecar throttled.
+
+use std::time::Duration;
+
+/// What a decision does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action<'a> {
+    /// A load scheduler's multiplier.
+    LoadMultiplier {
+        /// The load scheduler.
+        component: &'a str,
+        /// The multiplier.
+        value: f64,
+    },
+    /// A rate limiter's bucket.
+    RateLimit {
+        /// The rate limiter.
+        component: &'a str,
+        /// Its capacity, if set.
+        bucket_capacity: Option<f64>,
+        /// Its fill amount, if set.
+        fill_amount: Option<f64>,
+    },
+    /// A sampler's share.
+    AcceptPercentage {
+        /// The sampler.
+        component: &'a str,
+        /// The percentage.
+        value: f64,
+    },
+    /// A concurrency limiter's limit.
+    MaxConcurrency {
+        /// The concurrency limiter.
+        component: &'a str,
+        /// The limit.
+        value: u64,
+    },
+}
+
+impl Action<'_> {
+    /// The component it drives.
+    pub fn component(&self) -> &str {
+        match self {
+            Action::LoadMultiplier { component, .. }
+            | Action::RateLimit { component, .. }
+            | Action::AcceptPercentage { component, .. }
+            | Action::MaxConcurrency { component, .. } => component,
+        }
+    }
+}
+
+/// One decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlDecision<'a> {
+    /// The policy.
+    pub policy: &'a str,
+    /// The policy version it was computed for (xxh3 of the file's text).
+    pub policy_hash: u64,
+    /// How long it holds from now.
+    pub valid_for: Duration,
+    /// What it does.
+    pub action: Action<'a>,
+}
+
+/// What became of a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// In force.
+    Applied,
+    /// This sidecar does not run that policy.
+    UnknownPolicy,
+    /// This sidecar runs another version of the policy.
+    OtherVersion,
+    /// The policy has no such component (of that kind).
+    UnknownComponent,
+    /// Already lapsed when it arrived.
+    Lapsed,
+}
+
+impl Applied {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applied::Applied => "applied",
+            Applied::UnknownPolicy => "unknown_policy",
+            Applied::OtherVersion => "other_version",
+            Applied::UnknownComponent => "unknown_component",
+            Applied::Lapsed => "lapsed",
+        }
+    }
+}

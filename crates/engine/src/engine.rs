@@ -1,0 +1,474 @@
+//! [`Engine`]: the decision engine of one sidecar, and everything it does:
+//! put a policy set in force, decide a flow, end a flow from its access
+//! log, apply a controller's decision, and sweep state in the background.
+//!
+//! A Check goes through the stages of the plan's control point in order; a
+//! stage with no component for the flow is skipped, and the first
+//! rejection ends the flow's journey:
+//!
+//! 1. selectors pick the components (each component's
+//!    [`Selector`](crate::components::selector::Selector)s, indexed by
+//!    control point in the [`Plan`]);
+//! 2. classifiers add labels;
+//! 3. flux meters are attached; they observe the flow at its end;
+//! 4. samplers accept a share;
+//! 5. rate limiters charge token buckets, then concurrency limiters take
+//!    slots;
+//! 6. schedulers (concurrency, then quota, then load) admit the flow, or
+//!    refuse it, or make it wait ([`crate::schedulers`]).
+//!
+//! What the flow takes in stages 5 and 6 is its
+//! [`Admission`](crate::admission::Admission): a rejection drops it, which
+//! gives everything back, so a rejected flow costs nothing; an admission is
+//! committed, which hands its slots to the in-flight table until the
+//! access log arrives ([`Engine::end_flow`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ahash::AHashSet;
+use arc_swap::ArcSwap;
+use sluice_policy::PolicySet;
+use sluice_time::{Clock, nanos};
+use smallvec::SmallVec;
+
+use crate::admission::Admission;
+use crate::components::{classifier, concurrency_limiter, selector};
+use crate::control::{Action, Applied, ControlDecision};
+use crate::control_points::{ControlPointStat, ControlPoints};
+use crate::decision::{Decision, FlowRequest, RejectReason, Rejection};
+use crate::flow_end::inflight::{InFlight, InFlightMetrics};
+use crate::flow_end::metadata::FlowMeta;
+use crate::flow_end::{ExtraAttributes, FlowEnd};
+use crate::labels::FlowLabels;
+use crate::metrics::Metrics;
+use crate::plan::{Plan, Stages};
+use crate::schedulers::{self, AnyScheduler, Scheduled};
+
+/// Sizes and limits of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Most label values a component keeps state for.
+    pub max_label_values: usize,
+    /// Most accepted flows holding concurrency slots at once.
+    pub max_inflight_flows: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_label_values: 100_000,
+            max_inflight_flows: 100_000,
+        }
+    }
+}
+
+/// Flux meters one access-log record may name; more are ignored.
+const MAX_METERS_PER_FLOW: usize = 64;
+
+/// What became of one access-log record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// It named a flow, which was observed and ended.
+    Matched,
+    /// It named no flow: one Sluice never saw, or one Envoy let through
+    /// while Sluice was down.
+    WithoutFlow,
+    /// Its `sluice.flow` could not be read.
+    Invalid,
+}
+
+/// The decision engine of one sidecar.
+pub struct Engine {
+    /// What is in force; swapped whole on reload, read without locks.
+    plan: ArcSwap<Plan>,
+    /// The one clock.
+    clock: Clock,
+    /// Where decisions are counted.
+    metrics: Metrics,
+    /// Control points and services seen.
+    control_points: ControlPoints,
+    /// Admitted flows holding concurrency slots.
+    inflight: InFlight,
+    /// Sizes and limits.
+    options: EngineOptions,
+}
+
+impl Engine {
+    /// An engine with no policy.
+    pub fn new(clock: Clock, metrics: Metrics, options: EngineOptions) -> Self {
+        Engine {
+            plan: ArcSwap::from_pointee(Plan::default()),
+            control_points: ControlPoints::new(metrics.control_points_overflow.clone()),
+            inflight: InFlight::new(
+                options.max_inflight_flows,
+                InFlightMetrics {
+                    flows: metrics.inflight_flows.clone(),
+                    expired: metrics.inflight_expired.clone(),
+                    evicted: metrics.inflight_evicted.clone(),
+                },
+            ),
+            clock,
+            metrics,
+            options,
+        }
+    }
+
+    /// Puts `set` in force. Unchanged components keep their state (token
+    /// buckets are not refilled by an unrelated edit); the series of
+    /// removed components leave `/metrics`.
+    pub fn install(&self, set: &PolicySet) {
+        let previous = self.plan.load_full();
+        let next = Plan::compile(
+            set,
+            &previous,
+            &self.metrics,
+            &self.clock,
+            self.options.max_label_values,
+        );
+        let kept: AHashSet<_> = next.series().flat_map(|s| s.keys()).collect();
+        for series in previous.series() {
+            series.retire_except(&kept);
+        }
+        self.plan.store(Arc::new(next));
+        self.metrics.policy_loaded.set(1);
+    }
+
+    /// The plan in force. Hold it while a flow is decided: the [`Decision`]
+    /// borrows from it. Cheap (no reference-count traffic); do not hold it
+    /// across an `.await`.
+    #[inline]
+    pub fn plan(&self) -> arc_swap::Guard<Arc<Plan>> {
+        self.plan.load()
+    }
+
+    /// Decides one flow under the plan in force and hands the decision to
+    /// `f` (the decision borrows from the plan, which is held meanwhile).
+    pub fn decide<R>(&self, flow: FlowRequest<'_>, f: impl FnOnce(Decision<'_>) -> R) -> R {
+        let plan = self.plan();
+        f(self.check(&plan, flow))
+    }
+
+    /// Decides one flow under `plan` (from [`Engine::plan`]).
+    pub fn check<'a>(&self, plan: &'a Plan, flow: FlowRequest<'a>) -> Decision<'a> {
+        self.metrics.requests.inc();
+        self.control_points.record(flow.control_point, flow.service);
+        let mut decision = Decision {
+            flow_id: fastrand::u64(..),
+            rejection: None,
+            labels: FlowLabels::new(flow.labels),
+            flux_meters: SmallVec::new(),
+            workloads: SmallVec::new(),
+            waiting: None,
+            telemetry: SmallVec::new(),
+        };
+        if let Some(stages) = plan.control_points.get(flow.control_point) {
+            decision.rejection = self.run_stages(stages, flow.service, &mut decision);
+        }
+        // A flow that waits in a scheduler is counted when its wait ends.
+        if decision.rejection.is_some() {
+            self.metrics.rejected.inc();
+        } else if decision.waiting.is_none() {
+            self.metrics.accepted.inc();
+        }
+        decision
+    }
+
+    fn run_stages<'a>(
+        &self,
+        stages: &'a Stages,
+        service: &str,
+        decision: &mut Decision<'a>,
+    ) -> Option<Rejection<'a>> {
+        let labels = &mut decision.labels;
+        let admits = |selectors: &[selector::Selector], labels: &FlowLabels<'_>| {
+            selectors.iter().any(|s| s.admits(service, labels))
+        };
+
+        // Stage 2.
+        let mut found = SmallVec::<[classifier::Output<'a>; 4]>::new();
+        for c in &stages.classifiers {
+            if admits(&c.selectors, labels) {
+                c.classify(labels, &mut found);
+                for (name, value, telemetry) in found.drain(..) {
+                    if telemetry {
+                        decision.telemetry.push(labels.classified().len() as u16);
+                    }
+                    labels.set(name, value);
+                }
+            }
+        }
+
+        // Stage 3.
+        for f in &stages.flux_meters {
+            if admits(&f.selectors, labels) {
+                decision.flux_meters.push(&f.component);
+            }
+        }
+
+        // Stage 4.
+        for s in &stages.samplers {
+            if admits(&s.selectors, labels) && !s.accepts(labels) {
+                return Some(Rejection {
+                    policy: &s.policy,
+                    component: &s.name,
+                    reason: RejectReason::NotSampled,
+                    status: s.denied_status,
+                    retry_after: None,
+                });
+            }
+        }
+
+        let limits = !stages.rate_limiters.is_empty() || !stages.concurrency_limiters.is_empty();
+        if !limits && stages.schedulers.is_empty() {
+            return None;
+        }
+
+        // Stage 5. A rejection returns early and drops `admission`, which
+        // gives back what earlier components took.
+        let now = self.clock.now();
+        let mut admission = Admission::default();
+        for r in &stages.rate_limiters {
+            if !admits(&r.selectors, labels) {
+                continue;
+            }
+            match r.component.acquire(labels, now) {
+                Ok(tokens) => tokens.into_iter().for_each(|t| admission.pay(t)),
+                Err(limited) => {
+                    return Some(Rejection {
+                        policy: &r.policy,
+                        component: &r.name,
+                        reason: RejectReason::RateLimited,
+                        status: r.denied_status,
+                        retry_after: limited.retry_after.map(Duration::from_nanos),
+                    });
+                }
+            }
+        }
+        for c in &stages.concurrency_limiters {
+            if !admits(&c.selectors, labels) {
+                continue;
+            }
+            match c.acquire(labels, now) {
+                Ok(slot) => {
+                    if let Some(slot) = slot {
+                        admission.hold(slot, now.saturating_add(c.max_inflight));
+                    }
+                }
+                Err(concurrency_limiter::Busy) => {
+                    return Some(Rejection {
+                        policy: &c.policy,
+                        component: &c.name,
+                        reason: RejectReason::ConcurrencyLimited,
+                        status: c.denied_status,
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+
+        // Stage 6.
+        if !stages.schedulers.is_empty() {
+            let matching: SmallVec<[&'a AnyScheduler; 2]> = stages
+                .schedulers
+                .iter()
+                .filter(|s| admits(&s.selectors, labels))
+                .map(|s| &*s.component)
+                .collect();
+            match schedulers::schedule(
+                &matching,
+                labels,
+                now,
+                decision.flow_id,
+                &mut admission,
+                &mut decision.workloads,
+            ) {
+                Scheduled::Passed => {}
+                Scheduled::Refused(scheduler, (reason, status, retry_after)) => {
+                    let (policy, component) = scheduler.names();
+                    return Some(Rejection {
+                        policy,
+                        component,
+                        reason,
+                        status,
+                        retry_after,
+                    });
+                }
+                Scheduled::Waits(mut waiting) => {
+                    let keys: Vec<&str> = decision.flux_meters.iter().map(|m| &*m.key).collect();
+                    waiting.flux_meters = keys.join(",");
+                    decision.waiting = Some(waiting);
+                    return None;
+                }
+            }
+        }
+        self.admit(decision.flow_id, admission);
+        None
+    }
+
+    /// Commits an admitted flow's admission: its tokens are spent, its
+    /// slots held until its access log.
+    pub fn admit(&self, flow_id: u64, admission: Admission<'_>) {
+        self.inflight.insert(flow_id, admission.commit());
+    }
+
+    /// Puts a controller's decision in force.
+    pub fn apply(&self, decision: &ControlDecision<'_>) -> Applied {
+        if decision.valid_for.is_zero() {
+            return Applied::Lapsed;
+        }
+        let plan = self.plan();
+        let Some(policy) = plan.policies.iter().find(|p| &*p.name == decision.policy) else {
+            return Applied::UnknownPolicy;
+        };
+        if policy.hash != decision.policy_hash {
+            return Applied::OtherVersion;
+        }
+        let until = self.clock.now().saturating_add(nanos(decision.valid_for));
+        let name = decision.action.component();
+        let found = match &decision.action {
+            Action::LoadMultiplier { value, .. } => policy
+                .load_schedulers
+                .iter()
+                .find(|l| &*l.scheduler.name == name)
+                .map(|l| l.set_multiplier(*value, until)),
+            Action::RateLimit {
+                bucket_capacity,
+                fill_amount,
+                ..
+            } => policy
+                .rate_limiters
+                .iter()
+                .find(|r| &*r.name == name)
+                .map(|r| r.set_bucket(*bucket_capacity, *fill_amount, until)),
+            Action::AcceptPercentage { value, .. } => policy
+                .samplers
+                .iter()
+                .find(|s| &*s.name == name)
+                .map(|s| s.set_accept_percentage_until(*value, until)),
+            Action::MaxConcurrency { value, .. } => policy
+                .concurrency_limiters
+                .iter()
+                .find(|c| &*c.name == name)
+                .map(|c| c.set_max_concurrency(*value, until)),
+        };
+        match found {
+            Some(()) => Applied::Applied,
+            None => Applied::UnknownComponent,
+        }
+    }
+
+    /// Ends a flow from its access log: its flux meters observe it and its
+    /// concurrency slots are given back. `extras` answers for attributes
+    /// outside the access-log contract.
+    pub fn end_flow(&self, end: &FlowEnd<'_>, extras: &dyn ExtraAttributes) -> EndOutcome {
+        let Some(raw) = end.flow.as_deref() else {
+            return EndOutcome::WithoutFlow;
+        };
+        let Ok(meta) = FlowMeta::decode(raw) else {
+            return EndOutcome::Invalid;
+        };
+        if meta.accepted {
+            self.inflight.finish(meta.id);
+        }
+        let mut workloads = meta.workloads().peekable();
+        if workloads.peek().is_some()
+            && let Some(latency) = end.workload_duration_ms(meta.accepted)
+        {
+            let plan = self.plan.load();
+            for (key, workload) in workloads.take(MAX_METERS_PER_FLOW) {
+                if let Some(s) = plan.schedulers.get(key) {
+                    s.observe_latency(workload, latency);
+                }
+            }
+        }
+        let mut meters = meta.flux_meters().peekable();
+        if meters.peek().is_some() {
+            let plan = self.plan.load();
+            // Each meter observes a flow once, however often a (forged or
+            // garbled) record names it, and a record names a bounded number.
+            let mut seen: SmallVec<[&str; 4]> = SmallVec::new();
+            for key in meters.take(MAX_METERS_PER_FLOW) {
+                if seen.contains(&key) {
+                    continue;
+                }
+                seen.push(key);
+                if let Some(meter) = plan.flux_meters.get(key) {
+                    meter.observe(end, meta.accepted, extras);
+                }
+            }
+        }
+        EndOutcome::Matched
+    }
+
+    /// Flows holding concurrency slots now.
+    pub fn inflight_flows(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// The id of some flow holding slots now.
+    #[cfg(test)]
+    pub(crate) fn any_inflight_flow(&self) -> Option<u64> {
+        self.inflight.any_id()
+    }
+
+    /// Gives back the slots of flows past `max_inflight_duration`, forgets
+    /// per-label state idle past each component's `max_idle_time`, returns
+    /// components whose controller decision lapsed to their policy's value,
+    /// and updates the gauges. The sidecar calls it every second.
+    pub fn sweep(&self) {
+        let now = self.clock.now();
+        self.inflight.sweep(now);
+        let plan = self.plan.load();
+        for policy in &plan.policies {
+            for r in &policy.rate_limiters {
+                r.sweep(now);
+                if r.revert_if_lapsed(now) {
+                    lapsed(&policy.name, &r.name, "bucket");
+                }
+            }
+            for s in &policy.samplers {
+                if s.revert_if_lapsed(now) {
+                    lapsed(&policy.name, &s.name, "share");
+                }
+            }
+            for c in &policy.concurrency_limiters {
+                c.sweep(now);
+                if c.revert_if_lapsed(now) {
+                    lapsed(&policy.name, &c.name, "limit");
+                }
+            }
+            for q in &policy.quota_schedulers {
+                q.sweep(now);
+            }
+            for l in &policy.load_schedulers {
+                l.sweep(now);
+            }
+        }
+    }
+
+    /// Control points and services seen, with counts.
+    pub fn control_points(&self) -> Vec<ControlPointStat> {
+        self.control_points.snapshot()
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+}
+
+/// Says once that a controller decision lapsed and what the component is
+/// back to.
+fn lapsed(policy: &str, component: &str, what: &str) {
+    tracing::info!(
+        policy,
+        component,
+        "controller decision lapsed; back to the policy's {what}"
+    );
+}

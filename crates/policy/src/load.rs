@@ -1,0 +1,422 @@
+//! Reading policies from disk, with errors that say where the problem is.
+//!
+//! `--policy` names a file or a directory. A directory contributes every
+//! `*.yaml` / `*.yml` file directly in it, in name order, skipping hidden
+//! entries (so a Kubernetes ConfigMap mount, with its `..data` links, works
+//! as is). Each file holds one policy; policy names are unique across files.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::Policy;
+
+/// A policy that does not load, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    /// The file at fault (or the path given, when it cannot be read).
+    pub file: PathBuf,
+    /// 1-based line of the offending value, when known.
+    pub line: Option<u64>,
+    /// 1-based column of the offending value, when known.
+    pub column: Option<u64>,
+    /// Path of the offending field, e.g. `rate_limiters[0].bucket_capacity`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl PolicyError {
+    fn io(file: &Path, err: impl fmt::Display) -> Self {
+        PolicyError {
+            file: file.to_owned(),
+            line: None,
+            column: None,
+            field: String::new(),
+            message: err.to_string(),
+        }
+    }
+
+    fn at(file: &Path, at: &serde_saphyr::Location, field: String, message: String) -> Self {
+        PolicyError {
+            file: file.to_owned(),
+            line: Some(at.line()),
+            column: Some(at.column()),
+            field,
+            message,
+        }
+    }
+}
+
+/// One policy as loaded, with where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedPolicy {
+    /// The policy.
+    pub policy: Policy,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// xxh3 of the file's text: identifies this version of the policy (the
+    /// controller tags its decisions with it).
+    pub hash: u64,
+}
+
+/// Every policy in force, sorted by name.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    /// The policies.
+    pub policies: Vec<LoadedPolicy>,
+}
+
+/// The policy files behind `path`, with their text, in load order.
+pub fn read_sources(path: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
+    let meta = std::fs::metadata(path).map_err(|e| PolicyError::io(path, e))?;
+    let files = if meta.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| PolicyError::io(path, e))? {
+            let entry = entry.map_err(|e| PolicyError::io(path, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            let file = entry.path();
+            // metadata() follows symlinks, as ConfigMap mounts need.
+            if is_yaml
+                && !name.starts_with('.')
+                && std::fs::metadata(&file).is_ok_and(|m| m.is_file())
+            {
+                files.push(file);
+            }
+        }
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    files
+        .into_iter()
+        .map(|file| {
+            let bytes = std::fs::read(&file).map_err(|e| PolicyError::io(&file, e))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|e| PolicyError::io(&file, format!("not UTF-8: {e}")))?;
+            Ok((file, text))
+        })
+        .collect()
+}
+
+/// Parses and validates one policy document.
+pub fn parse_policy(file: &Path, text: &str) -> Result<Policy, PolicyError> {
+    let mut field = String::new();
+    let options = serde_saphyr::options! { with_snippet: false };
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize::<_, Policy>(de).map_err(|e| {
+            field = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    let policy = parsed.map_err(|e| {
+        let (line, column) = match e.location() {
+            Some(at) => (Some(at.line()), Some(at.column())),
+            None => (None, None),
+        };
+        let field = if field == "." { String::new() } else { field };
+        PolicyError {
+            file: file.to_owned(),
+            line,
+            column,
+            field,
+            message: strip_location(&e.without_snippet().to_string()),
+        }
+    })?;
+    check_unique_names(file, &policy)?;
+    if let Some(circuit) = &policy.circuit {
+        let name = &policy.name.value.0;
+        circuit
+            .value
+            .expand(name)
+            .and_then(|components| super::circuit::validate(&components, &policy))
+            .map_err(|message| {
+                PolicyError::at(file, &circuit.defined, "circuit".to_owned(), message)
+            })?;
+    }
+    Ok(policy)
+}
+
+/// The YAML error text ends with its location, which [`PolicyError`] prints
+/// in front; drop the copy.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Component names are unique within a policy across all kinds: a name
+/// identifies the component in metrics and in `x-sluice-rejected-by`.
+fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
+    type Named<'a> = (String, &'a serde_saphyr::Spanned<super::types::Name>);
+    let classifiers = policy.classifiers.iter().enumerate().filter_map(|(i, c)| {
+        c.name
+            .as_ref()
+            .map(|n| (format!("classifiers[{i}].name"), n))
+    });
+    let samplers =
+        (policy.samplers.iter().enumerate()).map(|(i, s)| (format!("samplers[{i}].name"), &s.name));
+    let limiters = (policy.rate_limiters.iter().enumerate())
+        .map(|(i, r)| (format!("rate_limiters[{i}].name"), &r.name));
+    let meters = (policy.flux_meters.iter().enumerate())
+        .map(|(i, f)| (format!("flux_meters[{i}].name"), &f.name));
+    let concurrency = (policy.concurrency_limiters.iter().enumerate())
+        .map(|(i, c)| (format!("concurrency_limiters[{i}].name"), &c.name));
+    let concurrency_schedulers = (policy.concurrency_schedulers.iter().enumerate())
+        .map(|(i, c)| (format!("concurrency_schedulers[{i}].name"), &c.name));
+    let quota_schedulers = (policy.quota_schedulers.iter().enumerate())
+        .map(|(i, q)| (format!("quota_schedulers[{i}].name"), &q.name));
+    let load_schedulers = (policy.load_schedulers.iter().enumerate())
+        .map(|(i, l)| (format!("load_schedulers[{i}].name"), &l.name));
+    let mut seen: Vec<Named<'_>> = Vec::new();
+    let all = classifiers
+        .chain(samplers)
+        .chain(limiters)
+        .chain(meters)
+        .chain(concurrency)
+        .chain(concurrency_schedulers)
+        .chain(quota_schedulers)
+        .chain(load_schedulers);
+    for (field, name) in all {
+        if let Some((other, _)) = seen.iter().find(|(_, n)| n.value == name.value) {
+            return Err(PolicyError::at(
+                file,
+                &name.defined,
+                field,
+                format!("duplicate component name {:?} (also {other})", name.value.0),
+            ));
+        }
+        seen.push((field, name));
+    }
+    Ok(())
+}
+
+/// Parses a set of sources into a [`PolicySet`].
+pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError> {
+    let mut policies: Vec<LoadedPolicy> = Vec::with_capacity(sources.len());
+    for (file, text) in sources {
+        let policy = parse_policy(file, text)?;
+        if let Some(other) = policies
+            .iter()
+            .find(|p| p.policy.name.value == policy.name.value)
+        {
+            return Err(PolicyError::at(
+                file,
+                &policy.name.defined,
+                "name".to_owned(),
+                format!(
+                    "policy {:?} is already defined in {}",
+                    policy.name.value.0,
+                    other.file.display()
+                ),
+            ));
+        }
+        policies.push(LoadedPolicy {
+            policy,
+            file: file.clone(),
+            hash: xxh3_64(text.as_bytes()),
+        });
+    }
+    policies.sort_by(|a, b| a.policy.name.value.cmp(&b.policy.name.value));
+    Ok(PolicySet { policies })
+}
+
+/// Identifies a set of sources (names and texts), to notice changes.
+pub fn fingerprint(sources: &[(PathBuf, String)]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (file, text) in sources {
+        h.update(file.as_os_str().as_encoded_bytes());
+        h.update(&[0]);
+        h.update(text.as_bytes());
+        h.update(&[0]);
+    }
+    h.digest()
+}
+
+/// Reads, parses and validates every policy behind `path`.
+pub fn load_path(path: &Path) -> Result<PolicySet, PolicyError> {
+    parse_sources(&read_sources(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> PolicyError {
+        parse_policy(Path::new("p.yaml"), text).expect_err("policy should not load")
+    }
+
+    const SELECTORS: &str = "    selectors:\n      - control_point: ingress\n";
+
+    #[test]
+    fn a_negative_capacity_is_named_with_file_line_and_field() {
+        let e = err(&format!(
+            "name: p\nrate_limiters:\n  - name: rl\n{SELECTORS}    bucket_capacity: -5\n    fill_amount: 1\n    interval: 1s\n"
+        ));
+        assert_eq!(e.line, Some(6), "{e}");
+        assert_eq!(e.field, "rate_limiters[0].bucket_capacity");
+        assert!(e.message.contains(">= 0"), "{e}");
+        assert!(e.to_string().starts_with("p.yaml:6:"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let e = err(&format!(
+            "name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n    acept: 1\n"
+        ));
+        assert_eq!(e.line, Some(7), "{e}");
+        assert!(e.field.ends_with("acept"), "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn a_syntax_error_has_a_line() {
+        let e = err("name: p\nsamplers: [\n  - name: x\n");
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let e = err(&format!(
+            "name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n  - name: s\n{SELECTORS}    accept_percentage: 5\n"
+        ));
+        assert_eq!(e.field, "samplers[1].name");
+        assert_eq!(e.line, Some(7), "{e}");
+    }
+
+    #[test]
+    fn rules_need_exactly_one_extractor() {
+        let e = err(&format!(
+            "name: p\nclassifiers:\n  -\n{SELECTORS}    rules:\n      tier:\n        from: a\n        jwt: {{claim: b}}\n"
+        ));
+        assert!(e.message.contains("exactly one"), "{e}");
+        assert_eq!(e.field, "classifiers[0].rules.tier");
+    }
+
+    #[test]
+    fn bad_regexes_and_statuses_are_refused_where_written() {
+        let e = err(
+            "name: p\nsamplers:\n  - name: s\n    selectors:\n      - control_point: ingress\n        label_matcher:\n          expression:\n            label_matches: {label: a, regex: '(('}\n    accept_percentage: 5\n",
+        );
+        assert!(e.message.contains("invalid regex"), "{e}");
+        assert_eq!(e.line, Some(8), "{e}");
+        let e = err(&format!(
+            "name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n    denied_status_code: 200\n"
+        ));
+        assert_eq!(e.field, "samplers[0].denied_status_code", "{e}");
+    }
+
+    #[test]
+    fn flux_meter_bucket_layouts() {
+        let meter = |buckets: &str| {
+            parse_policy(
+                Path::new("p.yaml"),
+                &format!("name: p\nflux_meters:\n  - name: m\n{SELECTORS}{buckets}"),
+            )
+            .map(|p| p.flux_meters[0].buckets.clone())
+        };
+        assert_eq!(
+            meter("").expect("default"),
+            crate::DEFAULT_FLUX_METER_BUCKETS
+        );
+        assert_eq!(
+            meter("    static_buckets: [1, 2.5, 10]\n").expect("static"),
+            [1.0, 2.5, 10.0]
+        );
+        assert_eq!(
+            meter("    linear_buckets: {start: 10, width: 5, count: 3}\n").expect("linear"),
+            [10.0, 15.0, 20.0]
+        );
+        assert_eq!(
+            meter("    exponential_buckets: {start: 1, factor: 2, count: 4}\n").expect("exp"),
+            [1.0, 2.0, 4.0, 8.0]
+        );
+        let range =
+            meter("    exponential_buckets_range: {min: 1, max: 1000, count: 4}\n").expect("range");
+        for (got, want) in range.iter().zip([1.0, 10.0, 100.0, 1000.0]) {
+            assert!((got - want).abs() < 1e-9, "{range:?}");
+        }
+        for bad in [
+            "    static_buckets: [2, 1]\n",
+            "    static_buckets: []\n",
+            "    linear_buckets: {start: 0, width: 0, count: 3}\n",
+            "    exponential_buckets: {start: 1, factor: 1, count: 3}\n",
+            "    exponential_buckets_range: {min: 5, max: 1, count: 3}\n",
+            "    linear_buckets: {start: 0, width: 1, count: 100000}\n",
+            "    static_buckets: [1]\n    linear_buckets: {start: 0, width: 1, count: 2}\n",
+        ] {
+            let e = meter(bad).expect_err(bad);
+            assert_eq!(e.field, "flux_meters[0]", "{e}");
+            assert_eq!(e.line, Some(3), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_full_policy_loads() {
+        let p = parse_policy(
+            Path::new("p.yaml"),
+            r#"
+name: demo
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      user: {from: request.http.headers.user-id}
+      tier: {json: {pointer: /tier}, telemetry: false}
+      route: {path_template: ["/users/{id}"]}
+      sub: {jwt: {claim: sub}}
+samplers:
+  - name: half
+    selectors:
+      - control_point: ingress
+        service: shop
+        label_matcher:
+          match_labels: {http.method: GET}
+          match_expressions:
+            - {key: tier, operator: In, values: [gold, silver]}
+          expression:
+            any:
+              of:
+                - label_exists: user
+                - not: {label_equals: {label: tier, value: free}}
+    accept_percentage: 50
+    session_label_key: user
+rate_limiters:
+  - name: per-user
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 5
+    fill_amount: 5
+    interval: 1s
+    continuous_fill: false
+    limit_by_label_key: user
+"#,
+        )
+        .expect("loads");
+        assert_eq!(p.classifiers[0].rules.len(), 4);
+        assert_eq!(p.samplers[0].selectors[0].service, "shop");
+        assert_eq!(p.rate_limiters[0].max_idle_time.0.as_secs(), 7200);
+        assert_eq!(p.rate_limiters[0].denied_status_code.0, 429);
+    }
+}
