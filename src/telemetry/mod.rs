@@ -27,6 +27,11 @@ impl SidecarMetrics {
             &["result"],
         )?;
         registry.register(Box::new(policy_reloads.clone()))?;
+        // Both results from the start: a dashboard (or a test) reads "no
+        // error yet" as 0, not as a missing series.
+        for result in ["ok", "error"] {
+            policy_reloads.with_label_values(&[result]);
+        }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

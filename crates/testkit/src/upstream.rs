@@ -41,6 +41,8 @@ pub struct Upstream {
     pub requests: Arc<AtomicU64>,
     /// Requests in flight now.
     pub inflight: Arc<AtomicU64>,
+    /// The most requests that were ever in flight at once.
+    pub max_inflight: Arc<AtomicU64>,
     _stop: Trigger,
 }
 
@@ -70,12 +72,14 @@ impl Upstream {
         let counters = Counters {
             requests: Arc::new(AtomicU64::new(0)),
             inflight: Arc::new(AtomicU64::new(0)),
+            max_inflight: Arc::new(AtomicU64::new(0)),
         };
         tokio::spawn(serve(listener, counters.clone(), latency, shutdown));
         Ok(Upstream {
             addr,
             requests: counters.requests,
             inflight: counters.inflight,
+            max_inflight: counters.max_inflight,
             _stop: stop,
         })
     }
@@ -85,6 +89,7 @@ impl Upstream {
 struct Counters {
     requests: Arc<AtomicU64>,
     inflight: Arc<AtomicU64>,
+    max_inflight: Arc<AtomicU64>,
 }
 
 async fn serve(
@@ -107,6 +112,9 @@ async fn serve(
                 let counters = counters.clone();
                 async move {
                     let (others, _inflight) = InFlight::enter(&counters.inflight);
+                    counters
+                        .max_inflight
+                        .fetch_max(others + 1, Ordering::Relaxed);
                     let (status, delay) = answer(req.uri().path());
                     let own = latency.base + latency.per_inflight * others as u32;
                     let wait = delay.unwrap_or(if status == 200 { own } else { Duration::ZERO });
