@@ -365,13 +365,36 @@ async fn the_controller_drives_a_sidecar_and_its_decisions_lapse_when_it_goes() 
 /// The quickstart config with its access log sent over OTLP/HTTP (Envoy's
 /// `http_service`) to Sluice's admin listener, instead of over gRPC.
 fn over_otlp_http(upstream: &Upstream, sidecar: &Server) -> (String, EnvoyPorts) {
+    // The access log's `common_config:` block (its gRPC service and
+    // batching) becomes the top-level fields of an HTTP log, which are the
+    // ones Envoy reads for one (docs/envoy.md).
     let text = quickstart();
-    let grpc_log = "                      grpc_service:\n                        envoy_grpc: { cluster_name: sluice }\n                      # Short:";
-    assert!(
-        text.contains(grpc_log),
-        "the quickstart's access log changed"
-    );
-    let http_log = "                      http_service:\n                        http_uri:\n                          uri: http://127.0.0.1:8081/v1/logs\n                          cluster: sluice_admin\n                          timeout: 1s\n                      # Short:";
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == "common_config:")
+        .expect("the quickstart's access log");
+    let indent = &lines[start][..lines[start].len() - "common_config:".len()];
+    let deeper = format!("{indent} ");
+    let end = start
+        + 1
+        + lines[start + 1..]
+            .iter()
+            .take_while(|l| l.starts_with(&deeper))
+            .count();
+    let http_log = [
+        "log_name: sluice",
+        "http_service:",
+        "  http_uri:",
+        "    uri: http://127.0.0.1:8081/v1/logs",
+        "    cluster: sluice_admin",
+        "    timeout: 1s",
+        "buffer_flush_interval: 0.05s",
+        "buffer_size_bytes: 16384",
+    ]
+    .iter()
+    .map(|line| format!("{indent}{line}\n"))
+    .collect::<String>();
     let admin_cluster = r#"
     - name: sluice_admin
       type: STATIC
@@ -384,7 +407,12 @@ fn over_otlp_http(upstream: &Upstream, sidecar: &Server) -> (String, EnvoyPorts)
                   address:
                     socket_address: { address: 127.0.0.1, port_value: 8081 }
 "#;
-    let config = text.replacen(grpc_log, http_log, 1) + admin_cluster;
+    let config = lines[..start].join("\n")
+        + "\n"
+        + &http_log
+        + &lines[end..].join("\n")
+        + "\n"
+        + admin_cluster;
     let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc.port()).expect("ports");
     let admin = sidecar.admin.port();
     // 8081 twice: the URI's host header and the cluster's endpoint.

@@ -33,11 +33,21 @@ fn export(n: usize) -> ExportLogsServiceRequest {
     }))
 }
 
+/// Accepted 200s the `latency` meter observed. Its histogram has a series
+/// per decision and status only once it observed one, so before that the
+/// count is 0, but only if the meter itself is there (its
+/// `invalid_flux_meter_total` exists from the start): a renamed meter must
+/// not read as "nothing observed".
 fn count(text: &str) -> f64 {
     metric(
         text,
+        r#"invalid_flux_meter_total{flux_meter_name="latency",policy_name="p"}"#,
+    );
+    sluice_testkit::scrape(
+        text,
         r#"flux_meter_count{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="p"}"#,
     )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test]

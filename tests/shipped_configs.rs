@@ -73,7 +73,7 @@ async fn logs_matched(sidecar: &Sidecar, n: f64) -> f64 {
     metric(&text, series)
 }
 
-/// `GET path` with `Host: host`: the harness's client always sends the
+/// `GET path` with `Host: host`: the test kit's client always sends the
 /// address as Host, and the gateway routes by host.
 async fn get_host(addr: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -18,7 +18,7 @@
 //!    refuse it, or make it wait ([`crate::schedulers`]).
 //!
 //! What the flow takes in stages 5 and 6 is its
-//! [`Admission`](crate::admission::Admission): a rejection drops it, which
+//! [`Admission`]: a rejection drops it, which
 //! gives everything back, so a rejected flow costs nothing; an admission is
 //! committed, which hands its slots to the in-flight table until the
 //! access log arrives ([`Engine::end_flow`]).

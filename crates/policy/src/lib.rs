@@ -498,7 +498,7 @@ pub struct FluxMeterSpec {
     pub buckets: Vec<f64>,
 }
 
-/// Default flux meter buckets, in milliseconds (DESIGN.md).
+/// Default flux meter buckets, in milliseconds (docs/policy.md).
 pub const DEFAULT_FLUX_METER_BUCKETS: [f64; 11] = [
     5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];

@@ -69,7 +69,7 @@ pub fn rendered(config_file: &str, ports: &EnvoyPorts) -> anyhow::Result<String>
 }
 
 /// A directory holding `config` as `envoy.yaml`, and the arguments that run
-/// Envoy on it as the harness does (one worker, no hot restart, warnings
+/// Envoy on it as the test kit does (one worker, no hot restart, warnings
 /// only). For callers that start the process themselves: the load tests
 /// pin it to a core.
 pub fn staged(config: &str) -> anyhow::Result<(tempfile::TempDir, Vec<String>)> {

@@ -1,4 +1,4 @@
-//! A child process of the harness: its own temporary directory, output in a
+//! A child process of the test kit: its own temporary directory, output in a
 //! log file there, killed when dropped.
 
 use std::net::SocketAddr;

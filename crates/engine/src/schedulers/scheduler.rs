@@ -17,7 +17,7 @@
 //! min(`queue_timeout`, Envoy's gRPC deadline − `decision_deadline_margin`).
 //! A waiter that goes away (Envoy gave up) leaves the queue without taking
 //! capacity. What an admission takes travels as a
-//! [`Claim`](crate::admission::Claim), through the waiter's channel when
+//! [`Claim`], through the waiter's channel when
 //! the pump admits it: if the waiter is gone by then, the claim is dropped
 //! and the capacity comes back.
 
