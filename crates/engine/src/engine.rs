@@ -302,14 +302,16 @@ impl Engine {
                 }
             }
         }
-        self.admit(decision.flow_id, admission);
+        self.admit(decision.flow_id, &mut admission);
         None
     }
 
     /// Commits an admitted flow's admission: its tokens are spent, its
     /// slots held until its access log.
-    pub fn admit(&self, flow_id: u64, admission: Admission<'_>) {
-        self.inflight.insert(flow_id, admission.commit());
+    pub fn admit(&self, flow_id: u64, admission: &mut Admission<'_>) {
+        if let Some(slots) = admission.commit() {
+            self.inflight.insert(flow_id, slots);
+        }
     }
 
     /// Puts a controller's decision in force.

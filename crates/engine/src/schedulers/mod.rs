@@ -267,7 +267,7 @@ impl Waiting {
         }
         self.unanswered = None;
         engine.metrics().accepted.inc();
-        engine.admit(self.flow_id, std::mem::take(&mut self.admission));
+        engine.admit(self.flow_id, &mut self.admission);
         Ok(())
     }
 }
