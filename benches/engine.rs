@@ -34,7 +34,9 @@ fn engine(policy: Option<&str>) -> Arc<Engine> {
     let sources: Vec<(PathBuf, String)> = policy
         .map(|p| vec![(PathBuf::from("bench.yaml"), p.to_owned())])
         .unwrap_or_default();
-    engine.install(&parse_sources(&sources).expect("valid policy"));
+    engine
+        .install(&parse_sources(&sources).expect("valid policy"))
+        .expect("installs");
     Arc::new(engine)
 }
 

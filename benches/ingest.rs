@@ -34,7 +34,9 @@ fn ingest(c: &mut Criterion) {
     let policy =
         "name: bench\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n";
     let sources = vec![(PathBuf::from("bench.yaml"), policy.to_owned())];
-    engine.install(&parse_sources(&sources).expect("valid policy"));
+    engine
+        .install(&parse_sources(&sources).expect("valid policy"))
+        .expect("installs");
     let logs = AccessLogs::new(Arc::new(engine)).expect("one access-log edge per engine");
     let body = export();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -193,7 +193,9 @@ fn engine_queued(engine: &Engine) -> usize {
 fn new_engine() -> Arc<Engine> {
     let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
     let sources = vec![(PathBuf::from("sat.yaml"), POLICY.to_owned())];
-    engine.install(&parse_sources(&sources).expect("valid policy"));
+    engine
+        .install(&parse_sources(&sources).expect("valid policy"))
+        .expect("installs");
     Arc::new(engine)
 }
 

@@ -18,6 +18,8 @@ use sluice_policy as policy;
 use sluice_runtime::logging::{self, LogFormat};
 use sluice_time::parse_duration;
 
+use sluice_store::RedisConfig;
+
 use crate::server::{Config, Sidecar};
 use crate::telemetry::remote_write::{self, RemoteWriteConfig};
 
@@ -150,6 +152,27 @@ pub struct RunArgs {
     /// limits, sampling); without it, policies' own values hold.
     #[arg(long, env = "SLUICE_CONTROLLER")]
     pub controller: Option<http::Uri>,
+    /// The store of global limits (`scope: global`): `redis://[user:password@]host:port[/db]`,
+    /// or `rediss://` for TLS. Repeat it (or separate several with commas in
+    /// the environment variable) with --redis-cluster for a Redis Cluster's
+    /// seed nodes. Without it, a policy with a global component is refused.
+    #[arg(long = "redis-url", env = "SLUICE_REDIS_URL", value_delimiter = ',')]
+    pub redis_urls: Vec<String>,
+    /// The --redis-url nodes are a Redis Cluster's.
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// A file holding the Redis password (a Kubernetes secret), which
+    /// overrides the URL's.
+    #[arg(long, env = "SLUICE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for rediss://, instead of the system's.
+    #[arg(long, env = "SLUICE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Deadline of every call to the store on the Check path: a Check never
+    /// waits longer for Redis; past it, the component's
+    /// on_store_unavailable decides.
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "25ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
     /// Agent group reported to the controller.
     #[arg(long, env = "SLUICE_AGENT_GROUP", default_value = "default")]
     pub agent_group: String,
@@ -217,7 +240,31 @@ impl RunArgs {
                 })
             }
         };
+        let store = if self.redis_urls.is_empty() {
+            if self.redis_cluster {
+                anyhow::bail!("--redis-cluster needs the cluster's seed nodes in --redis-url");
+            }
+            None
+        } else {
+            let password = match &self.redis_password_file {
+                None => None,
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+            };
+            Some(RedisConfig {
+                urls: self.redis_urls.clone(),
+                cluster: self.redis_cluster,
+                password,
+                ca_file: self.redis_ca_file.clone(),
+                timeout: self.redis_timeout,
+            })
+        };
         Ok(Config {
+            store,
             remote_write,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,

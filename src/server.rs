@@ -15,10 +15,12 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use sluice_engine::store::SharedStore;
 use sluice_engine::{Engine, EngineOptions, Metrics};
 use sluice_policy::{self as policy, watch::Reload};
 use sluice_runtime::shutdown::{self, Trigger};
 use sluice_runtime::{admin as admin_server, grpc, hostname};
+use sluice_store::{RedisConfig, RedisStore};
 use sluice_time::Clock;
 
 use crate::admin::AdminState;
@@ -60,6 +62,8 @@ pub struct Config {
     pub remote_write: Option<RemoteWriteConfig>,
     /// `sluice-controller` to subscribe to, if any.
     pub controller: Option<http::Uri>,
+    /// The store of `scope: global` components (Redis), if any.
+    pub store: Option<RedisConfig>,
     /// Agent group reported to the controller.
     pub agent_group: String,
     /// Instance name reported to the controller (`<hostname>:<admin port>`
@@ -83,6 +87,7 @@ impl Default for Config {
             otlp_http: true,
             remote_write: None,
             controller: None,
+            store: None,
             agent_group: "default".to_owned(),
             instance: String::new(),
         }
@@ -121,12 +126,21 @@ impl Sidecar {
     pub async fn start(config: &Config) -> anyhow::Result<Sidecar> {
         let metrics = Metrics::new();
         let sidecar_metrics = SidecarMetrics::register(metrics.registry())?;
+        let clock = Clock::new();
+        let store = match &config.store {
+            Some(redis) => Some(
+                RedisStore::start(redis, metrics.registry(), clock.clone())
+                    .context("cannot set up the store")? as SharedStore,
+            ),
+            None => None,
+        };
         let engine = Arc::new(Engine::new(
-            Clock::new(),
+            clock,
             metrics.clone(),
             EngineOptions {
                 max_label_values: config.max_label_values,
                 max_inflight_flows: config.max_inflight_flows,
+                store,
             },
         ));
         let mut fingerprint = 0;
@@ -134,7 +148,7 @@ impl Sidecar {
             let sources = policy::load::read_sources(path)?;
             let set = policy::load::parse_sources(&sources)?;
             fingerprint = policy::load::fingerprint(&sources);
-            engine.install(&set);
+            engine.install(&set)?;
             sidecar_metrics
                 .policy_reloads
                 .with_label_values(&["ok"])
@@ -209,7 +223,7 @@ impl Sidecar {
                 path,
                 config.policy_poll_interval,
                 fingerprint,
-                move |set| target.install(set),
+                move |set| target.install(set).map_err(|e| e.to_string()),
                 move |outcome| {
                     let result = if outcome == Reload::Applied {
                         "ok"

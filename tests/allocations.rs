@@ -86,7 +86,9 @@ fn request(user: usize) -> wire::CheckRequest {
 fn the_accept_path_does_not_allocate() {
     let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
     let sources = vec![(PathBuf::from("p.yaml"), POLICY.to_owned())];
-    engine.install(&parse_sources(&sources).expect("valid"));
+    engine
+        .install(&parse_sources(&sources).expect("valid"))
+        .expect("installs");
     let requests: Vec<wire::CheckRequest> = (0..100).map(request).collect();
     let decide = |req: &wire::CheckRequest| {
         let view = CheckView::new(req);
@@ -123,7 +125,9 @@ fn an_accepted_check_allocates_only_what_its_response_owns() {
     const RESPONSE_OWNS: u64 = 6;
     let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
     let sources = vec![(PathBuf::from("p.yaml"), POLICY.to_owned())];
-    engine.install(&parse_sources(&sources).expect("valid"));
+    engine
+        .install(&parse_sources(&sources).expect("valid"))
+        .expect("installs");
     let requests: Vec<wire::CheckRequest> = (0..100).map(request).collect();
     let answer = |req: &wire::CheckRequest| {
         let view = CheckView::new(req);

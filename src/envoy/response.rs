@@ -21,7 +21,7 @@ use envoy_types::pb::google::rpc;
 
 use super::request::CheckView;
 use sluice_engine::labels::percent_encode_into;
-use sluice_engine::schedulers::SchedulerRejection;
+use sluice_engine::waiting::Refused;
 use sluice_engine::{Decision, RejectReason};
 
 /// The dynamic metadata key (under the ext_authz filter's namespace).
@@ -111,8 +111,9 @@ pub fn build(decision: &Decision<'_>, view: &CheckView<'_>) -> CheckResponse {
     }
 }
 
-/// The CheckResponse for a flow a scheduler refused after it waited.
-pub fn refused_after_waiting(refusal: &SchedulerRejection) -> CheckResponse {
+/// The CheckResponse for a flow refused after it waited (for the store, or
+/// in a scheduler's queue).
+pub fn refused_after_waiting(refusal: &Refused) -> CheckResponse {
     denied(
         &format!("{}/{}", refusal.policy, refusal.component),
         refusal.reason,

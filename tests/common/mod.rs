@@ -13,6 +13,9 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use sluice::server::{Config, Sidecar};
 pub use sluice_testkit::PolicyFile;
+use sluice_testkit::process::Process;
+use std::net::SocketAddr;
+use std::path::Path;
 use tonic::transport::Channel;
 
 /// Starts an in-process sidecar on free ports with `policy`.
@@ -191,4 +194,79 @@ pub async fn stack(
         .await
         .expect("envoy starts");
     (sidecar, upstream, envoy)
+}
+
+/// A binary of this workspace, started with `args` and ready when its
+/// admin listener answers `/readyz`.
+pub struct Server {
+    pub process: Process,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Server {
+    pub async fn start(name: &'static str, program: &Path, args: &[String]) -> Server {
+        let (grpc, admin) = (
+            sluice_testkit::free_port().expect("port"),
+            sluice_testkit::free_port().expect("port"),
+        );
+        Server::start_on(name, program, args, grpc, admin).await
+    }
+
+    pub async fn start_on(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        grpc: u16,
+        admin: u16,
+    ) -> Server {
+        let (grpc, admin): (SocketAddr, SocketAddr) = (
+            ([127, 0, 0, 1], grpc).into(),
+            ([127, 0, 0, 1], admin).into(),
+        );
+        let listen = if name == "sluice" {
+            "--grpc-listen"
+        } else {
+            "--listen"
+        };
+        let mut all: Vec<String> = vec![
+            listen.into(),
+            grpc.to_string(),
+            "--admin-listen".into(),
+            admin.to_string(),
+            "--log-level".into(),
+            "debug".into(),
+        ];
+        all.extend_from_slice(args);
+        let dir = tempfile::tempdir().expect("dir");
+        let mut process = Process::spawn(name, program, dir, &all).expect("spawn");
+        process
+            .wait_http_ok(admin, "/readyz", Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{name} not ready: {e:#}"));
+        Server {
+            process,
+            grpc,
+            admin,
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        sluice_testkit::http::get(self.admin, "/metrics", &[])
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    }
+}
+
+/// The sidecar binary with `policy`, re-read every 100 ms.
+pub async fn sluice(policy: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--policy".to_owned(),
+        policy.display().to_string(),
+        "--policy-poll-interval".to_owned(),
+        "100ms".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Server::start("sluice", Path::new(env!("CARGO_BIN_EXE_sluice")), &args).await
 }

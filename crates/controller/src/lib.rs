@@ -543,7 +543,10 @@ impl Controller {
             config.policy.clone(),
             config.policy_poll_interval,
             fingerprint,
-            move |set| reload_state.install(set),
+            move |set| {
+                reload_state.install(set);
+                Ok(())
+            },
             |_| {},
             async move { reload_stop.wait().await },
         )));

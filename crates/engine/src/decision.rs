@@ -8,7 +8,7 @@ use smallvec::SmallVec;
 
 use crate::components::flux_meter::FluxMeter;
 use crate::labels::{FlowLabels, LabelSource};
-use crate::schedulers::Waiting;
+use crate::waiting::Waiting;
 
 /// A flow as an adapter presents it.
 #[derive(Clone, Copy)]

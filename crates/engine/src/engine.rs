@@ -33,7 +33,7 @@ use sluice_time::{Clock, nanos};
 use smallvec::SmallVec;
 
 use crate::admission::Admission;
-use crate::components::{classifier, concurrency_limiter, selector};
+use crate::components::{classifier, concurrency_limiter, rate_limiter, selector};
 use crate::control::{Action, Applied, ControlDecision};
 use crate::control_points::{ControlPointStat, ControlPoints};
 use crate::decision::{Decision, FlowRequest, RejectReason, Rejection};
@@ -44,14 +44,29 @@ use crate::labels::FlowLabels;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, Stages};
 use crate::schedulers::{self, AnyScheduler, Scheduled};
+use crate::store::SharedStore;
+use crate::waiting::{Step, Steps, Waiting};
 
-/// Sizes and limits of the engine.
-#[derive(Clone, Debug)]
+/// Sizes and limits of the engine, and its store.
+#[derive(Clone)]
 pub struct EngineOptions {
     /// Most label values a component keeps state for.
     pub max_label_values: usize,
     /// Most accepted flows holding concurrency slots at once.
     pub max_inflight_flows: usize,
+    /// Where `scope: global` components keep their state; without one, a
+    /// policy with such a component is refused.
+    pub store: Option<SharedStore>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("max_label_values", &self.max_label_values)
+            .field("max_inflight_flows", &self.max_inflight_flows)
+            .field("store", &self.store.is_some())
+            .finish()
+    }
 }
 
 impl Default for EngineOptions {
@@ -59,9 +74,15 @@ impl Default for EngineOptions {
         EngineOptions {
             max_label_values: 100_000,
             max_inflight_flows: 100_000,
+            store: None,
         }
     }
 }
+
+/// Why a policy set was not put in force.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InstallError(pub String);
 
 /// Flux meters one access-log record may name; more are ignored.
 const MAX_METERS_PER_FLOW: usize = 64;
@@ -116,8 +137,21 @@ impl Engine {
 
     /// Puts `set` in force. Unchanged components keep their state (token
     /// buckets are not refilled by an unrelated edit); the series of
-    /// removed components leave `/metrics`.
-    pub fn install(&self, set: &PolicySet) {
+    /// removed components leave `/metrics`. A set with a `scope: global`
+    /// component is refused by an engine without a store, and the set in
+    /// force stays.
+    pub fn install(&self, set: &PolicySet) -> Result<(), InstallError> {
+        if self.options.store.is_none() {
+            for loaded in &set.policies {
+                if let Some(component) = loaded.policy.global_components().next() {
+                    return Err(InstallError(format!(
+                        "{}: {}/{component} has scope: global, but this sidecar has no store: start it with --redis-url (the policy in force stays)",
+                        loaded.file.display(),
+                        loaded.policy.name.value.0
+                    )));
+                }
+            }
+        }
         let previous = self.plan.load_full();
         let next = Plan::compile(
             set,
@@ -125,6 +159,7 @@ impl Engine {
             &self.metrics,
             &self.clock,
             self.options.max_label_values,
+            self.options.store.as_ref(),
         );
         let kept: AHashSet<_> = next.series().flat_map(|s| s.keys()).collect();
         for series in previous.series() {
@@ -132,6 +167,7 @@ impl Engine {
         }
         self.plan.store(Arc::new(next));
         self.metrics.policy_loaded.set(1);
+        Ok(())
     }
 
     /// The plan in force. Hold it while a flow is decided: the [`Decision`]
@@ -225,16 +261,25 @@ impl Engine {
         }
 
         // Stage 5. A rejection returns early and drops `admission`, which
-        // gives back what earlier components took.
+        // gives back what earlier components took. The first component
+        // that must wait (for the store) turns into a step, and so does
+        // every one after it.
         let now = self.clock.now();
         let mut admission = Admission::default();
+        let mut steps = Steps::new();
         for r in &stages.rate_limiters {
             if !admits(&r.selectors, labels) {
                 continue;
             }
+            if !steps.is_empty() {
+                steps.extend(r.component.step(labels).map(Step::Rate));
+                continue;
+            }
             match r.component.acquire(labels, now) {
-                Ok(tokens) => tokens.into_iter().for_each(|t| admission.pay(t)),
-                Err(limited) => {
+                rate_limiter::Acquired::Taken(tokens) => {
+                    tokens.into_iter().for_each(|t| admission.pay(t));
+                }
+                rate_limiter::Acquired::Limited(limited) => {
                     return Some(Rejection {
                         policy: &r.policy,
                         component: &r.name,
@@ -243,19 +288,24 @@ impl Engine {
                         retry_after: limited.retry_after.map(Duration::from_nanos),
                     });
                 }
+                rate_limiter::Acquired::Ask(step) => steps.push(Step::Rate(step)),
             }
         }
         for c in &stages.concurrency_limiters {
             if !admits(&c.selectors, labels) {
                 continue;
             }
-            match c.acquire(labels, now) {
-                Ok(slot) => {
+            if !steps.is_empty() {
+                steps.extend(c.component.step(labels).map(Step::Concurrency));
+                continue;
+            }
+            match c.component.acquire(labels, now) {
+                concurrency_limiter::Acquired::Taken(slot) => {
                     if let Some(slot) = slot {
                         admission.hold(slot, now.saturating_add(c.max_inflight));
                     }
                 }
-                Err(concurrency_limiter::Busy) => {
+                concurrency_limiter::Acquired::Busy => {
                     return Some(Rejection {
                         policy: &c.policy,
                         component: &c.name,
@@ -264,6 +314,7 @@ impl Engine {
                         retry_after: None,
                     });
                 }
+                concurrency_limiter::Acquired::Ask(step) => steps.push(Step::Concurrency(step)),
             }
         }
 
@@ -275,32 +326,32 @@ impl Engine {
                 .filter(|s| admits(&s.selectors, labels))
                 .map(|s| &*s.component)
                 .collect();
-            match schedulers::schedule(
-                &matching,
-                labels,
-                now,
-                decision.flow_id,
-                &mut admission,
-                &mut decision.workloads,
-            ) {
-                Scheduled::Passed => {}
-                Scheduled::Refused(scheduler, (reason, status, retry_after)) => {
-                    let (policy, component) = scheduler.names();
-                    return Some(Rejection {
-                        policy,
-                        component,
-                        reason,
-                        status,
-                        retry_after,
-                    });
-                }
-                Scheduled::Waits(mut waiting) => {
-                    let keys: Vec<&str> = decision.flux_meters.iter().map(|m| &*m.key).collect();
-                    waiting.flux_meters = keys.join(",");
-                    decision.waiting = Some(waiting);
-                    return None;
-                }
+            if let Scheduled::Refused(scheduler, (reason, status, retry_after)) =
+                schedulers::schedule(
+                    &matching,
+                    labels,
+                    now,
+                    &mut admission,
+                    &mut decision.workloads,
+                    &mut steps,
+                )
+            {
+                let (policy, component) = scheduler.names();
+                return Some(Rejection {
+                    policy,
+                    component,
+                    reason,
+                    status,
+                    retry_after,
+                });
             }
+        }
+        if !steps.is_empty() {
+            let mut waiting = Waiting::new(decision.flow_id, steps, admission);
+            let keys: Vec<&str> = decision.flux_meters.iter().map(|m| &*m.key).collect();
+            waiting.flux_meters = keys.join(",");
+            decision.waiting = Some(waiting);
+            return None;
         }
         self.admit(decision.flow_id, &mut admission);
         None

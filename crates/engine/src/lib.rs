@@ -23,7 +23,12 @@
 //! - [`components`]: one file per component kind (selectors, classifiers,
 //!   flux meters, samplers, rate limiters, concurrency limiters);
 //! - [`schedulers`]: stage 6 (concurrency, quota and load schedulers over
-//!   one weighted-fair queue) and flows waiting in it;
+//!   one weighted-fair queue);
+//! - [`waiting`]: a flow that must wait (for the store, or in a scheduler's
+//!   queue), as the steps it has left;
+//! - [`store`]: the shared store `scope: global` components keep their
+//!   state in, as a trait (`sluice-store` implements it on Redis), and
+//!   [`leases`]: tokens leased from its buckets, spent locally;
 //! - [`admission`]: what a flow took (tokens, slots) as values that give it
 //!   back when dropped;
 //! - [`flow_end`]: the access log's side: the record's attributes, the
@@ -45,13 +50,16 @@ pub mod engine;
 pub mod flow_end;
 pub mod label_table;
 pub mod labels;
+pub mod leases;
 pub mod metrics;
 pub mod plan;
 pub mod schedulers;
+pub mod store;
 pub mod token_bucket;
+pub mod waiting;
 
 pub use decision::{Decision, FlowRequest, RejectReason, Rejection};
-pub use engine::{EndOutcome, Engine, EngineOptions};
+pub use engine::{EndOutcome, Engine, EngineOptions, InstallError};
 pub use flow_end::FlowEnd;
 pub use labels::{FlowLabels, LabelRef, LabelSource, MapLabels};
 pub use metrics::Metrics;

@@ -268,6 +268,15 @@ pub struct Metrics {
     pub label_state_expired: Family<IntCounterVec>,
     /// `label_state_entries{policy_name, component}`: label values tracked.
     pub label_state_entries: Family<IntGaugeVec>,
+    /// `store_leases_total{policy_name, component}`: leases a global
+    /// component asked the store for.
+    pub store_leases: Family<IntCounterVec>,
+    /// `store_tokens_granted_total{policy_name, component}`: tokens the
+    /// store granted them.
+    pub store_tokens_granted: Family<CounterVec>,
+    /// `store_fallback_total{policy_name, component}`: Checks a global
+    /// component decided without the store (`on_store_unavailable`).
+    pub store_fallbacks: Family<IntCounterVec>,
 }
 
 /// Buckets of `request_in_queue_duration_ms`, in ms.
@@ -437,6 +446,21 @@ impl Metrics {
             label_state_entries: int_gauges(
                 "label_state_entries",
                 "Label values a component tracks.",
+            ),
+            store_leases: counters(
+                "store_leases_total",
+                "Leases of tokens a global component asked the store for.",
+                COMPONENT,
+            ),
+            store_tokens_granted: float_counters(
+                "store_tokens_granted_total",
+                "Tokens the store granted a global component.",
+                COMPONENT,
+            ),
+            store_fallbacks: counters(
+                "store_fallback_total",
+                "Checks a global component decided without the store (on_store_unavailable).",
+                COMPONENT,
             ),
             registry,
         }

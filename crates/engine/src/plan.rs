@@ -22,6 +22,7 @@ use crate::schedulers::AnyScheduler;
 use crate::schedulers::concurrency::ConcurrencyScheduler;
 use crate::schedulers::load::LoadScheduler;
 use crate::schedulers::quota::QuotaScheduler;
+use crate::store::SharedStore;
 
 /// A component as one control point sees it: with only its selectors for
 /// that control point, so that a selector written for another control
@@ -190,6 +191,7 @@ impl Plan {
         metrics: &Metrics,
         clock: &Clock,
         max_label_values: usize,
+        store: Option<&SharedStore>,
     ) -> Plan {
         let mut plan = Plan::default();
         for loaded in &set.policies {
@@ -228,6 +230,7 @@ impl Plan {
                             r,
                             metrics,
                             max_label_values,
+                            store.map(|s| (s, clock)),
                             before,
                         ))
                     })
@@ -247,6 +250,7 @@ impl Plan {
                             c,
                             metrics,
                             max_label_values,
+                            store,
                             before,
                         ))
                     })

@@ -24,7 +24,7 @@ fn policies(docs: &[&str]) -> PolicySet {
 fn engine(docs: &[&str]) -> (Engine, MockTime) {
     let (clock, time) = Clock::mock();
     let engine = Engine::new(clock, Metrics::new(), EngineOptions::default());
-    engine.install(&policies(docs));
+    engine.install(&policies(docs)).expect("installs");
     (engine, time)
 }
 
@@ -177,7 +177,7 @@ rate_limiters:
         assert_eq!(rejection, Some(("b/narrow".to_owned(), 429, None)));
     }
     // Drop `narrow`; `wide` is unchanged and keeps its bucket: 2 tokens left.
-    engine.install(&policies(&[first]));
+    engine.install(&policies(&[first])).expect("installs");
     assert_eq!(check(&engine, &[]).0, None);
     assert_eq!(check(&engine, &[]).0, None);
     assert_eq!(
@@ -192,7 +192,7 @@ fn removed_components_take_their_metrics_with_them() {
     check(&engine, &[("http.request.header.user_id", "alice")]);
     let text = engine.metrics().encode_text();
     assert!(text.contains(r#"rate_limiter_counter_total{component="per-user",decision_type="accepted",policy_name="users"} 1"#), "{text}");
-    engine.install(&policies(&[]));
+    engine.install(&policies(&[])).expect("installs");
     let text = engine.metrics().encode_text();
     assert!(!text.contains("per-user"), "{text}");
 }
@@ -234,10 +234,12 @@ fn label_state_is_bounded_and_swept() {
             ..EngineOptions::default()
         },
     );
-    engine.install(&policies(&[&USER_LIMIT.replace(
-        "    limit_by_label_key: user\n",
-        "    limit_by_label_key: user\n    max_idle_time: 1m\n",
-    )]));
+    engine
+        .install(&policies(&[&USER_LIMIT.replace(
+            "    limit_by_label_key: user\n",
+            "    limit_by_label_key: user\n    max_idle_time: 1m\n",
+        )]))
+        .expect("installs");
     for i in 0..10_000 {
         let user = format!("u{i}");
         check(&engine, &[("http.request.header.user_id", &user)]);
@@ -379,7 +381,7 @@ fn removed_flux_meters_leave_the_registry() {
     let (a, _) = check_meta(&engine);
     engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras);
     assert!(engine.metrics().encode_text().contains("flux_meter_count{"));
-    engine.install(&policies(&["name: m\n"]));
+    engine.install(&policies(&["name: m\n"])).expect("installs");
     let text = engine.metrics().encode_text();
     assert!(!text.contains("flux_meter_count{"), "{text}");
     // Logs of flows checked under the old policy are still read, and ignored.
@@ -448,7 +450,7 @@ concurrency_schedulers:
 fn decide_real(
     engine: &Engine,
     labels: &[(&str, &str)],
-) -> (String, bool, Option<Box<schedulers::Waiting>>) {
+) -> (String, bool, Option<Box<waiting::Waiting>>) {
     let source = MapLabels::from_pairs(labels.iter().copied());
     engine.decide(ingress(&source), |mut d| {
         let waiting = d.waiting.take();
@@ -867,12 +869,12 @@ concurrency_schedulers:
     let source = MapLabels::default();
     let labels = FlowLabels::new(&source);
     let now = engine.clock().now();
-    budget
-        .acquire(&labels, now)
-        .expect("a token is left")
-        .into_iter()
-        .for_each(admission::Claim::spend);
-    assert!(budget.acquire(&labels, now).is_err());
+    use components::rate_limiter::Acquired;
+    let Acquired::Taken(Some(token)) = budget.acquire(&labels, now) else {
+        panic!("a token is left");
+    };
+    token.spend();
+    assert!(matches!(budget.acquire(&labels, now), Acquired::Limited(_)));
     // Nor is its place in the queue kept: the holder's slot is the only
     // one taken.
     let plan = engine.plan();

@@ -474,6 +474,17 @@ pub struct RateLimiterSpec {
     /// `2h`.
     #[serde(default = "two_hours")]
     pub max_idle_time: DurationSpec,
+    /// Where its state lives: `sidecar` (each sidecar its own, as without a
+    /// store) or `global` (shared by every sidecar running the policy, in the
+    /// store given by `--redis-url`). Default `sidecar`.
+    #[serde(default)]
+    pub scope: Scope,
+    /// What a `global` component decides while the store cannot be asked
+    /// (down, slow past `--redis-timeout`, refusing): `local` (this sidecar's
+    /// own state, as with `scope: sidecar`), `accept` or `reject`. Default
+    /// `local`.
+    #[serde(default)]
+    pub on_store_unavailable: StoreFallback,
     /// HTTP status of a rejected flow, 400 to 599. Default `429`.
     #[serde(default = "DeniedStatus::too_many_requests")]
     pub denied_status_code: DeniedStatus,
@@ -496,6 +507,74 @@ pub struct FluxMeterSpec {
     pub attribute_key: String,
     /// Upper bounds of the histogram buckets, increasing (`+Inf` implied).
     pub buckets: Vec<f64>,
+}
+
+/// Where a limiter's or scheduler's state lives.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Each sidecar's own: a limit holds per replica.
+    #[default]
+    Sidecar,
+    /// Shared by every sidecar running the policy, in the store: a limit
+    /// holds however many replicas run.
+    Global,
+}
+
+/// What a global component decides while the store cannot be asked.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFallback {
+    /// Decide with this sidecar's own state, as `scope: sidecar` does.
+    #[default]
+    Local,
+    /// Let every flow through.
+    Accept,
+    /// Turn every flow away.
+    Reject,
+}
+
+impl StoreFallback {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFallback::Local => "local",
+            StoreFallback::Accept => "accept",
+            StoreFallback::Reject => "reject",
+        }
+    }
+}
+
+impl Policy {
+    /// Its components whose state lives in the store (`scope: global`), by
+    /// name.
+    pub fn global_components(&self) -> impl Iterator<Item = &str> {
+        fn name(n: &Spanned<Name>) -> &str {
+            n.value.0.as_str()
+        }
+        self.rate_limiters
+            .iter()
+            .filter(|c| c.scope == Scope::Global)
+            .map(|c| name(&c.name))
+            .chain(
+                self.concurrency_limiters
+                    .iter()
+                    .filter(|c| c.scope == Scope::Global)
+                    .map(|c| name(&c.name)),
+            )
+            .chain(
+                self.quota_schedulers
+                    .iter()
+                    .filter(|c| c.scope == Scope::Global)
+                    .map(|c| name(&c.name)),
+            )
+            .chain(
+                self.concurrency_schedulers
+                    .iter()
+                    .filter(|c| c.scope == Scope::Global)
+                    .map(|c| name(&c.name)),
+            )
+    }
 }
 
 /// Default flux meter buckets, in milliseconds (docs/policy.md).
@@ -689,6 +768,17 @@ pub struct ConcurrencyLimiterSpec {
     /// ended, and its slot returned. Default `1m`.
     #[serde(default = "one_minute")]
     pub max_inflight_duration: PositiveDuration,
+    /// Where its state lives: `sidecar` (each sidecar its own, as without a
+    /// store) or `global` (shared by every sidecar running the policy, in the
+    /// store given by `--redis-url`). Default `sidecar`.
+    #[serde(default)]
+    pub scope: Scope,
+    /// What a `global` component decides while the store cannot be asked
+    /// (down, slow past `--redis-timeout`, refusing): `local` (this sidecar's
+    /// own state, as with `scope: sidecar`), `accept` or `reject`. Default
+    /// `local`.
+    #[serde(default)]
+    pub on_store_unavailable: StoreFallback,
     /// HTTP status of a rejected flow, 400 to 599. Default `429`.
     #[serde(default = "DeniedStatus::too_many_requests")]
     pub denied_status_code: DeniedStatus,
@@ -884,6 +974,17 @@ pub struct QuotaSchedulerSpec {
     /// passes. Default none: one bucket for all matching flows.
     #[serde(default)]
     pub limit_by_label_key: Option<LabelName>,
+    /// Where its state lives: `sidecar` (each sidecar its own, as without a
+    /// store) or `global` (shared by every sidecar running the policy, in the
+    /// store given by `--redis-url`). Default `sidecar`.
+    #[serde(default)]
+    pub scope: Scope,
+    /// What a `global` component decides while the store cannot be asked
+    /// (down, slow past `--redis-timeout`, refusing): `local` (this sidecar's
+    /// own state, as with `scope: sidecar`), `accept` or `reject`. Default
+    /// `local`.
+    #[serde(default)]
+    pub on_store_unavailable: StoreFallback,
     /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,
@@ -907,6 +1008,17 @@ pub struct ConcurrencySchedulerSpec {
     /// ended, and its slot returned. Default `1m`.
     #[serde(default = "one_minute")]
     pub max_inflight_duration: PositiveDuration,
+    /// Where its state lives: `sidecar` (each sidecar its own, as without a
+    /// store) or `global` (shared by every sidecar running the policy, in the
+    /// store given by `--redis-url`). Default `sidecar`.
+    #[serde(default)]
+    pub scope: Scope,
+    /// What a `global` component decides while the store cannot be asked
+    /// (down, slow past `--redis-timeout`, refusing): `local` (this sidecar's
+    /// own state, as with `scope: sidecar`), `accept` or `reject`. Default
+    /// `local`.
+    #[serde(default)]
+    pub on_store_unavailable: StoreFallback,
     /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,

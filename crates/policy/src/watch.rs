@@ -25,13 +25,15 @@ pub enum Reload {
 }
 
 /// Polls `path` every `every` until `shutdown` resolves. `last` is the
-/// fingerprint of the set in force; `apply` puts a new set in force;
+/// fingerprint of the set in force; `apply` puts a new set in force, or
+/// says why it cannot (then the set in force stays, as for a set that does
+/// not validate);
 /// `report` hears every outcome (for metrics and tests).
 pub async fn watch(
     path: PathBuf,
     every: Duration,
     mut last: u64,
-    apply: impl Fn(&PolicySet) + Send + 'static,
+    apply: impl Fn(&PolicySet) -> Result<(), String> + Send + 'static,
     report: impl Fn(Reload) + Send + 'static,
     shutdown: impl Future<Output = ()> + Send,
 ) {
@@ -70,9 +72,13 @@ pub async fn watch(
             continue;
         }
         last = now;
-        match parse_sources(&sources) {
+        match parse_sources(&sources)
+            .map_err(|e| e.to_string())
+            .and_then(|set| {
+                apply(&set)?;
+                Ok(set)
+            }) {
             Ok(set) => {
-                apply(&set);
                 last_error = None;
                 tracing::info!(
                     policies = set.policies.len(),
@@ -83,7 +89,7 @@ pub async fn watch(
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy not reloaded; keeping the one in force");
-                report(Reload::Rejected(e.to_string()));
+                report(Reload::Rejected(e));
             }
         }
     }

@@ -6,6 +6,7 @@
 //! - [`envoy`]: the real Envoy binary (from the venv that
 //!   `scripts/bootstrap.sh` fills) on a rendered copy of a shipped config;
 //! - [`prometheus`]: the real Prometheus, with its remote-write receiver;
+//! - [`redis`]: the real Redis, one server or a three-master cluster;
 //! - [`upstream`]: a small HTTP service whose behaviour a request chooses
 //!   by its path;
 //! - [`process`]: a child process stopped when dropped, and
@@ -28,6 +29,7 @@ pub mod grpc;
 pub mod http;
 pub mod process;
 pub mod prometheus;
+pub mod redis;
 pub mod upstream;
 
 use std::net::TcpListener;

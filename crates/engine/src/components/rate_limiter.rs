@@ -1,20 +1,27 @@
 //! Rate limiters: token buckets, one for all matching flows or one per value
 //! of `limit_by_label_key`.
 //!
-//! A bucket starts full and refills `fill_amount` tokens per `interval`,
-//! either smoothly (`continuous_fill`, the default) or all at once at each
-//! interval boundary, never beyond `bucket_capacity`. A flow costs one token,
-//! or the number in its `tokens_label_key` label. When the bucket cannot pay,
-//! the flow is rejected with the time until it could have paid (the
-//! `retry-after`). A flow that asks for more than the capacity can never
-//! pass; it is rejected without a `retry-after`.
+//! A bucket starts full and refills `fill_amount` tokens per `interval`
+//! (see [`crate::token_bucket`]). A flow costs one token, or the number in
+//! its `tokens_label_key` label. When the bucket cannot pay, the flow is
+//! rejected with the time until it could have paid (the `retry-after`). A
+//! flow that asks for more than the capacity can never pass; it is rejected
+//! without a `retry-after`.
+//!
+//! With `scope: global` the bucket is in the store, shared by every sidecar
+//! running the policy; this sidecar spends tokens it leased from it
+//! ([`crate::leases`]), and a flow that finds its lease empty waits for one
+//! round trip (a [`RateStep`]). While the store cannot be asked, the
+//! component decides by `on_store_unavailable`: with its own local buckets
+//! (`local`, as `scope: sidecar`), or accepting, or rejecting every flow.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use sluice_policy::RateLimiterSpec;
-use sluice_time::{Nanos, nanos};
+use sluice_policy::{RateLimiterSpec, Scope, StoreFallback};
+use sluice_time::{Clock, Nanos, nanos};
 
 use super::lease::Lease;
 use super::selector::Selector;
@@ -22,16 +29,26 @@ use crate::admission::{Claim, Lender};
 use crate::decision::RejectReason;
 use crate::label_table::{Digest, LabelTable, TableMetrics, always};
 use crate::labels::{FlowLabels, LabelRef};
+use crate::leases::{LeaseMetrics, Leases, Spend};
 use crate::metrics::{DecisionCounters, Metrics, Series};
+use crate::store::SharedStore;
 use crate::token_bucket::{BucketParams, TokenBucket};
 
-/// The buckets of a limiter, kept across policy reloads that leave the
-/// limiter unchanged.
+/// The local buckets of a limiter, kept across policy reloads that leave
+/// the limiter unchanged.
 pub struct LimiterState {
     /// The bucket, without `limit_by_label_key`.
-    global: Mutex<TokenBucket>,
+    one: Mutex<TokenBucket>,
     /// The buckets, with `limit_by_label_key`.
     per_label: LabelTable<TokenBucket>,
+}
+
+/// A global limiter's leases and what it does without the store.
+pub struct Global {
+    /// Tokens leased from the store's buckets.
+    pub leases: Arc<Leases>,
+    /// What it decides while the store cannot be asked.
+    pub fallback: StoreFallback,
 }
 
 /// One compiled rate limiter.
@@ -58,8 +75,11 @@ pub struct RateLimiter {
     pub max_idle: Nanos,
     /// Status of a rejected flow.
     pub denied_status: u16,
-    /// The buckets.
+    /// The local buckets (all of them with `scope: sidecar`; the fallback's
+    /// with `scope: global`).
     pub state: Arc<LimiterState>,
+    /// With `scope: global`: the leases.
+    pub global: Option<Global>,
     /// Decision counters.
     counters: DecisionCounters,
     /// Every series it writes.
@@ -73,6 +93,7 @@ impl std::fmt::Debug for RateLimiter {
             .field("name", &self.name)
             .field("params", &self.params())
             .field("limit_by", &self.limit_by)
+            .field("global", &self.global.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -84,14 +105,56 @@ pub struct Limited {
     pub retry_after: Option<Nanos>,
 }
 
+/// What a limiter decided for a flow without waiting.
+pub enum Acquired<'a> {
+    /// Taken (nothing when the flow lacks the `limit_by_label_key` label or
+    /// the store's fallback accepts it): the claim gives the tokens back if
+    /// dropped before it is spent.
+    Taken(Option<Claim<'a>>),
+    /// Refused.
+    Limited(Limited),
+    /// A global limiter whose lease for the flow's key is empty: the flow
+    /// must wait for the store (run the step).
+    Ask(RateStep),
+}
+
+/// A limiter's decision for one flow, owned so that it can wait: for a
+/// global limiter that must ask the store, and for any limiter that comes
+/// after a component that made the flow wait.
+pub struct RateStep {
+    limiter: Arc<RateLimiter>,
+    key: Option<Digest>,
+    /// The label value, for a global limiter's lease of a new key.
+    label: Option<Box<str>>,
+    tokens: f64,
+}
+
+impl std::fmt::Debug for RateStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateStep")
+            .field("limiter", &self.limiter.name)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A flow's input to a limiter.
+struct Input<'l> {
+    key: Option<Digest>,
+    value: Option<Cow<'l, str>>,
+    tokens: f64,
+}
+
 impl RateLimiter {
     /// Compiles a limiter of `policy`, keeping `previous`'s buckets when
-    /// the limiter is unchanged.
+    /// the limiter is unchanged. `store` is the shared store, for
+    /// `scope: global` (the plan refuses a global limiter without one).
     pub fn compile(
         policy: &Arc<str>,
         spec: &RateLimiterSpec,
         metrics: &Metrics,
         max_label_values: usize,
+        store: Option<(&SharedStore, &Clock)>,
         previous: Option<&RateLimiter>,
     ) -> Self {
         let name: Arc<str> = spec.name.value.0.as_str().into();
@@ -109,12 +172,36 @@ impl RateLimiter {
         // Resolved whether or not the buckets are kept: the series are the
         // same ones, and this limiter must record them as its own.
         let table_metrics = TableMetrics::of_component(metrics, &mut series, policy, &name);
+        let global = match (spec.scope, store) {
+            (Scope::Global, Some((store, clock))) => {
+                let lease_metrics = LeaseMetrics::new(metrics, &mut series, policy, &name);
+                let keep = previous
+                    .and_then(|old| old.global.as_ref())
+                    .filter(|_| previous.is_some_and(|old| old.limit_by == limit_by));
+                Some(Global {
+                    leases: match keep {
+                        Some(old) => old.leases.clone(),
+                        None => Arc::new(Leases::new(
+                            store.clone(),
+                            clock.clone(),
+                            policy,
+                            &name,
+                            max_label_values,
+                            table_metrics.clone(),
+                            lease_metrics,
+                        )),
+                    },
+                    fallback: spec.on_store_unavailable,
+                })
+            }
+            _ => None,
+        };
         let state = match previous {
             Some(old) if old.default_params == params && old.limit_by == limit_by => {
                 old.state.clone()
             }
             _ => Arc::new(LimiterState {
-                global: Mutex::new(TokenBucket::full(&params, 0)),
+                one: Mutex::new(TokenBucket::full(&params, 0)),
                 per_label: LabelTable::new(max_label_values, table_metrics, always),
             }),
         };
@@ -138,19 +225,15 @@ impl RateLimiter {
             max_idle: nanos(spec.max_idle_time.0),
             denied_status: spec.denied_status_code.0,
             state,
+            global,
             series,
         }
     }
 
-    /// Charges the flow, or says why not; counts the decision. The tokens
-    /// come back if the returned claim is dropped (a later stage rejects
-    /// the flow) and are spent when it is spent. `Ok(None)`: the flow lacks
-    /// the `limit_by_label_key` label and is not limited.
-    pub fn acquire<'a>(
-        self: &'a Arc<Self>,
-        labels: &FlowLabels<'_>,
-        now: Nanos,
-    ) -> Result<Option<Claim<'a>>, Limited> {
+    /// The flow's key and cost; `None` when it lacks the
+    /// `limit_by_label_key` label (then it is not limited: counted as
+    /// accepted).
+    fn input<'l>(&self, labels: &'l FlowLabels<'_>) -> Option<Input<'l>> {
         let tokens = self
             .tokens_label
             .as_ref()
@@ -158,29 +241,132 @@ impl RateLimiter {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|n| n.is_finite() && *n >= 0.0)
             .unwrap_or(1.0);
-        let p = &self.params();
-        let (result, key) = match &self.limit_by {
-            None => (self.state.global.lock().take(p, now, tokens), None),
+        let (key, value) = match &self.limit_by {
+            None => (None, None),
             Some(label) => {
-                // A flow without the label is not limited by this limiter.
                 let Some(value) = labels.get(label) else {
                     self.counters.count(true);
-                    return Ok(None);
+                    return None;
                 };
-                let key = self.state.per_label.digest(&value);
-                let r = self.state.per_label.with_digest(
-                    key,
-                    now,
-                    || TokenBucket::full(p, now),
-                    |b| b.take(p, now, tokens),
-                );
-                (r, Some(key))
+                (Some(self.state.per_label.digest(&value)), Some(value))
             }
         };
+        Some(Input { key, value, tokens })
+    }
+
+    /// Charges the flow, or says why not, or (a global limiter without
+    /// leased tokens for the flow's key) says the flow must ask the store.
+    /// Counts what it decides. The tokens come back if the returned claim
+    /// is dropped (a later stage rejects the flow) and are spent when it is
+    /// spent.
+    pub fn acquire<'a>(self: &'a Arc<Self>, labels: &FlowLabels<'_>, now: Nanos) -> Acquired<'a> {
+        let Some(input) = self.input(labels) else {
+            return Acquired::Taken(None);
+        };
+        let Some(global) = &self.global else {
+            return match self.take_local(input.key, input.tokens, now) {
+                Ok(()) => Acquired::Taken(Some(Claim::borrowed(self, input.key, input.tokens))),
+                Err(limited) => Acquired::Limited(limited),
+            };
+        };
+        if !global.leases.store.available() {
+            return match self.fall_back(global, input.key, input.tokens, now) {
+                Ok(claim) => Acquired::Taken(claim),
+                Err(limited) => Acquired::Limited(limited),
+            };
+        }
+        let params = self.params();
+        let (spent, refill) = global.leases.spend(
+            input.key,
+            input.value.as_deref(),
+            &params,
+            input.tokens,
+            now,
+        );
+        if let Some(ask) = refill {
+            let leases = global.leases.clone();
+            tokio::spawn(async move {
+                // A refill's answer only fills the lease; a failure leaves
+                // it to the next flow that finds it empty.
+                let _ = leases.fetch(ask, params).await;
+            });
+        }
+        match spent {
+            Spend::Spent => {
+                self.counters.count(true);
+                Acquired::Taken(Some(Claim::borrowed(
+                    &global.leases,
+                    input.key,
+                    input.tokens,
+                )))
+            }
+            Spend::Denied(wait) => {
+                self.counters.count(false);
+                Acquired::Limited(Limited {
+                    retry_after: Some(wait),
+                })
+            }
+            Spend::Empty => Acquired::Ask(RateStep {
+                limiter: self.clone(),
+                key: input.key,
+                label: input.value.map(|v| Box::from(&*v)),
+                tokens: input.tokens,
+            }),
+        }
+    }
+
+    /// The flow's decision as a step, to run after an earlier component
+    /// made it wait. `None`: the flow lacks the `limit_by_label_key` label.
+    pub fn step(self: &Arc<Self>, labels: &FlowLabels<'_>) -> Option<RateStep> {
+        let input = self.input(labels)?;
+        Some(RateStep {
+            limiter: self.clone(),
+            key: input.key,
+            label: input
+                .value
+                .filter(|_| self.global.is_some())
+                .map(|v| Box::from(&*v)),
+            tokens: input.tokens,
+        })
+    }
+
+    /// Takes from the local bucket; counts the decision.
+    fn take_local(&self, key: Option<Digest>, tokens: f64, now: Nanos) -> Result<(), Limited> {
+        let p = &self.params();
+        let result = match key {
+            None => self.state.one.lock().take(p, now, tokens),
+            Some(key) => self.state.per_label.with_digest(
+                key,
+                now,
+                || TokenBucket::full(p, now),
+                |b| b.take(p, now, tokens),
+            ),
+        };
         self.counters.count(result.is_ok());
-        match result {
-            Ok(()) => Ok(Some(Claim::borrowed(self, key, tokens))),
-            Err(retry_after) => Err(Limited { retry_after }),
+        result.map_err(|retry_after| Limited { retry_after })
+    }
+
+    /// Decides without the store, as `on_store_unavailable` says.
+    fn fall_back<'a>(
+        self: &'a Arc<Self>,
+        global: &Global,
+        key: Option<Digest>,
+        tokens: f64,
+        now: Nanos,
+    ) -> Result<Option<Claim<'a>>, Limited> {
+        global.leases.metrics.fallbacks.inc();
+        match global.fallback {
+            StoreFallback::Local => self
+                .take_local(key, tokens, now)
+                .map(|()| Some(Claim::borrowed(self, key, tokens))),
+            StoreFallback::Accept => {
+                self.counters.count(true);
+                Ok(None)
+            }
+            StoreFallback::Reject => {
+                self.counters.count(false);
+                Err(Limited { retry_after: None })
+            }
         }
     }
 
@@ -217,9 +403,12 @@ impl RateLimiter {
         lapsed
     }
 
-    /// Forgets buckets unused for `max_idle_time`.
+    /// Forgets buckets and leases unused for `max_idle_time`.
     pub fn sweep(&self, now: Nanos) {
         self.state.per_label.sweep(now, self.max_idle);
+        if let Some(global) = &self.global {
+            global.leases.sweep(now, self.max_idle);
+        }
     }
 
     /// Buckets held per label value.
@@ -228,18 +417,91 @@ impl RateLimiter {
     }
 }
 
+impl RateStep {
+    /// Decides the flow, asking the store when a global limiter's lease is
+    /// empty (within the store's deadline) and falling back as
+    /// `on_store_unavailable` says when it cannot.
+    pub async fn run(self, clock: &Clock) -> Result<Option<Claim<'static>>, Limited> {
+        let now = || clock.now();
+        let limiter = &self.limiter;
+        let owned = |claim: Option<Claim<'_>>| claim.map(Claim::into_owned);
+        let Some(global) = &limiter.global else {
+            return limiter
+                .take_local(self.key, self.tokens, now())
+                .map(|()| Some(Claim::owned(limiter.clone(), self.key, self.tokens)));
+        };
+        if !global.leases.store.available() {
+            return limiter
+                .fall_back(global, self.key, self.tokens, now())
+                .map(owned);
+        }
+        let params = limiter.params();
+        let t = now();
+        let (spent, _) =
+            global
+                .leases
+                .spend(self.key, self.label.as_deref(), &params, self.tokens, t);
+        let lender = || Claim::owned(global.leases.clone(), self.key, self.tokens);
+        match spent {
+            Spend::Spent => {
+                limiter.counters.count(true);
+                return Ok(Some(lender()));
+            }
+            Spend::Denied(wait) => {
+                limiter.counters.count(false);
+                return Err(Limited {
+                    retry_after: Some(wait),
+                });
+            }
+            Spend::Empty => {}
+        }
+        let ask = global
+            .leases
+            .ask(self.key, self.label.as_deref(), &params, self.tokens, t);
+        match global.leases.fetch(ask, params).await {
+            Ok(grant) if grant.granted >= self.tokens => {
+                limiter.counters.count(true);
+                Ok(Some(lender()))
+            }
+            Ok(grant) => {
+                limiter.counters.count(false);
+                Err(Limited {
+                    retry_after: grant.retry_after.map(nanos),
+                })
+            }
+            Err(_) => limiter
+                .fall_back(global, self.key, self.tokens, now())
+                .map(owned),
+        }
+    }
+
+    /// The limiter.
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+}
+
 impl Lender for RateLimiter {
-    /// Takes back tokens of a flow a later stage rejected.
+    /// Takes back tokens of a flow a later stage rejected, into the local
+    /// bucket they came from.
     fn give_back(&self, key: Option<Digest>, tokens: f64) {
         let p = &self.params();
         match key {
-            None => self.state.global.lock().give_back(p, tokens),
+            None => self.state.one.lock().give_back(p, tokens),
             Some(key) => {
                 self.state
                     .per_label
                     .with_existing(key, |b| b.give_back(p, tokens));
             }
         }
+    }
+}
+
+impl Lender for Leases {
+    /// Takes back leased tokens of a flow a later stage rejected: they stay
+    /// this sidecar's to spend.
+    fn give_back(&self, key: Option<Digest>, tokens: f64) {
+        Leases::give_back(self, key, tokens);
     }
 }
 
@@ -263,14 +525,21 @@ mod tests {
             &Metrics::new(),
             1000,
             None,
+            None,
         ))
     }
 
     fn try_flow(rl: &Arc<RateLimiter>, labels: &[(&str, &str)], now: Nanos) -> Result<(), Limited> {
         let source = MapLabels::from_pairs(labels.iter().copied());
         let flow = FlowLabels::new(&source);
-        rl.acquire(&flow, now)
-            .map(|claim| claim.into_iter().for_each(Claim::spend))
+        match rl.acquire(&flow, now) {
+            Acquired::Taken(claim) => {
+                claim.into_iter().for_each(Claim::spend);
+                Ok(())
+            }
+            Acquired::Limited(limited) => Err(limited),
+            Acquired::Ask(_) => panic!("a local limiter never asks the store"),
+        }
     }
 
     #[test]
@@ -308,19 +577,15 @@ mod tests {
         let source = MapLabels::from_pairs([("user", "a")]);
         let flow = FlowLabels::new(&source);
         for _ in 0..5 {
-            let claim = rl
-                .acquire(&flow, 0)
-                .expect("tokens left")
-                .expect("labelled");
+            let Acquired::Taken(Some(claim)) = rl.acquire(&flow, 0) else {
+                panic!("tokens left");
+            };
             drop(claim);
         }
         for _ in 0..5 {
-            rl.acquire(&flow, 0)
-                .expect("tokens left")
-                .into_iter()
-                .for_each(Claim::spend);
+            assert!(try_flow(&rl, &[("user", "a")], 0).is_ok());
         }
-        assert!(rl.acquire(&flow, 0).is_err());
+        assert!(try_flow(&rl, &[("user", "a")], 0).is_err());
     }
 
     #[test]

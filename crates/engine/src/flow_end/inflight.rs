@@ -156,7 +156,7 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::components::concurrency_limiter::ConcurrencyLimiter;
+    use crate::components::concurrency_limiter::{Acquired, ConcurrencyLimiter};
     use crate::labels::{FlowLabels, MapLabels};
     use crate::metrics::Metrics;
     use sluice_policy::ConcurrencyLimiterSpec;
@@ -169,19 +169,25 @@ mod tests {
         }
     }
 
-    fn limiter(max: u64) -> ConcurrencyLimiter {
+    fn limiter(max: u64) -> std::sync::Arc<ConcurrencyLimiter> {
         let yaml =
             format!("name: cl\nselectors: [{{control_point: ingress}}]\nmax_concurrency: {max}\n");
         let spec: ConcurrencyLimiterSpec = serde_saphyr::from_str(&yaml).expect("valid");
-        ConcurrencyLimiter::compile(&"p".into(), &spec, &Metrics::new(), 10, None)
+        std::sync::Arc::new(ConcurrencyLimiter::compile(
+            &"p".into(),
+            &spec,
+            &Metrics::new(),
+            10,
+            None,
+            None,
+        ))
     }
 
-    fn slot(l: &ConcurrencyLimiter, deadline: Nanos) -> Slots {
+    fn slot(l: &std::sync::Arc<ConcurrencyLimiter>, deadline: Nanos) -> Slots {
         let source = MapLabels::default();
-        let s = l
-            .acquire(&FlowLabels::new(&source), 0)
-            .expect("free")
-            .expect("slot");
+        let Acquired::Taken(Some(s)) = l.acquire(&FlowLabels::new(&source), 0) else {
+            panic!("a free slot");
+        };
         SmallVec::from_iter([(s, deadline)])
     }
 

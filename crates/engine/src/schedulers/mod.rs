@@ -9,17 +9,13 @@
 //!   [`Pool`](scheduler::Pool) of capacity: slots, token buckets, a share
 //!   of the incoming rate;
 //! - this file: [`schedule`], which takes a flow through the schedulers
-//!   matching it, and [`Waiting`], a flow that must wait in one.
+//!   matching it, and [`SchedulerStep`], a scheduler a flow must wait in
+//!   (one step of a [`Waiting`](crate::waiting::Waiting) flow).
 //!
 //! Most flows are decided on the spot ([`Scheduler::try_now`](scheduler::Scheduler::try_now): admitted
 //! when nobody waits and there is room, refused when they can never fit),
 //! without leaving the synchronous Check path. A flow that must wait
-//! leaves the engine as a [`Waiting`]: its [`Admission`] (everything it
-//! took so far, owned) and the schedulers still to pass.
-//! [`Waiting::run`] waits in them in order. Whatever the outcome (admitted,
-//! refused, or the Check abandoned by Envoy while waiting, which drops the
-//! future), the admission is committed or dropped, and dropping it gives
-//! everything back.
+//! leaves the engine as a `Waiting` flow (`crate::waiting`).
 
 pub mod concurrency;
 pub mod load;
@@ -30,15 +26,14 @@ pub mod wfq;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntCounter;
-use sluice_time::{Nanos, nanos};
+use sluice_time::Nanos;
 use smallvec::SmallVec;
 
 use crate::admission::{Admission, Claim};
 use crate::decision::RejectReason;
-use crate::engine::Engine;
 use crate::label_table::Digest;
 use crate::labels::FlowLabels;
+use crate::waiting::{Step, Steps};
 use concurrency::ConcurrencyScheduler;
 use load::LoadScheduler;
 use quota::QuotaScheduler;
@@ -151,163 +146,84 @@ impl AnyScheduler {
     }
 }
 
-/// A scheduler a flow still has to pass.
+/// A scheduler a flow still has to pass, decided after an earlier
+/// component made it wait.
 #[derive(Debug)]
-struct Step {
+pub struct SchedulerStep {
     scheduler: AnyScheduler,
     classified: Classified,
     key: Option<Digest>,
-    /// The scheduler has only counted the flow's arrival: an earlier one
-    /// made it wait, so it must still be asked [`Scheduler::decide_now`](scheduler::Scheduler::decide_now)
-    /// before queueing. False for the scheduler that said
-    /// [`Verdict::MustWait`].
+    /// The scheduler has only counted the flow's arrival: an earlier
+    /// component made it wait, so it must still be asked
+    /// [`Scheduler::decide_now`](scheduler::Scheduler::decide_now) before
+    /// queueing. False for the scheduler that said [`Verdict::MustWait`].
     undecided: bool,
 }
 
-/// A refusal by a scheduler, owned (the flow may have waited).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SchedulerRejection {
-    /// The scheduler's policy.
-    pub policy: Arc<str>,
-    /// The scheduler.
-    pub component: Arc<str>,
-    /// Why.
-    pub reason: RejectReason,
-    /// The HTTP status to answer with.
-    pub status: u16,
-    /// When trying again could work.
-    pub retry_after: Option<Duration>,
-    /// The flow's `sluice.flow` metadata, as rejected.
-    pub metadata: String,
-}
-
-/// A flow that must wait in schedulers: what it took so far, and the
-/// schedulers left. Dropping it (Envoy gave up on the Check) gives
-/// everything back.
-pub struct Waiting {
-    flow_id: u64,
-    /// The flow's flux meters, for its metadata if it is refused.
-    pub(crate) flux_meters: String,
-    steps: SmallVec<[Step; 1]>,
-    admission: Admission<'static>,
-    /// Set while [`Waiting::run`] has not answered: a flow abandoned then
-    /// counts as rejected (it never got through).
-    unanswered: Option<IntCounter>,
-}
-
-impl std::fmt::Debug for Waiting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Waiting")
-            .field("flow_id", &self.flow_id)
-            .field("steps", &self.steps)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Waiting {
-    /// Waits in the remaining schedulers, in order. On admission the flow's
-    /// slots go to the in-flight table; on refusal everything it took is
-    /// given back. `grpc_timeout` is Envoy's deadline for the answer (the
-    /// `grpc-timeout` of the Check), counted from now.
+impl SchedulerStep {
+    /// Waits in the scheduler (after asking it first, if it has not said
+    /// yet), until `deadline` (engine clock) at the latest; on admission,
+    /// adds what the flow was admitted with to `admission`.
     pub async fn run(
-        mut self: Box<Self>,
-        engine: &Engine,
-        grpc_timeout: Option<Duration>,
-    ) -> Result<(), SchedulerRejection> {
-        self.unanswered = Some(engine.metrics().rejected.clone());
-        let start = engine.clock().now();
-        let deadline = grpc_timeout.map(|t| start.saturating_add(nanos(t)));
-        let steps = std::mem::take(&mut self.steps);
-        for step in steps {
-            let verdict = if step.undecided {
-                step.scheduler.decide_now(&step.classified, step.key)
-            } else {
-                Verdict::MustWait
-            };
-            let outcome = match verdict {
-                Verdict::Admitted(claim) => Ok(claim),
-                Verdict::Refused(refusal) => Err(refusal),
-                Verdict::MustWait => {
-                    step.scheduler
-                        .wait(&step.classified, step.key, deadline)
-                        .await
-                }
-            };
-            match outcome {
-                Ok(claim) => {
-                    let now = engine.clock().now();
-                    step.scheduler.record(&mut self.admission, claim, now);
-                }
-                Err(refusal) => {
-                    self.unanswered = None;
-                    drop(std::mem::take(&mut self.admission));
-                    engine.metrics().rejected.inc();
-                    let (policy, component) = step.scheduler.names();
-                    let (reason, status, retry_after) = step.scheduler.refused(refusal);
-                    let by = format!("{policy}/{component}");
-                    let mut metadata = String::new();
-                    crate::flow_end::metadata::FlowMeta {
-                        id: self.flow_id,
-                        accepted: false,
-                        rejected_by: Some(&by),
-                        flux_meters: &self.flux_meters,
-                        workloads: "",
-                    }
-                    .encode_into(&mut metadata);
-                    return Err(SchedulerRejection {
-                        policy: policy.clone(),
-                        component: component.clone(),
-                        reason,
-                        status,
-                        retry_after,
-                        metadata,
-                    });
-                }
+        &self,
+        admission: &mut Admission<'static>,
+        deadline: Option<Nanos>,
+        clock: &sluice_time::Clock,
+    ) -> Result<(), (RejectReason, u16, Option<Duration>)> {
+        let verdict = if self.undecided {
+            self.scheduler.decide_now(&self.classified, self.key)
+        } else {
+            Verdict::MustWait
+        };
+        let outcome = match verdict {
+            Verdict::Admitted(claim) => Ok(claim),
+            Verdict::Refused(refusal) => Err(refusal),
+            Verdict::MustWait => {
+                self.scheduler
+                    .wait(&self.classified, self.key, deadline)
+                    .await
             }
+        };
+        match outcome {
+            Ok(claim) => {
+                self.scheduler.record(admission, claim, clock.now());
+                Ok(())
+            }
+            Err(refusal) => Err(self.scheduler.refused(refusal)),
         }
-        self.unanswered = None;
-        engine.metrics().accepted.inc();
-        engine.admit(self.flow_id, &mut self.admission);
-        Ok(())
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &AnyScheduler {
+        &self.scheduler
     }
 }
 
-impl Drop for Waiting {
-    /// The Check was abandoned (Envoy gave up) before the flow's fate was
-    /// known; its admission gives itself back as it drops.
-    fn drop(&mut self) {
-        if let Some(rejected) = self.unanswered.take() {
-            rejected.inc();
-        }
-    }
-}
-
-/// What stage 6 decided.
+/// What stage 6 decided without waiting.
 pub enum Scheduled<'a> {
-    /// Passed every scheduler; what they admitted it with is in its
-    /// admission.
+    /// Passed every scheduler that could decide at once; what they admitted
+    /// the flow with is in its admission, and those that could not are in
+    /// its steps.
     Passed,
     /// Refused at once by a scheduler: its reason, status and retry-after.
-    /// What the flow took was given back.
     Refused(&'a AnyScheduler, (RejectReason, u16, Option<Duration>)),
-    /// Must wait: its admission moved into the [`Waiting`].
-    Waits(Box<Waiting>),
 }
 
 /// Runs stage 6 for a flow that passed stages 1–5 with `admission`,
-/// adding what the schedulers admit it with.
-/// `matching` are the schedulers whose selectors admit the flow, in stage
-/// order; `workloads` receives each scheduler's workload for the flow's
-/// metadata.
+/// adding what the schedulers admit it with. `matching` are the schedulers
+/// whose selectors admit the flow, in stage order; `workloads` receives
+/// each scheduler's workload for the flow's metadata. A scheduler that
+/// makes the flow wait, and every one after it, goes to `steps`; so does
+/// every scheduler when `steps` already holds a component the flow waits
+/// for.
 pub fn schedule<'a>(
     matching: &[&'a AnyScheduler],
     labels: &FlowLabels<'_>,
     now: Nanos,
-    flow_id: u64,
     admission: &mut Admission<'a>,
     workloads: &mut SmallVec<[(&'a str, usize); 1]>,
+    steps: &mut Steps,
 ) -> Scheduled<'a> {
-    let mut steps: SmallVec<[Step; 1]> = SmallVec::new();
     for scheduler in matching {
         let (classified, key) = match scheduler {
             AnyScheduler::Load(l) => {
@@ -331,7 +247,7 @@ pub fn schedule<'a>(
             AnyScheduler::Concurrency(c) => (c.scheduler.config.classify(labels, &|_| None), None),
         };
         workloads.push((scheduler.key(), classified.workload));
-        let mut step = Step {
+        let mut step = SchedulerStep {
             scheduler: (*scheduler).clone(),
             classified,
             key,
@@ -346,7 +262,7 @@ pub fn schedule<'a>(
             scheduler
                 .config()
                 .count_incoming(step.classified.workload, step.classified.tokens);
-            steps.push(step);
+            steps.push(Step::Scheduler(step));
             continue;
         }
         if let AnyScheduler::Load(l) = scheduler
@@ -362,17 +278,8 @@ pub fn schedule<'a>(
             Verdict::Refused(refusal) => {
                 return Scheduled::Refused(scheduler, scheduler.refused(refusal));
             }
-            Verdict::MustWait => steps.push(step),
+            Verdict::MustWait => steps.push(Step::Scheduler(step)),
         }
     }
-    if steps.is_empty() {
-        return Scheduled::Passed;
-    }
-    Scheduled::Waits(Box::new(Waiting {
-        flow_id,
-        flux_meters: String::new(),
-        steps,
-        admission: std::mem::take(admission).into_owned(),
-        unanswered: None,
-    }))
+    Scheduled::Passed
 }
