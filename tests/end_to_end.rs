@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,49 +17,10 @@ use sluice_testkit::envoy::{EnvoyPorts, render_ports};
 use sluice_testkit::process::workspace_binary;
 use sluice_testkit::{Envoy, Upstream, free_port, http};
 
-/// Envoy on the quickstart config in front of `upstream` and `sidecar`.
-async fn envoy(upstream: &Upstream, sidecar: &Server) -> Envoy {
-    let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc.port()).expect("ports");
-    Envoy::start("envoy-configs/quickstart.yaml", ports)
-        .await
-        .expect("envoy")
-}
-
 /// The quickstart config's text.
 fn quickstart() -> String {
     std::fs::read_to_string(sluice_testkit::repo_root().join("envoy-configs/quickstart.yaml"))
         .expect("quickstart")
-}
-
-/// Sends `n` requests to `path` at once, each with `headers`; their
-/// statuses, sorted.
-async fn at_once(front: SocketAddr, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<u16> {
-    let requests: Vec<_> = (0..n)
-        .map(|_| {
-            let (path, headers): (String, Vec<(String, String)>) = (
-                path.to_owned(),
-                headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
-            tokio::spawn(async move {
-                let headers: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                http::request(front, "GET", &path, &headers, b"", Duration::from_secs(20))
-                    .await
-                    .map_or(0, |r| r.status)
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for r in requests {
-        statuses.push(r.await.expect("request task"));
-    }
-    statuses.sort_unstable();
-    statuses
 }
 
 const SCHEDULERS: &str = r#"

@@ -270,3 +270,55 @@ pub async fn sluice(policy: &Path, extra: &[&str]) -> Server {
     args.extend(extra.iter().map(|s| s.to_string()));
     Server::start("sluice", Path::new(env!("CARGO_BIN_EXE_sluice")), &args).await
 }
+
+/// Envoy on the quickstart config in front of `upstream` and `sidecar`.
+pub async fn envoy(upstream: &sluice_testkit::Upstream, sidecar: &Server) -> sluice_testkit::Envoy {
+    let ports =
+        sluice_testkit::EnvoyPorts::free(upstream.addr.port(), sidecar.grpc.port()).expect("ports");
+    sluice_testkit::Envoy::start("envoy-configs/quickstart.yaml", ports)
+        .await
+        .expect("envoy")
+}
+
+/// Sends `n` requests to `path` at once, each with `headers`; their
+/// statuses, sorted.
+pub async fn at_once(
+    front: SocketAddr,
+    n: usize,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<u16> {
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let (path, headers): (String, Vec<(String, String)>) = (
+                path.to_owned(),
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            tokio::spawn(async move {
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                sluice_testkit::http::request(
+                    front,
+                    "GET",
+                    &path,
+                    &headers,
+                    b"",
+                    Duration::from_secs(20),
+                )
+                .await
+                .map_or(0, |r| r.status)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.expect("request task"));
+    }
+    statuses.sort_unstable();
+    statuses
+}

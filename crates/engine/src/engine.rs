@@ -494,6 +494,9 @@ impl Engine {
             for q in &policy.quota_schedulers {
                 q.sweep(now);
             }
+            for c in &policy.concurrency_schedulers {
+                c.sweep(now);
+            }
             for l in &policy.load_schedulers {
                 l.sweep(now);
             }

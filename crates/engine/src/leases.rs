@@ -105,8 +105,13 @@ pub struct Ask {
     pub id: Option<[u8; 16]>,
     /// Tokens wanted.
     pub want: f64,
-    /// Tokens the asking flow needs (0 for a background refill).
+    /// Tokens the asking flow needs (0 for a background refill): the
+    /// store grants nothing unless it has that many.
     pub min: f64,
+    /// A flow waits for this answer and spends `min` of the grant at once;
+    /// otherwise (a refill, or a scheduler's queue, which spends from the
+    /// lease in its own time) the whole grant goes to the lease.
+    pub for_flow: bool,
 }
 
 /// The series of a component's leases.
@@ -236,6 +241,7 @@ impl Leases {
                         id: lease.id,
                         want: size,
                         min: 0.0,
+                        for_flow: false,
                     }
                 });
             (Spend::Spent, refill)
@@ -256,7 +262,50 @@ impl Leases {
             id: lease.id,
             want: lease_size(lease.demand, n, params),
             min: n,
+            for_flow: true,
         })
+    }
+
+    /// Makes sure a lease for `key` (label value `value`) exists, so that a
+    /// scheduler's queue, which knows keys but not values, can fill it.
+    pub fn touch(&self, key: Digest, value: &str, now: Nanos) {
+        self.with(Some(key), Some(value), now, |_| ());
+    }
+
+    /// The lease a scheduler's queue should ask for when `key`'s lease
+    /// cannot pay its head request of `n` tokens: `None` while one is on
+    /// its way, while the store's last denial holds, or when the lease was
+    /// forgotten (its label value with it).
+    pub fn ask_for_queue(
+        &self,
+        key: Option<Digest>,
+        params: &BucketParams,
+        n: f64,
+        now: Nanos,
+    ) -> Option<Ask> {
+        self.with(key, None, now, |lease| {
+            let nameless = key.is_some() && lease.id.is_none();
+            if lease.refilling || now < lease.denied_until || nameless {
+                return None;
+            }
+            lease.refilling = true;
+            Some(Ask {
+                key,
+                id: lease.id,
+                want: lease_size(lease.demand, n, params),
+                min: n,
+                for_flow: false,
+            })
+        })
+    }
+
+    /// Until when the store's last denial for `key` holds, if it does.
+    pub fn denied_until(&self, key: Option<Digest>, now: Nanos) -> Option<Nanos> {
+        let until = match key {
+            None => self.one.lock().denied_until,
+            Some(key) => self.per_label.with_existing(key, |l| l.denied_until)?,
+        };
+        (until > now).then_some(until)
     }
 
     /// Asks the store for `ask` on bucket `params`, within the store's
@@ -283,14 +332,19 @@ impl Leases {
             .await;
         let now = self.clock.now();
         let keep = |lease: &mut Lease| {
-            if ask.min == 0.0 {
+            if !ask.for_flow {
                 lease.refilling = false;
             }
             let Ok(grant) = &answer else { return };
             self.metrics.granted.inc_by(grant.granted);
             if grant.granted > 0.0 {
                 let unspent = lease.spendable(now);
-                lease.tokens = unspent + grant.granted - ask.min.min(grant.granted);
+                let spent = if ask.for_flow {
+                    ask.min.min(grant.granted)
+                } else {
+                    0.0
+                };
+                lease.tokens = unspent + grant.granted - spent;
                 lease.expires = now.saturating_add(LEASE_TTL);
                 lease.denied_until = 0;
             } else if ask.min > 0.0 {

@@ -66,4 +66,6 @@ pub use metrics::Metrics;
 pub use plan::Plan;
 
 #[cfg(test)]
+mod global_tests;
+#[cfg(test)]
 mod tests;

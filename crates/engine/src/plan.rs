@@ -266,7 +266,7 @@ impl Plan {
                             &c.name.value.0,
                         );
                         Arc::new(ConcurrencyScheduler::compile(
-                            &name, c, metrics, clock, before,
+                            &name, c, metrics, clock, store, before,
                         ))
                     })
                     .collect(),
@@ -286,6 +286,7 @@ impl Plan {
                             metrics,
                             clock,
                             max_label_values,
+                            store,
                             before,
                         ))
                     })

@@ -86,3 +86,144 @@ pub trait Store: Send + Sync + 'static {
 
 /// A shared store handle.
 pub type SharedStore = Arc<dyn Store>;
+
+/// A store in memory, on the engine's (simulated) clock, for the engine's
+/// tests: what the Redis scripts do, without Redis.
+#[cfg(test)]
+pub(crate) mod memory {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use parking_lot::Mutex;
+    use sluice_time::{Clock, Nanos, nanos};
+
+    use super::*;
+    use crate::token_bucket::TokenBucket;
+
+    /// The store.
+    pub struct MemoryStore {
+        clock: Clock,
+        buckets: Mutex<HashMap<String, TokenBucket>>,
+        /// Per count: holder → when its slot lapses.
+        slots: Mutex<HashMap<String, HashMap<u64, Nanos>>>,
+        /// Calls that reached the store.
+        pub calls: AtomicU64,
+        /// False: every call fails, and [`Store::available`] says so.
+        pub up: AtomicBool,
+        /// True: every call fails, but [`Store::available`] does not know
+        /// yet (as before a breaker opens).
+        pub failing: AtomicBool,
+    }
+
+    fn name(id: StateId<'_>) -> String {
+        format!("{}/{}/{}", id.policy, id.component, id.label.unwrap_or(""))
+    }
+
+    impl MemoryStore {
+        /// An empty store on `clock`.
+        pub fn new(clock: Clock) -> Arc<Self> {
+            Arc::new(MemoryStore {
+                clock,
+                buckets: Mutex::default(),
+                slots: Mutex::default(),
+                calls: AtomicU64::new(0),
+                up: AtomicBool::new(true),
+                failing: AtomicBool::new(false),
+            })
+        }
+
+        /// Calls so far.
+        pub fn calls(&self) -> u64 {
+            self.calls.load(Ordering::Relaxed)
+        }
+
+        /// Slots held now in the count of component `component`.
+        pub fn held(&self, component: &str) -> usize {
+            let now = self.clock.now();
+            self.slots
+                .lock()
+                .iter()
+                .filter(|(k, _)| k.split('/').nth(1) == Some(component))
+                .map(|(_, holders)| holders.values().filter(|&&until| until > now).count())
+                .sum()
+        }
+
+        fn call(&self) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.up.load(Ordering::Relaxed) && !self.failing.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err(StoreError::Failed("down".into()))
+            }
+        }
+    }
+
+    impl Store for MemoryStore {
+        fn take_tokens(
+            &self,
+            id: StateId<'_>,
+            params: BucketParams,
+            want: f64,
+            min: f64,
+        ) -> StoreFuture<TokenGrant> {
+            let answer = self.call().map(|()| {
+                let now = self.clock.now();
+                let mut buckets = self.buckets.lock();
+                let bucket = buckets
+                    .entry(name(id))
+                    .or_insert_with(|| TokenBucket::full(&params, now));
+                // Taking nothing refills it to now.
+                let _ = bucket.take(&params, now, 0.0);
+                let have = bucket.tokens();
+                if have >= min && have > 0.0 {
+                    let granted = want.min(have);
+                    let _ = bucket.take(&params, now, granted);
+                    TokenGrant {
+                        granted,
+                        retry_after: None,
+                    }
+                } else {
+                    let wait = bucket.wait(&params, now, min);
+                    TokenGrant {
+                        granted: 0.0,
+                        retry_after: wait.map(Duration::from_nanos),
+                    }
+                }
+            });
+            Box::pin(std::future::ready(answer))
+        }
+
+        fn take_slot(
+            &self,
+            id: StateId<'_>,
+            max: u64,
+            holder: u64,
+            ttl: Duration,
+        ) -> StoreFuture<bool> {
+            let answer = self.call().map(|()| {
+                let now = self.clock.now();
+                let mut slots = self.slots.lock();
+                let holders = slots.entry(name(id)).or_default();
+                holders.retain(|_, until| *until > now);
+                let free = (holders.len() as u64) < max;
+                if free {
+                    holders.insert(holder, now.saturating_add(nanos(ttl)));
+                }
+                free
+            });
+            Box::pin(std::future::ready(answer))
+        }
+
+        fn give_back_slot(&self, id: StateId<'_>, holder: u64) {
+            if self.call().is_ok()
+                && let Some(holders) = self.slots.lock().get_mut(&name(id))
+            {
+                holders.remove(&holder);
+            }
+        }
+
+        fn available(&self) -> bool {
+            self.up.load(Ordering::Relaxed)
+        }
+    }
+}

@@ -179,7 +179,7 @@ impl RedisStore {
         } else {
             let client = config.client()?;
             let manager = ConnectionManager::new_lazy_with_config(
-                client,
+                client.clone(),
                 ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
                     .set_response_timeout(Some(config.timeout))
@@ -187,6 +187,14 @@ impl RedisStore {
                     .set_max_delay(Duration::from_secs(10)),
             )?;
             *store.connection.write() = Some(Connection::Single(manager));
+            // The manager connects (and reconnects) on its own, but a call
+            // waiting on it only times out; this probe says why it cannot
+            // connect (refused, wrong password, TLS), once per reason.
+            tokio::spawn(first_contact(
+                client,
+                config.timeout,
+                store.describe.clone(),
+            ));
         }
         tokio::spawn(give_back_slots(Arc::downgrade(&store), queue));
         tracing::info!(store = %store.describe, timeout = ?config.timeout, "global limits in the store");
@@ -246,6 +254,37 @@ impl RedisStore {
             }
         }
         outcome
+    }
+}
+
+/// Connects once, as the connection manager will, and logs why it cannot
+/// until it can: the reason a store is unavailable at start (a refused
+/// password, an unreachable address, a TLS failure) belongs in the log,
+/// not behind calls that time out.
+async fn first_contact(client: redis::Client, timeout: Duration, describe: String) {
+    let mut backoff = Duration::from_millis(100);
+    let mut said = String::new();
+    loop {
+        let attempt = tokio::time::timeout(timeout.max(Duration::from_millis(250)), async {
+            let mut c = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await;
+        let reason = match attempt {
+            Ok(Ok(_)) => {
+                tracing::info!(store = %describe, "connected to Redis");
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        if reason != said {
+            tracing::warn!(store = %describe, error = %reason, "cannot use Redis yet; global limits fall back (on_store_unavailable) meanwhile");
+            said = reason;
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -5,25 +5,189 @@
 //! arrives (or after `max_inflight_duration`), exactly as for concurrency
 //! limiters ([`crate::flow_end::inflight`]); a returned slot wakes the
 //! queue, which admits the next request in fair order.
+//!
+//! With `scope: global` the count is in the store, shared by every sidecar
+//! running the policy, and the queue stays local. When the queue needs a
+//! slot, the scheduler takes one in the store in the background (one
+//! round trip, one at a time) and admits its next request in fair order
+//! when it arrives; a flow's access log gives its slot back to the store.
+//! While the store's count is full, the queue asks again every
+//! [`FULL_RETRY`] (slots freed by other sidecars are not announced). A
+//! slot taken for a queue that emptied meanwhile goes straight back.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
-use sluice_policy::ConcurrencySchedulerSpec;
+use parking_lot::Mutex;
+use prometheus::IntCounter;
+use sluice_policy::{ConcurrencySchedulerSpec, Scope, StoreFallback};
 use sluice_time::{Clock, Nanos, nanos};
+use tokio::sync::Notify;
 
 use super::scheduler::{Config, Pool, Scheduler};
 use super::wfq;
 use crate::components::selector::Selector;
 use crate::label_table::Digest;
 use crate::metrics::{Metrics, Series};
+use crate::store::{SharedStore, StateId};
+
+/// How often a queue asks a full global count again.
+pub const FULL_RETRY: Nanos = 50_000_000;
+/// How soon a queue asks again after the store failed to answer.
+const ERROR_RETRY: Nanos = 10_000_000;
+/// A slot taken for the queue but not given to a flow goes back after this.
+const UNUSED_SLOT: Nanos = 1_000_000_000;
 
 /// Slots in use out of `max`.
 #[derive(Debug)]
 pub struct SlotPool {
     /// Most in flight.
     pub max: u64,
-    /// In flight now.
+    /// In flight now (with `scope: global`, those admitted by the
+    /// fallback).
     pub used: u64,
+    /// With `scope: global`: the store's count.
+    pub global: Option<GlobalCount>,
+}
+
+/// A global scheduler's slots in the store.
+pub struct GlobalCount {
+    store: SharedStore,
+    policy: Arc<str>,
+    component: Arc<str>,
+    /// Slot lifetime in the store: `max_inflight_duration`.
+    ttl: Duration,
+    /// What it decides while the store cannot be asked.
+    pub fallback: StoreFallback,
+    /// `store_fallback_total` of the component.
+    fallbacks: IntCounter,
+    /// Holders of the slots of flows admitted here, oldest first.
+    holders: VecDeque<u64>,
+    /// Slots being taken for the queue, shared with the task taking them.
+    taking: Arc<Mutex<Taking>>,
+    /// The scheduler's wake-up.
+    wake: Arc<Notify>,
+    /// When slots arrive.
+    clock: Clock,
+}
+
+impl std::fmt::Debug for GlobalCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalCount")
+            .field("held", &self.holders.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The queue's slots on their way from the store.
+#[derive(Debug, Default)]
+struct Taking {
+    /// Taken, not yet given to a flow: holder, and when taken.
+    ready: Vec<(u64, Nanos)>,
+    /// A take is on its way.
+    busy: bool,
+    /// Someone waits for a slot (false once the queue emptied).
+    wanted: bool,
+    /// The store's count was full (or failed): ask again then.
+    retry_at: Nanos,
+}
+
+impl GlobalCount {
+    fn id(&self) -> StateId<'_> {
+        StateId {
+            policy: &self.policy,
+            component: &self.component,
+            label: None,
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.store.available()
+    }
+
+    /// A slot for the flow the queue admits, or `false` after starting to
+    /// take one.
+    fn try_take(&mut self, now: Nanos, max: u64) -> bool {
+        let mut taking = self.taking.lock();
+        if let Some((holder, _)) = taking.ready.pop() {
+            self.holders.push_back(holder);
+            return true;
+        }
+        taking.wanted = true;
+        if taking.busy || now < taking.retry_at {
+            return false;
+        }
+        taking.busy = true;
+        drop(taking);
+        let holder = fastrand::u64(..);
+        let store = self.store.clone();
+        let (policy, component) = (self.policy.clone(), self.component.clone());
+        let (ttl, taking, wake, clock) = (
+            self.ttl,
+            self.taking.clone(),
+            self.wake.clone(),
+            self.clock.clone(),
+        );
+        tokio::spawn(async move {
+            let id = StateId {
+                policy: &policy,
+                component: &component,
+                label: None,
+            };
+            let answer = store.take_slot(id, max, holder, ttl).await;
+            let now = clock.now();
+            let mut t = taking.lock();
+            t.busy = false;
+            match answer {
+                Ok(true) if t.wanted => t.ready.push((holder, now)),
+                Ok(true) => store.give_back_slot(id, holder),
+                Ok(false) => t.retry_at = now.saturating_add(FULL_RETRY),
+                Err(_) => t.retry_at = now.saturating_add(ERROR_RETRY),
+            }
+            drop(t);
+            wake.notify_one();
+        });
+        false
+    }
+
+    fn ready_at(&self, now: Nanos) -> Option<Nanos> {
+        let retry_at = self.taking.lock().retry_at;
+        (retry_at > now).then_some(retry_at)
+    }
+
+    /// Gives back slots taken for the queue that no flow took: all of them
+    /// when nobody waits (`stale_after` 0), else those older than it.
+    fn release_unused(&self, now: Nanos, stale_after: Nanos) {
+        let mut taking = self.taking.lock();
+        if stale_after == 0 {
+            taking.wanted = false;
+        }
+        taking.ready.retain(|&(holder, at)| {
+            let keep = stale_after > 0 && now.saturating_sub(at) < stale_after;
+            if !keep {
+                self.store.give_back_slot(self.id(), holder);
+            }
+            keep
+        });
+    }
+}
+
+/// A global count as a queue's capacity.
+struct Counted<'a> {
+    global: &'a mut GlobalCount,
+    max: u64,
+}
+
+impl wfq::Capacity for Counted<'_> {
+    fn try_take(&mut self, now: Nanos, _tokens: f64) -> bool {
+        self.global.try_take(now, self.max)
+    }
+
+    fn ready_at(&self, now: Nanos, _tokens: f64) -> Option<Nanos> {
+        // Otherwise the slot on its way wakes the queue.
+        self.global.ready_at(now)
+    }
 }
 
 impl wfq::Capacity for SlotPool {
@@ -48,12 +212,56 @@ impl Pool for SlotPool {
         _now: Nanos,
         f: impl FnOnce(&mut dyn wfq::Capacity) -> R,
     ) -> R {
-        f(self)
+        let max = self.max;
+        match self.global.as_mut().filter(|g| g.usable()) {
+            Some(global) => f(&mut Counted { global, max }),
+            None => f(self),
+        }
     }
 
-    /// One slot, whatever the flow's tokens.
+    /// Global, a flow decided while the store cannot be asked is counted,
+    /// and `accept` lets it through.
+    fn bypass(&mut self, _now: Nanos) -> bool {
+        match &self.global {
+            Some(global) if !global.usable() => {
+                global.fallbacks.inc();
+                global.fallback == StoreFallback::Accept
+            }
+            _ => false,
+        }
+    }
+
+    /// False for every flow while the store cannot be asked and the
+    /// fallback is `reject`: refused at once.
+    fn fits(&self, _tokens: f64) -> bool {
+        !self
+            .global
+            .as_ref()
+            .is_some_and(|g| !g.usable() && g.fallback == StoreFallback::Reject)
+    }
+
+    /// One slot, whatever the flow's tokens: the store's oldest held here
+    /// if any, else a local one (a flow admitted by the fallback).
     fn give_back(&mut self, _key: Option<Digest>, _tokens: f64) {
+        if let Some(global) = &mut self.global
+            && let Some(holder) = global.holders.pop_front()
+        {
+            global.store.give_back_slot(global.id(), holder);
+            return;
+        }
         self.used = self.used.saturating_sub(1);
+    }
+
+    fn attach(&mut self, wake: &Arc<Notify>) {
+        if let Some(global) = &mut self.global {
+            global.wake = wake.clone();
+        }
+    }
+
+    fn idle(&mut self, now: Nanos) {
+        if let Some(global) = &self.global {
+            global.release_unused(now, 0);
+        }
     }
 }
 
@@ -77,16 +285,20 @@ fn same(a: &ConcurrencySchedulerSpec, b: &ConcurrencySchedulerSpec) -> bool {
         && a.max_concurrency == b.max_concurrency
         && a.max_inflight_duration == b.max_inflight_duration
         && a.scheduler == b.scheduler
+        && a.scope == b.scope
+        && a.on_store_unavailable == b.on_store_unavailable
 }
 
 impl ConcurrencyScheduler {
     /// Compiles a concurrency scheduler of `policy`; an unchanged one keeps
-    /// `previous`'s queue and count of flows in flight.
+    /// `previous`'s queue and count of flows in flight. `store` is the
+    /// shared store, for `scope: global`.
     pub fn compile(
         policy: &Arc<str>,
         spec: &ConcurrencySchedulerSpec,
         metrics: &Metrics,
         clock: &Clock,
+        store: Option<&SharedStore>,
         previous: Option<&ConcurrencyScheduler>,
     ) -> Self {
         if let Some(old) = previous.filter(|old| same(&old.spec, spec)) {
@@ -98,7 +310,27 @@ impl ConcurrencyScheduler {
             };
         }
         let name: Arc<str> = spec.name.value.0.as_str().into();
-        let config = Config::compile(&spec.scheduler, metrics, Series::default(), policy, &name);
+        let max_inflight = nanos(spec.max_inflight_duration.0);
+        let mut series = Series::default();
+        let global = match (spec.scope, store) {
+            (Scope::Global, Some(store)) => Some(GlobalCount {
+                store: store.clone(),
+                policy: policy.clone(),
+                component: name.clone(),
+                ttl: Duration::from_nanos(max_inflight),
+                fallback: spec.on_store_unavailable,
+                fallbacks: metrics
+                    .store_fallbacks
+                    .series(&mut series, &[policy, &name]),
+                holders: VecDeque::new(),
+                taking: Arc::default(),
+                // Replaced by the scheduler's own when it takes the pool.
+                wake: Arc::new(Notify::new()),
+                clock: clock.clone(),
+            }),
+            _ => None,
+        };
+        let config = Config::compile(&spec.scheduler, metrics, series, policy, &name);
         ConcurrencyScheduler {
             key: format!("{policy}/{name}").into(),
             scheduler: Arc::new(Scheduler::new(
@@ -110,15 +342,26 @@ impl ConcurrencyScheduler {
                 SlotPool {
                     max: spec.max_concurrency,
                     used: 0,
+                    global,
                 },
             )),
-            max_inflight: nanos(spec.max_inflight_duration.0),
+            max_inflight,
             spec: spec.clone(),
         }
     }
 
-    /// Flows in flight now.
+    /// Flows in flight now, admitted here.
     pub fn in_flight(&self) -> u64 {
-        self.scheduler.with_pool(|s| s.used)
+        self.scheduler
+            .with_pool(|s| s.used + s.global.as_ref().map_or(0, |g| g.holders.len() as u64))
+    }
+
+    /// Gives back global slots taken for the queue that no flow took.
+    pub fn sweep(&self, now: Nanos) {
+        self.scheduler.with_pool(|s| {
+            if let Some(global) = &s.global {
+                global.release_unused(now, UNUSED_SLOT);
+            }
+        });
     }
 }

@@ -237,7 +237,11 @@ pub fn schedule<'a>(
                 let key = match &q.limit_by {
                     None => None,
                     Some(label) => match labels.get(label) {
-                        Some(v) => Some(crate::label_table::digest(&v)),
+                        Some(v) => {
+                            let key = crate::label_table::digest(&v);
+                            q.prepare(key, &v, now);
+                            Some(key)
+                        }
                         // A flow without the label is not limited by it.
                         None => continue,
                     },

@@ -2,29 +2,109 @@
 //! excess requests wait in weighted-fair order instead of being rejected at
 //! once. With `limit_by_label_key`, each label value has its own bucket and
 //! queue; a flow without the label passes.
+//!
+//! With `scope: global` the bucket is in the store, shared by every sidecar
+//! running the policy, and the queue stays local: the scheduler spends
+//! tokens leased from the shared bucket ([`crate::leases`]); when its lease
+//! cannot pay the request at the head of a queue, it asks the store for
+//! the next one in the background and the queue waits for it (or for the
+//! store's retry time), so priorities and fairness order admission within
+//! each sidecar exactly as with a local bucket. While the store cannot be
+//! asked, `on_store_unavailable` decides: the local bucket (`local`),
+//! admit everything (`accept`) or refuse at once (`reject`).
 
 use std::sync::Arc;
 
 use prometheus::Gauge;
-use sluice_policy::QuotaSchedulerSpec;
+use sluice_policy::{QuotaSchedulerSpec, Scope, StoreFallback};
 use sluice_time::{Clock, Nanos, nanos};
+use tokio::sync::Notify;
 
 use super::scheduler::{Config, Pool, Scheduler};
 use super::wfq;
 use crate::components::selector::Selector;
 use crate::label_table::{Digest, LabelTable, TableMetrics, always};
 use crate::labels::LabelRef;
+use crate::leases::{LeaseMetrics, Leases, Spend};
 use crate::metrics::{Metrics, Series};
+use crate::store::SharedStore;
 use crate::token_bucket::{BucketParams, TokenBucket};
 
 /// The buckets of a quota scheduler.
 pub struct Buckets {
     /// Bucket parameters.
     pub params: BucketParams,
-    /// The bucket, without `limit_by_label_key`.
-    pub global: TokenBucket,
+    /// The bucket, without `limit_by_label_key` (with `scope: global`, the
+    /// fallback's).
+    pub one: TokenBucket,
     /// The buckets, with `limit_by_label_key`.
     per_label: LabelTable<TokenBucket>,
+    /// With `scope: global`: the leases of the shared buckets.
+    pub global: Option<GlobalQuota>,
+}
+
+/// A global quota scheduler's leases, and what it does without the store.
+pub struct GlobalQuota {
+    /// Tokens leased from the store's buckets.
+    pub leases: Arc<Leases>,
+    /// What it decides while the store cannot be asked.
+    pub fallback: StoreFallback,
+    /// The scheduler's wake-up, for leases that arrive.
+    wake: Arc<Notify>,
+}
+
+impl GlobalQuota {
+    /// True while the store can be asked.
+    fn usable(&self) -> bool {
+        self.leases.store.available()
+    }
+}
+
+/// The lease of one key, as a queue's capacity.
+struct Leased<'a> {
+    global: &'a GlobalQuota,
+    key: Option<Digest>,
+    params: &'a BucketParams,
+}
+
+impl Leased<'_> {
+    /// Asks the store for `ask` in the background, and wakes the queue
+    /// when the answer is in (granted or not: a denial sets its retry
+    /// time, a failure lets the queue try again).
+    fn fetch(&self, ask: crate::leases::Ask) {
+        let leases = self.global.leases.clone();
+        let wake = self.global.wake.clone();
+        let params = *self.params;
+        tokio::spawn(async move {
+            let _ = leases.fetch(ask, params).await;
+            wake.notify_one();
+        });
+    }
+}
+
+impl wfq::Capacity for Leased<'_> {
+    fn try_take(&mut self, now: Nanos, tokens: f64) -> bool {
+        let leases = &self.global.leases;
+        let (spent, refill) = leases.spend(self.key, None, self.params, tokens, now);
+        if let Some(ask) = refill {
+            self.fetch(ask);
+        }
+        match spent {
+            Spend::Spent => true,
+            Spend::Denied(_) => false,
+            Spend::Empty => {
+                if let Some(ask) = leases.ask_for_queue(self.key, self.params, tokens, now) {
+                    self.fetch(ask);
+                }
+                false
+            }
+        }
+    }
+
+    fn ready_at(&self, now: Nanos, _tokens: f64) -> Option<Nanos> {
+        // Otherwise a lease on its way wakes the queue when it arrives.
+        self.global.leases.denied_until(self.key, now)
+    }
 }
 
 /// One bucket, as a queue's capacity.
@@ -53,9 +133,16 @@ impl Pool for Buckets {
         f: impl FnOnce(&mut dyn wfq::Capacity) -> R,
     ) -> R {
         let params = &self.params;
+        if let Some(global) = self.global.as_ref().filter(|g| g.usable()) {
+            return f(&mut Leased {
+                global,
+                key,
+                params,
+            });
+        }
         match key {
             None => f(&mut Bucket {
-                bucket: &mut self.global,
+                bucket: &mut self.one,
                 params,
             }),
             Some(key) => self.per_label.with_digest(
@@ -67,9 +154,27 @@ impl Pool for Buckets {
         }
     }
 
+    /// Global, the queue is the store's: a flow decided meanwhile by
+    /// the fallback is counted, and `accept` lets it through.
+    fn bypass(&mut self, _now: Nanos) -> bool {
+        match &self.global {
+            Some(global) if !global.usable() => {
+                global.leases.metrics.fallbacks.inc();
+                global.fallback == StoreFallback::Accept
+            }
+            _ => false,
+        }
+    }
+
+    /// Tokens of a flow a later scheduler refused go back where they came
+    /// from: the lease while the store is there, else the local bucket.
     fn give_back(&mut self, key: Option<Digest>, tokens: f64) {
+        if let Some(global) = self.global.as_ref().filter(|g| g.usable()) {
+            global.leases.give_back(key, tokens);
+            return;
+        }
         match key {
-            None => self.global.give_back(&self.params, tokens),
+            None => self.one.give_back(&self.params, tokens),
             Some(key) => {
                 let params = &self.params;
                 self.per_label
@@ -83,8 +188,20 @@ impl Pool for Buckets {
         (per_nano > 0.0).then(|| (tokens / per_nano).ceil() as Nanos)
     }
 
+    /// Also false for every flow while the store cannot be asked and the
+    /// fallback is `reject`: refused at once.
     fn fits(&self, tokens: f64) -> bool {
-        tokens <= self.params.capacity
+        let rejecting = self
+            .global
+            .as_ref()
+            .is_some_and(|g| !g.usable() && g.fallback == StoreFallback::Reject);
+        tokens <= self.params.capacity && !rejecting
+    }
+
+    fn attach(&mut self, wake: &Arc<Notify>) {
+        if let Some(global) = &mut self.global {
+            global.wake = wake.clone();
+        }
     }
 }
 
@@ -107,6 +224,8 @@ pub struct QuotaScheduler {
     pub limit_by: Option<LabelRef>,
     /// A bucket idle this long is full again, so forgetting it loses nothing.
     idle: Nanos,
+    /// With `scope: global`: the pool's leases, reached without its lock.
+    leases: Option<Arc<Leases>>,
     /// `token_bucket_fill_rate`.
     fill_rate: Gauge,
     /// `token_bucket_available_tokens_total`, of the one bucket (none per
@@ -124,6 +243,8 @@ fn same(a: &QuotaSchedulerSpec, b: &QuotaSchedulerSpec) -> bool {
         && a.continuous_fill == b.continuous_fill
         && a.limit_by_label_key == b.limit_by_label_key
         && a.scheduler == b.scheduler
+        && a.scope == b.scope
+        && a.on_store_unavailable == b.on_store_unavailable
 }
 
 impl QuotaScheduler {
@@ -135,6 +256,7 @@ impl QuotaScheduler {
         metrics: &Metrics,
         clock: &Clock,
         max_label_values: usize,
+        store: Option<&SharedStore>,
         previous: Option<&QuotaScheduler>,
     ) -> Self {
         if let Some(old) = previous.filter(|old| same(&old.spec, spec)) {
@@ -143,6 +265,7 @@ impl QuotaScheduler {
                 key: old.key.clone(),
                 limit_by: old.limit_by.clone(),
                 idle: old.idle,
+                leases: old.leases.clone(),
                 fill_rate: old.fill_rate.clone(),
                 available_tokens: old.available_tokens.clone(),
                 spec: spec.clone(),
@@ -172,11 +295,30 @@ impl QuotaScheduler {
                 .series(&mut series, &[policy, &name])
         });
         let table_metrics = TableMetrics::of_component(metrics, &mut series, policy, &name);
+        let global = match (spec.scope, store) {
+            (Scope::Global, Some(store)) => Some(GlobalQuota {
+                leases: Arc::new(Leases::new(
+                    store.clone(),
+                    clock.clone(),
+                    policy,
+                    &name,
+                    max_label_values,
+                    table_metrics.clone(),
+                    LeaseMetrics::new(metrics, &mut series, policy, &name),
+                )),
+                fallback: spec.on_store_unavailable,
+                // Replaced by the scheduler's own when it takes the pool.
+                wake: Arc::new(Notify::new()),
+            }),
+            _ => None,
+        };
         let config = Config::compile(&spec.scheduler, metrics, series, policy, &name);
+        let leases = global.as_ref().map(|g| g.leases.clone());
         let buckets = Buckets {
             params,
-            global: TokenBucket::full(&params, clock.now()),
+            one: TokenBucket::full(&params, clock.now()),
             per_label: LabelTable::new(max_label_values, table_metrics, always),
+            global,
         };
         QuotaScheduler {
             key: format!("{policy}/{name}").into(),
@@ -190,6 +332,7 @@ impl QuotaScheduler {
             )),
             limit_by,
             idle: (refill as Nanos).saturating_add(1_000_000_000),
+            leases,
             fill_rate,
             available_tokens,
             spec: spec.clone(),
@@ -201,14 +344,29 @@ impl QuotaScheduler {
     pub fn sweep(&self, now: Nanos) {
         self.scheduler.with_pool(|b| {
             b.per_label.sweep(now, self.idle);
+            if let Some(global) = &b.global {
+                global.leases.sweep(now, self.idle);
+            }
             let rate = b.params.fill_amount / (b.params.interval as f64 / 1e9);
             self.fill_rate.set(rate);
             if let Some(available) = &self.available_tokens {
                 // Taking nothing refills a copy to now.
-                let mut probe = b.global;
+                let mut probe = b.one;
                 let _ = probe.take(&b.params, now, 0.0);
                 available.set(probe.tokens());
             }
         });
+    }
+}
+
+impl QuotaScheduler {
+    /// Readies `key`'s lease for a flow whose label value is `value`: a
+    /// global scheduler's queue knows keys, but the store names buckets by
+    /// value.
+    pub fn prepare(&self, key: Digest, value: &str, now: Nanos) {
+        // The leases are fixed at compile time: no need for the pool's lock.
+        if let Some(leases) = &self.leases {
+            leases.touch(key, value, now);
+        }
     }
 }

@@ -333,6 +333,11 @@ pub trait Pool: Send + 'static {
     fn dry_run(&self) -> bool {
         false
     }
+    /// Receives the scheduler's wake-up: a pool whose capacity arrives from
+    /// outside (a lease from the store) notifies it when it does.
+    fn attach(&mut self, _wake: &Arc<Notify>) {}
+    /// Nobody waits any more: capacity fetched for the queue may go back.
+    fn idle(&mut self, _now: Nanos) {}
 }
 
 /// What the pump tells a waiter: how its request left the queue and, when
@@ -393,8 +398,9 @@ pub struct Scheduler<P> {
     pub config: Config,
     clock: Clock,
     inner: Mutex<Inner<P>>,
-    /// Wakes the pump: a slot came back, or a new request queued.
-    wake: Notify,
+    /// Wakes the pump: a slot came back, a new request queued, or the
+    /// pool's capacity arrived.
+    wake: Arc<Notify>,
 }
 
 impl<P> std::fmt::Debug for Scheduler<P> {
@@ -414,8 +420,10 @@ impl<P: Pool> Scheduler<P> {
         selectors: Box<[Selector]>,
         config: Config,
         clock: Clock,
-        pool: P,
+        mut pool: P,
     ) -> Self {
+        let wake = Arc::new(Notify::new());
+        pool.attach(&wake);
         Scheduler {
             policy: policy.clone(),
             name,
@@ -429,7 +437,7 @@ impl<P: Pool> Scheduler<P> {
                 pump_running: false,
                 pump_at: Nanos::MAX,
             }),
-            wake: Notify::new(),
+            wake,
         }
     }
 
@@ -604,6 +612,9 @@ impl<P: Pool> Scheduler<P> {
             if inner.queues.get(&key).is_some_and(|q| q.queue.is_empty()) {
                 inner.queues.remove(&key);
             }
+            if inner.queues.is_empty() {
+                inner.pool.idle(now);
+            }
             waiting
         };
         // Given back outside the lock, which giving back takes.
@@ -745,6 +756,7 @@ async fn pump<P: Pool>(scheduler: Arc<Scheduler<P>>) {
             let mut inner = scheduler.inner.lock();
             let next = scheduler.dispatch_locked(&mut inner, now, &mut undelivered);
             if inner.queues.is_empty() {
+                inner.pool.idle(now);
                 inner.pump_running = false;
                 inner.pump_at = Nanos::MAX;
                 drop(inner);
