@@ -3,7 +3,7 @@
 //! run. See loadtests/README.md for what each scenario measures and how.
 //!
 //! ```text
-//! loadtests/run [check|http|ingest|mixed|all] [--duration 10s] [--smoke]
+//! loadtests/run [check|http|ingest|mixed|global|all] [--duration 10s] [--smoke]
 //!               [--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE]
 //!               [--no-pin] [--server-threads N]
 //! ```
@@ -39,6 +39,7 @@ enum Scenario {
     Http,
     Ingest,
     Mixed,
+    Global,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +61,7 @@ struct Args {
     repeat: usize,
 }
 
-const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|all] [--duration 10s] [--smoke] \
+const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|global|all] [--duration 10s] [--smoke] \
 [--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N]";
 
 fn args() -> Result<Args, String> {
@@ -83,11 +84,13 @@ fn args() -> Result<Args, String> {
             "http" => a.scenarios.push(Scenario::Http),
             "ingest" => a.scenarios.push(Scenario::Ingest),
             "mixed" => a.scenarios.push(Scenario::Mixed),
+            "global" => a.scenarios.push(Scenario::Global),
             "all" => a.scenarios.extend([
                 Scenario::Check,
                 Scenario::Http,
                 Scenario::Ingest,
                 Scenario::Mixed,
+                Scenario::Global,
             ]),
             "--duration" => a.duration = sluice_policy::types::DurationSpec::parse(&value()?)?,
             "--smoke" => a.smoke = true,
@@ -402,8 +405,10 @@ impl Plan {
     }
 }
 
-/// One run of Checks against `server`, from the chosen generator.
+/// One run of Checks against `server`, from the chosen generator, as a
+/// row of `scenario`.
 async fn check_run(
+    scenario: &'static str,
     plan: &Plan,
     server: &Server,
     shot: &shots::Grpc<shots::CheckVerdict>,
@@ -420,7 +425,7 @@ async fn check_run(
     })
     .await;
     let run = row(
-        "check",
+        scenario,
         server.name,
         load,
         plan.generator,
@@ -455,7 +460,7 @@ async fn check_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> 
         for _ in 0..plan.repeat {
             let mut pair = Vec::new();
             for (s, shot) in servers.iter().zip(shots) {
-                pair.push(check_run(plan, s, shot, load).await?);
+                pair.push(check_run("check", plan, s, shot, load).await?);
             }
             pairs.push((pair[0].clone(), pair[1].clone()));
         }
@@ -739,6 +744,171 @@ async fn mixed_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> 
     Ok(())
 }
 
+/// A pair of runs (the benchmark policy per sidecar, then with its rate
+/// limiter global), with what Redis spent during the global one.
+struct GlobalPair {
+    local: Run,
+    global: Run,
+    /// Redis CPU seconds during the global run.
+    redis_cpu_s: f64,
+    /// Redis commands during the global run.
+    redis_commands: u64,
+}
+
+/// Commands Redis ran so far, but for the `INFO` that asks.
+async fn redis_commands(redis: &sluice_testkit::redis::Redis) -> anyhow::Result<u64> {
+    let calls = redis.command_calls().await?;
+    Ok(calls
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .map(|(_, n)| n)
+        .sum())
+}
+
+async fn global_scenario(
+    place: &Placement,
+    plan: &Plan,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    println!(
+        "global: the benchmark policy with its per-user rate limiter per sidecar, and with scope: global on Redis"
+    );
+    let redis = sluice_testkit::redis::Redis::start(&[]).await?;
+    let redis_pid = redis.pid().context("redis-server has no pid")?;
+    // On the servers' core: Sluice with a global limiter pays for Redis
+    // there too (a pessimistic placement; in production Redis is elsewhere).
+    place.pin(redis_pid)?;
+    let bench = std::fs::read_to_string(repo_root().join("examples/bench.yaml"))?;
+    let global_policy = bench.replace(
+        "    limit_by_label_key: user\n",
+        "    limit_by_label_key: user\n    scope: global\n",
+    );
+    anyhow::ensure!(
+        global_policy != bench,
+        "examples/bench.yaml has no per-user limiter"
+    );
+    let dir = tempfile::tempdir()?;
+    let (local_path, global_path) = (
+        dir.path().join("local.yaml"),
+        dir.path().join("global.yaml"),
+    );
+    std::fs::write(&local_path, &bench)?;
+    std::fs::write(&global_path, &global_policy)?;
+    let local = Server::sluice_with(place, "sluice", &local_path, &[]).await?;
+    let redis_url = ["--redis-url".to_owned(), redis.url()];
+    let global = Server::sluice_with(place, "sluice-global", &global_path, &redis_url).await?;
+    let servers = [&local, &global];
+
+    // 10,000 users: half of the Checks for 10 hot ones (the cold half
+    // each waits for a round trip to Redis), or nine in ten; and one hot
+    // user alone.
+    let mut skewed = Vec::new();
+    let mut mostly_hot = Vec::new();
+    let mut hot = Vec::new();
+    for s in servers {
+        let channels = shots::connect(s.addr, plan.connections).await?;
+        let shot = shots::skewed_checks(channels.clone(), plan.users, 10, 5);
+        generate::run(&shot, Load::Rate(1000), plan.warmup, 0).await;
+        skewed.push(shot);
+        mostly_hot.push(shots::skewed_checks(channels.clone(), plan.users, 10, 9));
+        hot.push(shots::checks(channels, 1));
+    }
+    let pairs = async |shots: &[shots::Grpc<shots::CheckVerdict>], load: Load| {
+        let mut pairs = Vec::new();
+        for _ in 0..plan.repeat {
+            let local = check_run("global", plan, &local, &shots[0], load).await?;
+            let (cpu0, calls0) = (target::cpu_of_pid(redis_pid), redis_commands(&redis).await?);
+            let global = check_run("global", plan, &global, &shots[1], load).await?;
+            let (cpu1, calls1) = (target::cpu_of_pid(redis_pid), redis_commands(&redis).await?);
+            pairs.push(GlobalPair {
+                local,
+                global,
+                redis_cpu_s: cpu1.saturating_sub(cpu0).as_secs_f64(),
+                redis_commands: calls1.saturating_sub(calls0),
+            });
+        }
+        anyhow::Ok(pairs)
+    };
+    let max = pairs(&skewed, Load::Max(plan.grpc_workers)).await?;
+    let max_mostly_hot = pairs(&mostly_hot, Load::Max(plan.grpc_workers)).await?;
+    let local_max = median(max.iter().map(|p| p.local.throughput));
+    let half = ((local_max / 2.0 / 100.0).round() as u64 * 100).max(100);
+    let at_half = pairs(&skewed, Load::Rate(half)).await?;
+    let hot_runs = pairs(&hot, Load::Rate(plan.check_rate)).await?;
+    for p in max
+        .iter()
+        .chain(&max_mostly_hot)
+        .chain(&at_half)
+        .chain(&hot_runs)
+    {
+        report.runs.extend([p.local.clone(), p.global.clone()]);
+    }
+    let answered = |r: &Run| (r.ok + r.denied) as f64;
+    let ratio = |pairs: &[GlobalPair], f: fn(&Run) -> f64| {
+        median(pairs.iter().map(|p| f(&p.global) / f(&p.local).max(1e-9)))
+    };
+    let throughput = ratio(&max, |r| r.throughput);
+    report.figure(
+        "global: global ÷ per-sidecar throughput at the maximum (half the Checks cold)",
+        throughput,
+        Some((">= 0.8", throughput >= 0.8)),
+    );
+    let mostly_hot_throughput = ratio(&max_mostly_hot, |r| r.throughput);
+    report.figure(
+        "global: global ÷ per-sidecar throughput at the maximum (one Check in ten cold)",
+        mostly_hot_throughput,
+        Some((">= 0.8", mostly_hot_throughput >= 0.8)),
+    );
+    report.figure(
+        "global: global ÷ per-sidecar p50 at half the per-sidecar maximum",
+        ratio(&at_half, |r| r.p50_us),
+        None,
+    );
+    report.figure(
+        "global: global ÷ per-sidecar p99 at half the per-sidecar maximum",
+        ratio(&at_half, |r| r.p99_us),
+        None,
+    );
+    let hot_p99 = ratio(&hot_runs, |r| r.p99_us);
+    report.figure(
+        "global: a hot key's p99, global ÷ per-sidecar, at the fixed rate",
+        hot_p99,
+        Some(("<= 1.2", hot_p99 <= 1.2)),
+    );
+    let per_1k = |pairs: &[GlobalPair], f: fn(&GlobalPair) -> f64| {
+        median(
+            pairs
+                .iter()
+                .map(|p| f(p) * 1000.0 / answered(&p.global).max(1.0)),
+        )
+    };
+    let hot_commands = per_1k(&hot_runs, |p| p.redis_commands as f64);
+    report.figure(
+        "global: Redis commands per 1,000 Checks of a hot key",
+        hot_commands,
+        Some(("<= 50", hot_commands <= 50.0)),
+    );
+    report.figure(
+        "global: Redis commands per 1,000 Checks at the maximum (half the Checks cold)",
+        per_1k(&max, |p| p.redis_commands as f64),
+        None,
+    );
+    report.figure(
+        "global: Redis CPU ms per 1,000 Checks at the maximum",
+        per_1k(&max, |p| p.redis_cpu_s * 1000.0),
+        None,
+    );
+    report.figure(
+        "global: Redis cores at the maximum",
+        median(max.iter().map(|p| {
+            let secs = answered(&p.global) / p.global.throughput.max(1e-9);
+            p.redis_cpu_s / secs.max(1e-9)
+        })),
+        None,
+    );
+    Ok(())
+}
+
 fn machine(cores: usize, servers_on: Option<String>, generator_on: Option<String>) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -810,6 +980,7 @@ fn main() -> anyhow::Result<()> {
                 Scenario::Http => http_scenario(&place, &plan, &mut report).await?,
                 Scenario::Ingest => ingest_scenario(&place, &plan, &mut report).await?,
                 Scenario::Mixed => mixed_scenario(&place, &plan, &mut report).await?,
+                Scenario::Global => global_scenario(&place, &plan, &mut report).await?,
             }
         }
         println!();

@@ -64,6 +64,10 @@ pub async fn connect(addr: SocketAddr, connections: usize) -> anyhow::Result<Arc
 pub struct Grpc<M> {
     channels: Arc<[Channel]>,
     bodies: Arc<[Bytes]>,
+    /// With `hot` > 0, `hot_tenths` of every ten requests go to one of the
+    /// first `hot` bodies (hot users), the rest spread over all of them.
+    hot: u64,
+    hot_tenths: u64,
     path: PathAndQuery,
     verdict: fn(&M) -> Answer,
 }
@@ -73,6 +77,8 @@ impl<M> Clone for Grpc<M> {
         Grpc {
             channels: self.channels.clone(),
             bodies: self.bodies.clone(),
+            hot: self.hot,
+            hot_tenths: self.hot_tenths,
             path: self.path.clone(),
             verdict: self.verdict,
         }
@@ -82,7 +88,12 @@ impl<M> Clone for Grpc<M> {
 impl<M: prost::Message + Default + Send + Sync + 'static> Shot for Grpc<M> {
     async fn fire(&self, n: u64) -> Answer {
         let channel = self.channels[n as usize % self.channels.len()].clone();
-        let body = self.bodies[user_of(n, self.bodies.len() as u64) as usize].clone();
+        let user = if self.hot > 0 && n % 10 < self.hot_tenths {
+            (n / 10 * self.hot_tenths + n % 10) % self.hot
+        } else {
+            user_of(n, self.bodies.len() as u64)
+        };
+        let body = self.bodies[user as usize].clone();
         let mut grpc = tonic::client::Grpc::new(channel);
         if grpc.ready().await.is_err() {
             return Answer::Error;
@@ -101,6 +112,22 @@ impl<M: prost::Message + Default + Send + Sync + 'static> Shot for Grpc<M> {
     }
 }
 
+/// [`checks`] where `hot_tenths` of every ten requests go to `hot` users
+/// (the first ones) and the others spread over all `users`: a few hot
+/// keys, most of them cold.
+pub fn skewed_checks(
+    channels: Arc<[Channel]>,
+    users: u64,
+    hot: u64,
+    hot_tenths: u64,
+) -> Grpc<CheckVerdict> {
+    Grpc {
+        hot,
+        hot_tenths: hot_tenths.min(10),
+        ..checks(channels, users)
+    }
+}
+
 /// Checks as Envoy's ext_authz filter sends them, for `users` users
 /// (`user-id`), one in five a subscriber (`user-type`).
 pub fn checks(channels: Arc<[Channel]>, users: u64) -> Grpc<CheckVerdict> {
@@ -110,6 +137,8 @@ pub fn checks(channels: Arc<[Channel]>, users: u64) -> Grpc<CheckVerdict> {
     Grpc {
         channels,
         bodies: bodies.into(),
+        hot: 0,
+        hot_tenths: 0,
         path: PathAndQuery::from_static(CHECK),
         verdict: |v: &CheckVerdict| match v.status.as_ref().map_or(0, |s| s.code) {
             0 => Answer::Ok,
@@ -133,6 +162,8 @@ pub fn exports(channels: Arc<[Channel]>, records: usize) -> Grpc<Nothing> {
     Grpc {
         channels,
         bodies: bodies.into(),
+        hot: 0,
+        hot_tenths: 0,
         path: PathAndQuery::from_static(EXPORT),
         verdict: |_| Answer::Ok,
     }

@@ -95,6 +95,16 @@ impl Server {
     /// Sluice (`target/<profile>/sluice`) with `policy`, its runtime as
     /// shipped.
     pub async fn sluice(place: &Placement, policy: &Path) -> anyhow::Result<Server> {
+        Server::sluice_with(place, "sluice", policy, &[]).await
+    }
+
+    /// Sluice named `name` in the report, with `policy` and `extra` flags.
+    pub async fn sluice_with(
+        place: &Placement,
+        name: &'static str,
+        policy: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Server> {
         let (grpc, admin) = (free_port()?, free_port()?);
         let args: Vec<String> = [
             "--policy",
@@ -109,8 +119,9 @@ impl Server {
         .iter()
         .map(|s| s.to_string())
         .chain(place.threads())
+        .chain(extra.iter().cloned())
         .collect();
-        let mut process = place.spawn("sluice", &place.binary("sluice")?, &args)?;
+        let mut process = place.spawn(name, &place.binary("sluice")?, &args)?;
         process
             .wait_http_ok(
                 ([127, 0, 0, 1], admin).into(),
@@ -118,7 +129,7 @@ impl Server {
                 Duration::from_secs(20),
             )
             .await?;
-        Server::new("sluice", ([127, 0, 0, 1], grpc).into(), process)
+        Server::new(name, ([127, 0, 0, 1], grpc).into(), process)
     }
 
     /// The no-op Check server (`examples/noop_check`).
@@ -184,6 +195,27 @@ impl Server {
     pub fn log_tail(&self) -> String {
         self.process.log_tail()
     }
+}
+
+impl Placement {
+    /// Moves the running process `pid` (a server started by someone else,
+    /// such as the test kit's Redis) onto the servers' cores.
+    pub fn pin(&self, pid: u32) -> anyhow::Result<()> {
+        let Some(cpus) = &self.servers_on else {
+            return Ok(());
+        };
+        let status = std::process::Command::new("taskset")
+            .args(["-cp", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "taskset -cp {cpus} {pid} failed");
+        Ok(())
+    }
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_of_pid(pid: u32) -> Duration {
+    cpu_of(procfs::process::Process::new(pid as i32))
 }
 
 /// CPU time the load generator has used so far: this process and the

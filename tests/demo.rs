@@ -65,9 +65,12 @@ fn admitted_share(summary: &demo::Summary, source: &str) -> f64 {
 /// Waits until nothing listens on any of the parts' addresses any more and
 /// k6 has gone.
 async fn assert_all_stopped(started: &demo::Started) {
-    let addrs: [(&str, SocketAddr); 8] = [
+    let addrs: [(&str, SocketAddr); 11] = [
         ("upstream", started.upstream),
         ("envoy", started.envoy),
+        ("envoy b", started.envoy_b),
+        ("sluice b", started.sluice_b),
+        ("redis", started.redis),
         ("envoy admin", started.envoy_admin),
         ("sluice", started.sluice),
         ("sluice admin", started.sluice_admin),
@@ -189,6 +192,27 @@ async fn the_short_demo_shows_the_whole_loop() {
         count(&summary, "alice", 200) > 0,
         "alice never got through:\n{shown}"
     );
+
+    // Erin, through both Envoy and Sluice pairs: one global bucket (5, then
+    // 1/s) for both. 2/s through each for 30 s (and k6's graceful stop):
+    // per-sidecar buckets would let about 70 through, the shared one at
+    // most 5 + 33.
+    let through = |via: &str| summary.erin_admitted.get(via).copied().unwrap_or(0);
+    let (a, b) = (through("a"), through("b"));
+    assert!(
+        a > 0 && b > 0,
+        "erin admitted {a} via A, {b} via B:\n{shown}"
+    );
+    assert!(
+        a + b <= 5 + 33,
+        "erin admitted {a} + {b}: her limit did not hold across both sidecars:\n{shown}"
+    );
+    for via in ["erin-a", "erin-b"] {
+        assert!(
+            answers(&summary, via).contains_key(&(429, "demo/per-user".to_owned())),
+            "{via} never limited:\n{shown}"
+        );
+    }
 
     // Dave: the closed beta, the sampler's 403 and nothing else.
     let dave = answers(&summary, "dave");

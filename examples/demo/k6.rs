@@ -7,7 +7,7 @@
 //! (`demo_answers`) and those where k6 had no virtual user free to send
 //! (`dropped_iterations`).
 //!
-//! k6 talks to nothing but Envoy's loopback listener: `traffic.js` refuses
+//! k6 talks to nothing but the Envoys' loopback listeners: `traffic.js` refuses
 //! any other target, every address outside 127.0.0.0/8 is blacklisted, its
 //! REST API is off and so is its usage report.
 
@@ -32,6 +32,8 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 pub struct Plan<'a> {
     /// Envoy's listener.
     pub target: SocketAddr,
+    /// The second Envoy's listener (sources with `via: "b"`).
+    pub target_b: SocketAddr,
     /// The sources, as JSON (see `traffic.js`).
     pub sources_json: String,
     /// Seconds of traffic.
@@ -105,6 +107,8 @@ impl K6 {
             .arg(&console)
             .arg("-e")
             .arg(format!("TARGET={}", plan.target))
+            .arg("-e")
+            .arg(format!("TARGET_B={}", plan.target_b))
             .arg("-e")
             .arg(format!("SOURCES={}", plan.sources_json))
             .arg("-e")

@@ -26,6 +26,8 @@ use serde::Serialize;
 use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
 use sluice_controller::{Controller, ControllerConfig};
+use sluice_store::RedisConfig;
+use sluice_testkit::redis::Redis;
 use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
 use tokio::sync::watch;
 
@@ -45,13 +47,18 @@ pub struct Source {
     pub ids: u32,
     /// Sends only while the crowd is there.
     pub crowd: bool,
+    /// The `user-id` of all its requests, instead of its name.
+    pub user: Option<&'static str>,
+    /// Which Envoy it sends to: `a`, or `b` (the second Envoy and Sluice
+    /// pair, sharing the first one's Redis).
+    pub via: &'static str,
     /// What it shows.
     #[serde(skip)]
     pub note: &'static str,
 }
 
 /// The demo's traffic.
-pub const SOURCES: [Source; 6] = [
+pub const SOURCES: [Source; 8] = [
     Source {
         name: "alice",
         path: "/api/items",
@@ -59,6 +66,8 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("subscriber"),
         ids: 1,
         crowd: false,
+        user: None,
+        via: "a",
         note: "bursts above her per-user limit (429)",
     },
     Source {
@@ -68,6 +77,8 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("subscriber"),
         ids: 1,
         crowd: false,
+        user: None,
+        via: "a",
         note: "stays within his limit",
     },
     Source {
@@ -77,6 +88,8 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("guest"),
         ids: 1,
         crowd: false,
+        user: None,
+        via: "a",
         note: "twice her refill rate",
     },
     Source {
@@ -86,7 +99,31 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("guest"),
         ids: 1,
         crowd: false,
+        user: None,
+        via: "a",
         note: "tries the closed beta (403)",
+    },
+    Source {
+        name: "erin-a",
+        path: "/api/orders",
+        per_second: 2,
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
+        user: Some("erin"),
+        via: "a",
+        note: "erin through Envoy A ...",
+    },
+    Source {
+        name: "erin-b",
+        path: "/api/orders",
+        per_second: 2,
+        user_type: Some("subscriber"),
+        ids: 1,
+        crowd: false,
+        user: Some("erin"),
+        via: "b",
+        note: "... and through Envoy B: one limit",
     },
     Source {
         name: "subscribers",
@@ -95,6 +132,8 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("subscriber"),
         ids: 100,
         crowd: true,
+        user: None,
+        via: "a",
         note: "the crowd: 100 subscribers",
     },
     Source {
@@ -104,6 +143,8 @@ pub const SOURCES: [Source; 6] = [
         user_type: Some("guest"),
         ids: 100,
         crowd: true,
+        user: None,
+        via: "a",
         note: "the crowd: 100 guests",
     },
 ];
@@ -277,6 +318,12 @@ pub struct Started {
     pub upstream: SocketAddr,
     /// Envoy's listener, where k6 sends its requests.
     pub envoy: SocketAddr,
+    /// The second Envoy's listener, in front of the second Sluice.
+    pub envoy_b: SocketAddr,
+    /// The second Sluice's gRPC listener.
+    pub sluice_b: SocketAddr,
+    /// Redis, where both Sluices keep the global per-user limit.
+    pub redis: SocketAddr,
     /// Envoy's admin.
     pub envoy_admin: SocketAddr,
     /// Sluice's gRPC listener.
@@ -309,6 +356,9 @@ pub struct Summary {
     pub dropped: BTreeMap<String, u64>,
     /// The lowest load multiplier seen.
     pub lowest_lm: Option<f64>,
+    /// Erin's requests admitted through each Envoy (`a`, `b`): one user
+    /// sending through both pairs, held to one global limit.
+    pub erin_admitted: BTreeMap<String, u64>,
     /// What Prometheus received from Sluice by remote-write.
     pub prometheus: Vec<Received>,
     /// Where the parts ran.
@@ -319,13 +369,17 @@ pub struct Summary {
     pub json: PathBuf,
 }
 
-/// The parts of the loop, running.
+/// The parts of the loop, running: one Envoy and Sluice pair with the
+/// controller, and a second pair sharing the first one's Redis.
 struct Parts {
     upstream: Upstream,
     prometheus: Prometheus,
+    redis: Redis,
     controller: Controller,
     sidecar: Sidecar,
     envoy: Envoy,
+    sidecar_b: Sidecar,
+    envoy_b: Envoy,
 }
 
 impl Parts {
@@ -341,6 +395,7 @@ impl Parts {
         )
         .await?;
         let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
+        let redis = Redis::start(&[]).await?;
         let loopback = "127.0.0.1:0".parse()?;
         let controller = Controller::start(ControllerConfig {
             tick: Duration::from_secs(1),
@@ -353,40 +408,66 @@ impl Parts {
             )
         })
         .await?;
-        let sidecar = Sidecar::start(&Config {
-            policy: Some(policy.to_owned()),
-            controller: Some(format!("http://{}", controller.grpc_addr).parse()?),
-            remote_write: Some(RemoteWriteConfig {
-                url: prometheus.remote_write_url().parse()?,
-                interval: Duration::from_secs(1),
-                external_labels: vec![("job".to_owned(), "sluice-demo".to_owned())],
-                bearer_token: None,
-                ca_file: None,
-                max_queued_batches: 30,
-                timeout: Duration::from_secs(5),
-            }),
-            ..Config::ephemeral()
-        })
-        .await?;
+        // Both Sluices: the same policy, the same controller and Redis;
+        // each remote-writes its own series (`instance`).
+        let sluice = |instance: &str| -> anyhow::Result<Config> {
+            Ok(Config {
+                policy: Some(policy.to_owned()),
+                controller: Some(format!("http://{}", controller.grpc_addr).parse()?),
+                remote_write: Some(RemoteWriteConfig {
+                    url: prometheus.remote_write_url().parse()?,
+                    interval: Duration::from_secs(1),
+                    external_labels: vec![
+                        ("job".to_owned(), "sluice-demo".to_owned()),
+                        ("instance".to_owned(), instance.to_owned()),
+                    ],
+                    bearer_token: None,
+                    ca_file: None,
+                    max_queued_batches: 30,
+                    timeout: Duration::from_secs(5),
+                }),
+                store: Some(RedisConfig {
+                    urls: vec![redis.url()],
+                    cluster: false,
+                    password: None,
+                    ca_file: None,
+                    timeout: Duration::from_millis(25),
+                }),
+                ..Config::ephemeral()
+            })
+        };
+        let sidecar = Sidecar::start(&sluice("sluice-a")?).await?;
         let envoy = Envoy::start(
             "envoy-configs/quickstart.yaml",
             EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())?,
         )
         .await?;
+        let sidecar_b = Sidecar::start(&sluice("sluice-b")?).await?;
+        let envoy_b = Envoy::start(
+            "envoy-configs/quickstart.yaml",
+            EnvoyPorts::free(upstream.addr.port(), sidecar_b.grpc_addr.port())?,
+        )
+        .await?;
         Ok(Parts {
             upstream,
             prometheus,
+            redis,
             controller,
             sidecar,
             envoy,
+            sidecar_b,
+            envoy_b,
         })
     }
 
-    /// Stops them all, Envoy first.
+    /// Stops them all, the Envoys first.
     async fn stop(self) {
         drop(self.envoy);
+        drop(self.envoy_b);
         self.sidecar.stop(Duration::from_secs(2)).await;
+        self.sidecar_b.stop(Duration::from_secs(2)).await;
         self.controller.stop(Duration::from_secs(2)).await;
+        drop(self.redis);
         drop(self.prometheus);
         drop(self.upstream);
     }
@@ -567,6 +648,12 @@ pub async fn run(
         parts.envoy.ports.admin
     );
     println!(
+        "  sluice B    grpc {}  behind envoy B http://{}, sharing Redis {} with sluice",
+        parts.sidecar_b.grpc_addr,
+        parts.envoy_b.listener(),
+        parts.redis.addr
+    );
+    println!(
         "  prometheus  http://{}  (Sluice remote-writes to it every second)",
         parts.prometheus.addr
     );
@@ -590,6 +677,8 @@ pub async fn run(
         );
     }
     println!("The policy allows each user a burst of 5, then 1 request/s (429 beyond),");
+    println!("held across both Sluices (scope: global, in Redis): erin's requests through");
+    println!("Envoy A and Envoy B draw on one bucket;");
     println!("closes /beta/* to everyone (403 from a sampler at 0%), and has a load");
     println!("scheduler that favours subscribers (priority 200) over guests (20) when");
     println!("sluice-controller lowers its multiplier (lm) because latency rose above");
@@ -598,6 +687,7 @@ pub async fn run(
 
     let plan = k6::Plan {
         target: front,
+        target_b: parts.envoy_b.listener(),
         sources_json: serde_json::to_string(&SOURCES)?,
         duration: phases.duration,
         crowd: (phases.crowd_start, phases.crowd_end),
@@ -617,6 +707,9 @@ pub async fn run(
     let started = Started {
         upstream: parts.upstream.addr,
         envoy: front,
+        envoy_b: parts.envoy_b.listener(),
+        sluice_b: parts.sidecar_b.grpc_addr,
+        redis: parts.redis.addr,
         envoy_admin: ([127, 0, 0, 1], parts.envoy.ports.admin).into(),
         sluice: parts.sidecar.grpc_addr,
         sluice_admin: sidecar_admin,
@@ -714,6 +807,7 @@ pub async fn run(
         })
         .collect();
     print_answers(&answers, &record.dropped);
+    let erin_admitted = erin(&answers, phases.duration);
     if let Some(lm) = lowest {
         println!("The controller lowered the load multiplier to {lm:.2} at the lowest.");
     }
@@ -737,6 +831,7 @@ pub async fn run(
         answers,
         dropped: record.dropped,
         lowest_lm: lowest,
+        erin_admitted,
         prometheus,
         started,
         svg: args.out.join("demo.svg"),
@@ -757,6 +852,34 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Erin's admitted requests through each Envoy, printed against what her
+/// one global bucket allows in `duration` seconds.
+fn erin(answers: &[Answers], duration: u64) -> BTreeMap<String, u64> {
+    let through = |via: &str| {
+        answers
+            .iter()
+            .filter(|a| a.source == format!("erin-{via}") && a.code == 200)
+            .map(|a| a.count)
+            .sum::<u64>()
+    };
+    let admitted: BTreeMap<String, u64> = ["a", "b"]
+        .iter()
+        .map(|via| (via.to_string(), through(via)))
+        .collect();
+    let (a, b) = (admitted["a"], admitted["b"]);
+    println!();
+    println!(
+        "Erin sent 2 requests/s through each Envoy; her one bucket (5, then 1/s) admitted {a} through A + {b} through B = {} in {duration} s.",
+        a + b
+    );
+    println!(
+        "Her limit held across both Sluices: at most {} in {duration} s (per-sidecar buckets would have let up to {} through).",
+        5 + duration,
+        2 * (5 + duration)
+    );
+    admitted
+}
+
 /// Returns once every Check's access log has reached Sluice and
 /// Prometheus holds the count of them (or after 15 s, saying so): what the
 /// summary then shows from Prometheus is the whole run.
@@ -765,11 +888,15 @@ async fn settled(parts: &Parts) {
     let logs = r#"sum(flowcontrol_access_logs_total)"#;
     let mut ingested = 0.0;
     while tokio::time::Instant::now() < deadline {
-        let text = parts.sidecar.engine.metrics().encode_text();
-        let value = |series: &str| scrape(&text, series).unwrap_or(0.0);
-        let checks = value("flowcontrol_requests_total");
-        ingested = value(r#"flowcontrol_access_logs_total{result="matched"}"#)
-            + value(r#"flowcontrol_access_logs_total{result="without_flow"}"#);
+        let (mut checks, mut logs_in) = (0.0, 0.0);
+        for sidecar in [&parts.sidecar, &parts.sidecar_b] {
+            let text = sidecar.engine.metrics().encode_text();
+            let value = |series: &str| scrape(&text, series).unwrap_or(0.0);
+            checks += value("flowcontrol_requests_total");
+            logs_in += value(r#"flowcontrol_access_logs_total{result="matched"}"#)
+                + value(r#"flowcontrol_access_logs_total{result="without_flow"}"#);
+        }
+        ingested = logs_in;
         let written = parts
             .prometheus
             .query_one(logs)

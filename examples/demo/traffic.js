@@ -4,8 +4,11 @@
 //
 // The demo passes, as k6 `-e` variables:
 //   TARGET       host:port of Envoy's listener (must be on 127.0.0.0/8)
+//   TARGET_B     host:port of the second Envoy's listener (the same)
 //   SOURCES      JSON list of the sources (examples/demo/lib.rs, SOURCES):
-//                {name, path, per_second, user_type, ids, crowd}
+//                {name, path, per_second, user_type, ids, crowd, user, via}
+//                (`via`: "a" sends to TARGET, "b" to TARGET_B; `user`: the
+//                user-id of all its requests, else its name)
 //   DURATION     seconds of traffic in all
 //   CROWD_START  second at which the crowd sources start ...
 //   CROWD_END    ... and stop (the phases: calm, crowd, recovery)
@@ -19,9 +22,12 @@ import http from 'k6/http';
 import exec from 'k6/execution';
 import { Trend } from 'k6/metrics';
 
-const TARGET = __ENV.TARGET || '';
-if (!/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/.test(TARGET)) {
-  throw new Error(`TARGET must be a loopback host:port, got ${JSON.stringify(TARGET)}`);
+const LOOPBACK = /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/;
+const TARGETS = { a: __ENV.TARGET || '', b: __ENV.TARGET_B || '' };
+for (const [via, target] of Object.entries(TARGETS)) {
+  if (!LOOPBACK.test(target)) {
+    throw new Error(`target ${via} must be a loopback host:port, got ${JSON.stringify(target)}`);
+  }
 }
 const SOURCES = JSON.parse(__ENV.SOURCES || '[]');
 const DURATION = Number(__ENV.DURATION);
@@ -64,12 +70,13 @@ export function send() {
   const source = BY_NAME[exec.scenario.name];
   const n = exec.scenario.iterationInTest;
   const headers = {
-    'user-id': source.ids > 1 ? `${source.name}-${n % source.ids}` : source.name,
+    'user-id': source.user || (source.ids > 1 ? `${source.name}-${n % source.ids}` : source.name),
   };
   if (source.user_type) {
     headers['user-type'] = source.user_type;
   }
-  const res = http.get(`http://${TARGET}${source.path}`, { headers, timeout: '5s' });
+  const target = TARGETS[source.via];
+  const res = http.get(`http://${target}${source.path}`, { headers, timeout: '5s' });
   answers.add(res.timings.duration, {
     code: String(res.status),
     by: res.headers['X-Sluice-Rejected-By'] || '',

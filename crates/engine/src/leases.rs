@@ -390,7 +390,8 @@ fn lease_size(demand: f64, n: f64, params: &BucketParams) -> f64 {
     span.ceil().clamp(n, most.max(n))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// A label id as the store names it: 32 lower-case hex digits.
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -5,11 +5,12 @@
 //! edges hand it a [`FlowRequest`] over a [`LabelSource`] (a view of the
 //! request they decoded), or a [`FlowEnd`] (an access-log record), and
 //! translate the [`Decision`] back. It compiles the policy language
-//! (`sluice-policy`) into a [`Plan`], keeps its state in memory, reads time
-//! from one injectable [`Clock`](sluice_time::Clock), and uses tokio only
-//! for what a queued Check needs to wait (a oneshot channel and a pump task
-//! that sleeps until the next deadline), so it is tested without a network
-//! on simulated time.
+//! (`sluice-policy`) into a [`Plan`], keeps its state in memory (global
+//! components: in a [`store`] it sees only as a trait), reads time from one
+//! injectable [`Clock`](sluice_time::Clock), and uses tokio only for what a
+//! waiting Check needs (a oneshot channel, a pump task that sleeps until
+//! the next deadline, tasks that ask the store), so it is tested without a
+//! network on simulated time.
 //!
 //! Layout, in the order a reader follows a flow:
 //!

@@ -251,3 +251,28 @@ async fn a_cluster_keeps_each_bucket_in_one_slot() {
     }
     assert!(holding >= 2, "the buckets sit on {holding} master(s)");
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_and_never_without_it() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, key) = (dir.path().join("ca.pem"), dir.path().join("key.pem"));
+    std::fs::write(&ca, cert.cert.pem()).expect("cert");
+    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+    let redis = Redis::start_tls(&ca, &key).await.expect("redis with TLS");
+    assert!(redis.url().starts_with("rediss://127.0.0.1:"));
+
+    let mut trusting = config(vec![redis.url()]);
+    trusting.ca_file = Some(ca);
+    let grant = store(&trusting)
+        .take_tokens(ID, SLOW, 1.0, 1.0)
+        .await
+        .expect("answers over TLS");
+    assert_eq!(grant.granted, 1.0);
+
+    // The system's roots do not know this CA: no answer, no panic.
+    let answer = store(&config(vec![redis.url()]))
+        .take_tokens(ID, SLOW, 1.0, 1.0)
+        .await;
+    assert!(answer.is_err(), "{answer:?}");
+}

@@ -29,34 +29,63 @@ pub struct Redis {
     /// Where it listens.
     pub addr: SocketAddr,
     process: Process,
+    /// With TLS: the CA file `redis-cli` trusts.
+    tls: Option<PathBuf>,
 }
 
 impl Redis {
     /// A server on a free loopback port, with `extra` arguments (for
     /// example `--requirepass secret`).
     pub async fn start(extra: &[&str]) -> anyhow::Result<Redis> {
-        let port = free_port()?;
-        let dir = tempfile::tempdir()?;
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
+        Redis::start_with(extra, None).await
+    }
+
+    /// A server speaking only TLS on a free loopback port, with the PEM
+    /// certificate `cert` and key `key` (clients are not asked for one);
+    /// `cert` is also the CA `redis-cli` trusts.
+    pub async fn start_tls(cert: &Path, key: &Path) -> anyhow::Result<Redis> {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let tls = [
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
             "no",
-            "--dir",
-            &dir.path().display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ];
+        Redis::start_with(&tls, Some(PathBuf::from(&cert))).await
+    }
+
+    async fn start_with(extra: &[&str], tls: Option<PathBuf>) -> anyhow::Result<Redis> {
+        let port = free_port()?.to_string();
+        let dir = tempfile::tempdir()?;
+        let listen: [&str; 4] = match &tls {
+            None => ["--port", &port, "--tls-port", "0"],
+            Some(_) => ["--port", "0", "--tls-port", &port],
+        };
+        let mut args: Vec<String> = listen.iter().map(|s| s.to_string()).collect();
+        args.extend(
+            [
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn("redis", &program("redis-server")?, dir, &args)?;
         let redis = Redis {
-            addr: ([127, 0, 0, 1], port).into(),
+            addr: ([127, 0, 0, 1], port.parse()?).into(),
             process,
+            tls,
         };
         redis.wait_ready(extra).await?;
         Ok(redis)
@@ -85,14 +114,32 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Runs `redis-cli` against it with `args`; its output.
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        cli(self.addr, args).await
+        match &self.tls {
+            None => cli(self.addr, args).await,
+            Some(ca) => {
+                let ca = ca.display().to_string();
+                let mut all = vec!["--tls", "--cacert", &ca];
+                all.extend_from_slice(args);
+                cli(self.addr, &all).await
+            }
+        }
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
     }
 
     /// The server's directory.

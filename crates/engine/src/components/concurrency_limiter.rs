@@ -27,7 +27,7 @@ use crate::admission::{Claim, Lender};
 use crate::decision::RejectReason;
 use crate::label_table::{Digest, LabelTable, TableMetrics};
 use crate::labels::{FlowLabels, LabelRef};
-use crate::leases::label_id;
+use crate::leases::{hex, label_id};
 use crate::metrics::{DecisionCounters, Metrics, Series};
 use crate::store::{SharedStore, StateId, StoreError};
 
@@ -161,10 +161,6 @@ impl Lender for GlobalSlot {
             self.holder,
         );
     }
-}
-
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ConcurrencyLimiter {
@@ -377,7 +373,7 @@ impl ConcurrencyStep {
         if !global.store.available() {
             return limiter.fall_back(global, self.key, clock.now());
         }
-        let label = self.id.as_ref().map(hex);
+        let label = self.id.as_ref().map(|id| hex(id));
         let state = StateId {
             policy: &limiter.policy,
             component: &limiter.name,
