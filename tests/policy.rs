@@ -204,7 +204,7 @@ async fn the_binary_serves_and_stops_on_sigterm() {
         .args([
             "--policy",
             repo_root()
-                .join("examples/demo.yaml")
+                .join("examples/bench.yaml")
                 .to_str()
                 .expect("utf-8 path"),
         ])
