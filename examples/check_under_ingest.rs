@@ -27,11 +27,10 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context,
 };
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use parking_lot::Mutex;
 use sluice::server::{Config, Sidecar};
-use sluice_testkit::access_log::{self, accepted_flow};
+use sluice_testkit::access_log;
 use sluice_testkit::repo_root;
 use tokio::time::Instant;
 
@@ -94,10 +93,6 @@ fn check(user: u64) -> CheckRequest {
             ..Default::default()
         }),
     }
-}
-
-fn export(batch: usize) -> ExportLogsServiceRequest {
-    access_log::export((0..batch).map(|i| accepted_flow("bench/latency", 4 + i as u64 % 40)))
 }
 
 /// Runs Checks at `rate` for `duration`; returns their latencies.
@@ -169,14 +164,17 @@ fn main() -> anyhow::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(AtomicU64::new(0));
         let mut logs = LogsServiceClient::connect(addr.clone()).await?;
-        let request = export(args.batch);
+        let ring = access_log::ring(sidecar.engine.flow_key(), "bench/latency", args.batch);
         let pace = (args.ingest_rate > 0)
             .then(|| Duration::from_secs_f64(args.batch as f64 / args.ingest_rate as f64));
         let ingest = {
             let (stop, records) = (stop.clone(), records.clone());
             tokio::spawn(async move {
                 let mut tick = pace.map(tokio::time::interval);
-                while !stop.load(Ordering::Relaxed) {
+                for request in ring.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     if let Some(t) = tick.as_mut() {
                         t.tick().await;
                     }

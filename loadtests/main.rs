@@ -622,6 +622,7 @@ async fn ingest_scenario(
     let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
     let shot = shots::exports(
         shots::connect(sluice.addr, plan.connections).await?,
+        &sluice.flow_key.context("Sluice's flow key")?,
         plan.records,
     );
     generate::run(&shot, Load::Rate(20), plan.warmup, 0).await;
@@ -673,6 +674,7 @@ async fn mixed_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> 
     );
     let exports = shots::exports(
         shots::connect(sluice.addr, plan.connections).await?,
+        &sluice.flow_key.context("Sluice's flow key")?,
         plan.records,
     );
     generate::run(&checks, Load::Rate(1000), plan.warmup, 0).await;

@@ -16,7 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prost::Message as _;
 use sluice::envoy::wire;
-use sluice_testkit::access_log::{self, accepted_flow};
+use sluice_engine::flow_end::metadata::FlowKey;
+use sluice_testkit::access_log;
 use sluice_testkit::grpc::RawCodec;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
@@ -68,6 +69,8 @@ pub struct Grpc<M> {
     /// first `hot` bodies (hot users), the rest spread over all of them.
     hot: u64,
     hot_tenths: u64,
+    /// Send the bodies in order, round and round, instead of spread.
+    in_order: bool,
     path: PathAndQuery,
     verdict: fn(&M) -> Answer,
 }
@@ -79,6 +82,7 @@ impl<M> Clone for Grpc<M> {
             bodies: self.bodies.clone(),
             hot: self.hot,
             hot_tenths: self.hot_tenths,
+            in_order: self.in_order,
             path: self.path.clone(),
             verdict: self.verdict,
         }
@@ -88,7 +92,9 @@ impl<M> Clone for Grpc<M> {
 impl<M: prost::Message + Default + Send + Sync + 'static> Shot for Grpc<M> {
     async fn fire(&self, n: u64) -> Answer {
         let channel = self.channels[n as usize % self.channels.len()].clone();
-        let user = if self.hot > 0 && n % 10 < self.hot_tenths {
+        let user = if self.in_order {
+            n % self.bodies.len() as u64
+        } else if self.hot > 0 && n % 10 < self.hot_tenths {
             (n / 10 * self.hot_tenths + n % 10) % self.hot
         } else {
             user_of(n, self.bodies.len() as u64)
@@ -139,6 +145,7 @@ pub fn checks(channels: Arc<[Channel]>, users: u64) -> Grpc<CheckVerdict> {
         bodies: bodies.into(),
         hot: 0,
         hot_tenths: 0,
+        in_order: false,
         path: PathAndQuery::from_static(CHECK),
         verdict: |v: &CheckVerdict| match v.status.as_ref().map_or(0, |s| s.code) {
             0 => Answer::Ok,
@@ -149,21 +156,20 @@ pub fn checks(channels: Arc<[Channel]>, users: u64) -> Grpc<CheckVerdict> {
 
 /// Access-log Exports of `records` records each, as Envoy's OpenTelemetry
 /// access logger batches them, every record observed by the benchmark
-/// policy's flux meter.
-pub fn exports(channels: Arc<[Channel]>, records: usize) -> Grpc<Nothing> {
-    let bodies: Vec<Bytes> = (0..64)
-        .map(|_| {
-            let export = access_log::export(
-                (0..records).map(|i| accepted_flow("bench/latency", 3 + (i as u64 * 7) % 60)),
-            );
-            Bytes::from(export.encode_to_vec())
-        })
+/// policy's flux meter and signed with `key` (Sluice's `--flow-key-file`).
+/// They come from a ring that Sluice never takes for replays, so that
+/// every record takes the whole path.
+pub fn exports(channels: Arc<[Channel]>, key: &FlowKey, records: usize) -> Grpc<Nothing> {
+    let bodies: Vec<Bytes> = access_log::ring(key, "bench/latency", records)
+        .iter()
+        .map(|export| Bytes::from(export.encode_to_vec()))
         .collect();
     Grpc {
         channels,
         bodies: bodies.into(),
         hot: 0,
         hot_tenths: 0,
+        in_order: true,
         path: PathAndQuery::from_static(EXPORT),
         verdict: |_| Answer::Ok,
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use sluice_engine::flow_end::metadata::FlowKey;
 use sluice_testkit::envoy::{self, EnvoyPorts};
 use sluice_testkit::free_port;
 use sluice_testkit::process::Process;
@@ -87,9 +88,16 @@ pub struct Server {
     pub addr: SocketAddr,
     process: Process,
     pid: i32,
-    /// Envoy's rendered config, removed when it stops.
+    /// Envoy's rendered config or Sluice's flow-key file, removed when it
+    /// stops.
     _config: Option<tempfile::TempDir>,
+    /// The key Sluice signs `sluice.flow` with, for access logs the load
+    /// tests make up.
+    pub flow_key: Option<FlowKey>,
 }
+
+/// The secret of the load tests' `--flow-key-file`.
+const FLOW_SECRET: &str = "the load tests' flow key, not a secret";
 
 impl Server {
     /// Sluice (`target/<profile>/sluice`) with `policy`, its runtime as
@@ -106,7 +114,12 @@ impl Server {
         extra: &[String],
     ) -> anyhow::Result<Server> {
         let (grpc, admin) = (free_port()?, free_port()?);
+        let dir = tempfile::tempdir()?;
+        let key_file = dir.path().join("flow-key");
+        std::fs::write(&key_file, FLOW_SECRET)?;
         let args: Vec<String> = [
+            "--flow-key-file",
+            &key_file.display().to_string(),
             "--policy",
             &policy.display().to_string(),
             "--grpc-listen",
@@ -129,7 +142,10 @@ impl Server {
                 Duration::from_secs(20),
             )
             .await?;
-        Server::new(name, ([127, 0, 0, 1], grpc).into(), process)
+        let mut server = Server::new(name, ([127, 0, 0, 1], grpc).into(), process)?;
+        server._config = Some(dir);
+        server.flow_key = Some(FlowKey::from_secret(FLOW_SECRET.as_bytes()));
+        Ok(server)
     }
 
     /// The no-op Check server (`examples/noop_check`).
@@ -174,6 +190,7 @@ impl Server {
             process,
             pid,
             _config: None,
+            flow_key: None,
         })
     }
 

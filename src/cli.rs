@@ -9,7 +9,7 @@
 //! Kubernetes manifests usually configure a sidecar.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use sluice_policy as policy;
 use sluice_runtime::logging::{self, LogFormat};
 use sluice_time::parse_duration;
 
+use sluice_engine::flow_end::metadata::FlowKey;
 use sluice_store::RedisConfig;
 
 use crate::server::{Config, Sidecar};
@@ -147,6 +148,13 @@ pub struct RunArgs {
     /// Time limit of one remote-write request.
     #[arg(long, env = "SLUICE_REMOTE_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub remote_write_timeout: Duration,
+    /// A file of at least 16 secret bytes that signs the `sluice.flow`
+    /// values this sidecar hands Envoy, so that an access log naming a flow
+    /// it did not decide is ignored. Without it a random key is drawn at
+    /// start: flows decided before a restart then end unobserved (counted
+    /// `unsigned`). Give sidecars sharing a flow's logs the same file.
+    #[arg(long, env = "SLUICE_FLOW_KEY_FILE")]
+    pub flow_key_file: Option<PathBuf>,
     /// sluice-controller's control API, e.g. http://sluice-controller:8082.
     /// The sidecar subscribes and applies its decisions (load multipliers,
     /// limits, sampling); without it, policies' own values hold.
@@ -220,15 +228,11 @@ impl RunArgs {
         let remote_write = match &self.remote_write_url {
             None => None,
             Some(url) => {
-                let bearer_token = match &self.remote_write_bearer_token_file {
-                    None => None,
-                    Some(path) => Some(
-                        std::fs::read_to_string(path)
-                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-                            .trim()
-                            .to_owned(),
-                    ),
-                };
+                let bearer_token = self
+                    .remote_write_bearer_token_file
+                    .as_deref()
+                    .map(read_secret)
+                    .transpose()?;
                 Some(RemoteWriteConfig {
                     url: url.clone(),
                     interval: self.remote_write_interval,
@@ -246,15 +250,11 @@ impl RunArgs {
             }
             None
         } else {
-            let password = match &self.redis_password_file {
-                None => None,
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-            };
+            let password = self
+                .redis_password_file
+                .as_deref()
+                .map(read_secret)
+                .transpose()?;
             Some(RedisConfig {
                 urls: self.redis_urls.clone(),
                 cluster: self.redis_cluster,
@@ -263,9 +263,24 @@ impl RunArgs {
                 timeout: self.redis_timeout,
             })
         };
+        let flow_key = match &self.flow_key_file {
+            None => None,
+            Some(path) => {
+                let secret = read_secret(path)?;
+                if secret.len() < 16 {
+                    anyhow::bail!(
+                        "{}: a flow key needs at least 16 bytes, it has {}",
+                        path.display(),
+                        secret.len()
+                    );
+                }
+                Some(FlowKey::from_secret(secret.as_bytes()))
+            }
+        };
         Ok(Config {
             store,
             remote_write,
+            flow_key,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,
             policy: self.policy.clone(),
@@ -282,6 +297,14 @@ impl RunArgs {
             instance: self.instance.clone(),
         })
     }
+}
+
+/// A secret kept in a file (a Kubernetes secret), without the line break
+/// editors and `echo` leave at its end.
+fn read_secret(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(text.trim().to_owned())
 }
 
 /// `sluice validate`: prints one line per path; true when all load.

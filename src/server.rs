@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use sluice_engine::flow_end::metadata::FlowKey;
 use sluice_engine::store::SharedStore;
 use sluice_engine::{Engine, EngineOptions, Metrics};
 use sluice_policy::{self as policy, watch::Reload};
@@ -60,6 +61,9 @@ pub struct Config {
     /// Where to remote-write metrics, if anywhere. An `instance` label
     /// (`<hostname>:<admin port>`) is added unless one is given.
     pub remote_write: Option<RemoteWriteConfig>,
+    /// The key `sluice.flow` values are signed with; a random one when
+    /// unset.
+    pub flow_key: Option<FlowKey>,
     /// `sluice-controller` to subscribe to, if any.
     pub controller: Option<http::Uri>,
     /// The store of `scope: global` components (Redis), if any.
@@ -86,6 +90,7 @@ impl Default for Config {
             max_log_request_bytes: 16 << 20,
             otlp_http: true,
             remote_write: None,
+            flow_key: None,
             controller: None,
             store: None,
             agent_group: "default".to_owned(),
@@ -141,6 +146,7 @@ impl Sidecar {
                 max_label_values: config.max_label_values,
                 max_inflight_flows: config.max_inflight_flows,
                 store,
+                flow_key: config.flow_key,
             },
         ));
         let mut fingerprint = 0;

@@ -64,7 +64,7 @@ async fn accepts_limits_and_samples_over_grpc() {
         );
         let flow = flow_metadata(&resp).expect("sluice.flow metadata");
         assert!(
-            flow.starts_with("v=1;id=") && flow.ends_with(";d=accepted"),
+            flow.starts_with("v=1;id=") && flow.contains(";d=accepted;t="),
             "{flow}"
         );
     }
@@ -84,7 +84,7 @@ async fn accepts_limits_and_samples_over_grpc() {
     };
     assert_eq!(denied.body, "rejected by shop/per-user: rate limited\n");
     let flow = flow_metadata(&resp).expect("metadata on rejections too");
-    assert!(flow.ends_with(";d=rejected;by=shop/per-user"), "{flow}");
+    assert!(flow.contains(";d=rejected;by=shop/per-user;t="), "{flow}");
 
     // The limiter selects service `shop` only.
     let other = with_service(

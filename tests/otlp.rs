@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message;
+use sluice::server::Sidecar;
 use sluice_testkit::access_log::{self, accepted_flow, attribute};
 use sluice_testkit::http;
 
@@ -24,10 +25,12 @@ fn attr(key: &str, value: &str) -> KeyValue {
     attribute(key, value)
 }
 
-/// `n` records of accepted flows metered by p/latency, 200 in 5 ms.
-fn export(n: usize) -> ExportLogsServiceRequest {
+/// `n` records of accepted flows of `sidecar` metered by p/latency, 200 in
+/// 5 ms.
+fn export(sidecar: &Sidecar, n: usize) -> ExportLogsServiceRequest {
+    let key = sidecar.engine.flow_key();
     access_log::export((0..n).map(|_| {
-        let mut attrs = accepted_flow("p/latency", 5);
+        let mut attrs = accepted_flow(key, "p/latency", 5);
         attrs.push(attr("user_agent", "curl/8"));
         attrs
     }))
@@ -61,18 +64,19 @@ async fn a_hundred_thousand_records_in_one_export_are_processed() {
     // The whole contract per record makes 100k records larger than the
     // default --max-log-request-bytes (16 MiB): a clear error, nothing half
     // done.
-    let too_big = export(100_000);
+    let too_big = export(&sidecar, 100_000);
     assert!(too_big.encoded_len() > 16 << 20);
     let err = logs.export(too_big).await.expect_err("over the limit");
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
     assert_eq!(count(&metrics_text(&sidecar).await), 0.0);
     // The same 100k flows with the attributes a flux meter needs fit, and
     // are all processed.
-    let request = access_log::export((0..100_000u64).map(|i| {
+    let key = sidecar.engine.flow_key();
+    let request = access_log::export((1..=100_000u64).map(|id| {
         vec![
             attr(
                 "sluice.flow",
-                &format!("v=1;id={i:x};d=accepted;fm=p/latency"),
+                &access_log::accepted_flow_meta(key, id, "p/latency"),
             ),
             attr("http.status_code", "200"),
             attr("RESPONSE_DURATION", "6"),
@@ -112,10 +116,14 @@ async fn garbage_over_grpc_gets_an_error_and_odd_records_are_counted() {
     .expect_err("malformed");
     assert_ne!(err.code(), tonic::Code::Ok);
 
-    // Records without sluice.flow, with a broken one, with values that are
-    // not UTF-8 or not numbers: processed and counted, nothing lost.
-    let mut odd = export(1);
+    // Records without sluice.flow, with a broken or forged one, replayed,
+    // with values that are not UTF-8, not numbers or out of bounds:
+    // processed and counted, nothing lost, nothing observed that should not
+    // be.
+    let key = sidecar.engine.flow_key();
+    let mut odd = export(&sidecar, 1);
     let records = &mut odd.resource_logs[0].scope_logs[0].log_records;
+    let replayed = records[0].clone();
     records.push(LogRecord {
         attributes: vec![attr("http.status_code", "200")],
         ..Default::default()
@@ -130,8 +138,32 @@ async fn garbage_over_grpc_gets_an_error_and_odd_records_are_counted() {
     });
     records.push(LogRecord {
         attributes: vec![
-            attr("sluice.flow", "v=1;id=1;d=accepted;fm=p/latency"),
+            attr(
+                "sluice.flow",
+                &access_log::accepted_flow_meta(sidecar.engine.flow_key(), 1, "p/latency"),
+            ),
             attr("RESPONSE_DURATION", "soon"),
+        ],
+        ..Default::default()
+    });
+    let forged = access_log::accepted_flow_meta(key, 2, "p/latency").replace(";t=", ";t=0");
+    records.push(LogRecord {
+        attributes: vec![
+            attr("sluice.flow", &forged[..forged.len() - 1]),
+            attr("RESPONSE_DURATION", "2000"),
+        ],
+        ..Default::default()
+    });
+    records.push(replayed);
+    records.push(LogRecord {
+        attributes: vec![
+            attr(
+                "sluice.flow",
+                &access_log::accepted_flow_meta(key, 3, "p/latency"),
+            ),
+            attr("http.status_code", "200"),
+            attr("RESPONSE_DURATION", "1e308"),
+            attr("authz_duration", "-1e308"),
         ],
         ..Default::default()
     });
@@ -157,11 +189,22 @@ async fn garbage_over_grpc_gets_an_error_and_odd_records_are_counted() {
         ),
         2.0
     );
-    assert_eq!(
-        metric(&text, r#"flowcontrol_access_logs_total{result="invalid"}"#),
-        1.0
-    );
+    for (result, records) in [("invalid", 1.0), ("unsigned", 2.0), ("duplicate", 1.0)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!(r#"flowcontrol_access_logs_total{{result="{result}"}}"#)
+            ),
+            records,
+            "{result}"
+        );
+    }
     assert_eq!(count(&text), 1.0);
+    let sum = metric(
+        &text,
+        r#"flux_meter_sum{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="p"}"#,
+    );
+    assert_eq!(sum, 5.0, "only the first record's 6 ms less 1 ms in authz");
     assert_eq!(
         metric(
             &text,
@@ -195,7 +238,12 @@ async fn otlp_http_accepts_protobuf_and_refuses_the_rest_clearly() {
             .expect("post")
         }
     };
-    let ok = post("application/x-protobuf", "", export(10).encode_to_vec()).await;
+    let ok = post(
+        "application/x-protobuf",
+        "",
+        export(&sidecar, 10).encode_to_vec(),
+    )
+    .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.header("content-type"), Some("application/x-protobuf"));
     ExportLogsServiceResponse::decode(ok.body.clone()).expect("protobuf response");
@@ -237,7 +285,7 @@ async fn otlp_http_can_be_turned_off() {
         "POST",
         "/v1/logs",
         &[("content-type", "application/x-protobuf")],
-        &export(3).encode_to_vec(),
+        &export(&sidecar, 3).encode_to_vec(),
         Duration::from_secs(5),
     )
     .await

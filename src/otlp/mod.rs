@@ -30,21 +30,19 @@ use wire::logs_service_server::{LogsService, LogsServiceServer};
 /// Records processed between yields to the runtime.
 pub const YIELD_EVERY: usize = 1024;
 
-/// How one Export went.
+/// How one Export went: records by [`EndOutcome`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ingested {
-    /// Records that named a flow.
-    pub matched: u64,
-    /// Records without `sluice.flow`.
-    pub without_flow: u64,
-    /// Records whose `sluice.flow` could not be read.
-    pub invalid: u64,
-}
+pub struct Ingested([u64; EndOutcome::ALL.len()]);
 
 impl Ingested {
+    /// Records that ended as `outcome`.
+    pub fn of(&self, outcome: EndOutcome) -> u64 {
+        self.0[outcome as usize]
+    }
+
     /// All records.
     pub fn records(&self) -> u64 {
-        self.matched + self.without_flow + self.invalid
+        self.0.iter().sum()
     }
 }
 
@@ -52,9 +50,8 @@ impl Ingested {
 #[derive(Clone)]
 pub struct AccessLogs {
     engine: Arc<Engine>,
-    matched: IntCounter,
-    without_flow: IntCounter,
-    invalid: IntCounter,
+    /// `flowcontrol_access_logs_total{result}`, indexed by [`EndOutcome`].
+    counted: [IntCounter; EndOutcome::ALL.len()],
 }
 
 /// The attributes of one record, for flux meters observing an attribute
@@ -79,16 +76,15 @@ impl ExtraAttributes for RecordAttributes<'_> {
 
 impl AccessLogs {
     /// Ends flows on `engine`, counting records in
-    /// `flowcontrol_access_logs_total{result}` of the engine's registry: by
-    /// whether they named a flow (`matched`), did not (`without_flow`: a
-    /// flow Sluice never saw, or one Envoy let through while Sluice was
-    /// down), or named it unreadably (`invalid`). One per engine: a second
-    /// would register the counter twice, which is an error.
+    /// `flowcontrol_access_logs_total{result}` of the engine's registry, one
+    /// series per [`EndOutcome`]. One per engine: a second would register
+    /// the counter twice, which is an error.
     pub fn new(engine: Arc<Engine>) -> anyhow::Result<Self> {
         let family = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "flowcontrol_access_logs_total",
-                "Access-log records, by whether they named a flow (matched, without_flow, invalid).",
+                "Access-log records, by what became of them (matched, without_flow, \
+                 invalid, unsigned, duplicate).",
             ),
             &["result"],
         )?;
@@ -96,13 +92,8 @@ impl AccessLogs {
             .metrics()
             .registry()
             .register(Box::new(family.clone()))?;
-        let counter = |result| family.with_label_values(&[result]);
-        Ok(AccessLogs {
-            matched: counter("matched"),
-            without_flow: counter("without_flow"),
-            invalid: counter("invalid"),
-            engine,
-        })
+        let counted = EndOutcome::ALL.map(|o| family.with_label_values(&[o.as_str()]));
+        Ok(AccessLogs { engine, counted })
     }
 
     /// Ends one record's flow.
@@ -118,11 +109,7 @@ impl AccessLogs {
         let outcome = self
             .engine
             .end_flow(&end, &RecordAttributes(&record.attributes));
-        match outcome {
-            EndOutcome::Matched => self.matched.inc(),
-            EndOutcome::WithoutFlow => self.without_flow.inc(),
-            EndOutcome::Invalid => self.invalid.inc(),
-        }
+        self.counted[outcome as usize].inc();
         outcome
     }
 
@@ -138,11 +125,7 @@ impl AccessLogs {
             if i > 0 && i % YIELD_EVERY == 0 {
                 tokio::task::yield_now().await;
             }
-            match self.record(record) {
-                EndOutcome::Matched => done.matched += 1,
-                EndOutcome::WithoutFlow => done.without_flow += 1,
-                EndOutcome::Invalid => done.invalid += 1,
-            }
+            done.0[self.record(record) as usize] += 1;
         }
         done
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::components::flux_meter::FluxMeter;
+use crate::flow_end::metadata::FlowKey;
 use crate::labels::{FlowLabels, LabelSource};
 use crate::waiting::Waiting;
 
@@ -83,6 +84,8 @@ pub struct Rejection<'a> {
 pub struct Decision<'a> {
     /// Identifies the flow to its access log.
     pub flow_id: u64,
+    /// Signs [`Decision::metadata`].
+    pub(crate) flow_key: FlowKey,
     /// `None` when the flow is accepted.
     pub rejection: Option<Rejection<'a>>,
     /// The flow's labels, including what classifiers added.
@@ -121,6 +124,7 @@ impl<'a> Decision<'a> {
             String::with_capacity(64 + 32 * (self.flux_meters.len() + self.workloads.len()));
         crate::flow_end::metadata::encode(
             &mut out,
+            &self.flow_key,
             self.flow_id,
             accepted,
             rejected_by,

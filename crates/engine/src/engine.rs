@@ -37,8 +37,9 @@ use crate::components::{classifier, concurrency_limiter, rate_limiter, selector}
 use crate::control::{Action, Applied, ControlDecision};
 use crate::control_points::{ControlPointStat, ControlPoints};
 use crate::decision::{Decision, FlowRequest, RejectReason, Rejection};
+use crate::flow_end::ended::RecentlyEnded;
 use crate::flow_end::inflight::{InFlight, InFlightMetrics};
-use crate::flow_end::metadata::FlowMeta;
+use crate::flow_end::metadata::{FlowKey, FlowMeta, MetaError};
 use crate::flow_end::{ExtraAttributes, FlowEnd};
 use crate::labels::FlowLabels;
 use crate::metrics::Metrics;
@@ -57,6 +58,8 @@ pub struct EngineOptions {
     /// Where `scope: global` components keep their state; without one, a
     /// policy with such a component is refused.
     pub store: Option<SharedStore>,
+    /// The key `sluice.flow` values are signed with; random when `None`.
+    pub flow_key: Option<FlowKey>,
 }
 
 impl std::fmt::Debug for EngineOptions {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("max_label_values", &self.max_label_values)
             .field("max_inflight_flows", &self.max_inflight_flows)
             .field("store", &self.store.is_some())
+            .field("flow_key", &self.flow_key.is_some())
             .finish()
     }
 }
@@ -75,6 +79,7 @@ impl Default for EngineOptions {
             max_label_values: 100_000,
             max_inflight_flows: 100_000,
             store: None,
+            flow_key: None,
         }
     }
 }
@@ -95,9 +100,48 @@ pub enum EndOutcome {
     /// It named no flow: one Sluice never saw, or one Envoy let through
     /// while Sluice was down.
     WithoutFlow,
-    /// Its `sluice.flow` could not be read.
+    /// Its `sluice.flow` could not be read, or an attribute was out of
+    /// bounds (a negative, huge or non-finite duration, say): the flow's
+    /// concurrency slots are given back, nothing is observed.
     Invalid,
+    /// Its `sluice.flow` is not signed by this sidecar: forged, or of a
+    /// flow decided before a restart (without `--flow-key-file`). Ignored.
+    Unsigned,
+    /// Its flow had already ended: a replayed record. Ignored.
+    Duplicate,
 }
+
+impl EndOutcome {
+    /// The `result` label of `flowcontrol_access_logs_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndOutcome::Matched => "matched",
+            EndOutcome::WithoutFlow => "without_flow",
+            EndOutcome::Invalid => "invalid",
+            EndOutcome::Unsigned => "unsigned",
+            EndOutcome::Duplicate => "duplicate",
+        }
+    }
+
+    /// Every outcome, for registering each series up front.
+    pub const ALL: [EndOutcome; 5] = [
+        EndOutcome::Matched,
+        EndOutcome::WithoutFlow,
+        EndOutcome::Invalid,
+        EndOutcome::Unsigned,
+        EndOutcome::Duplicate,
+    ];
+}
+
+// `ALL` is in declaration order, so `outcome as usize` indexes arrays built
+// from it (the counters of the access-log edge).
+const _: () = {
+    let mut i = 0;
+    while i < EndOutcome::ALL.len() {
+        assert!(EndOutcome::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// The decision engine of one sidecar.
 pub struct Engine {
@@ -111,6 +155,11 @@ pub struct Engine {
     control_points: ControlPoints,
     /// Admitted flows holding concurrency slots.
     inflight: InFlight,
+    /// Signs `sluice.flow` values and verifies them on access logs.
+    flow_key: FlowKey,
+    /// Flows whose access log arrived lately, so that a replay is not
+    /// observed twice.
+    ended: RecentlyEnded,
     /// Sizes and limits.
     options: EngineOptions,
 }
@@ -129,10 +178,18 @@ impl Engine {
                     evicted: metrics.inflight_evicted.clone(),
                 },
             ),
+            flow_key: options.flow_key.unwrap_or_else(FlowKey::random),
+            ended: RecentlyEnded::default(),
             clock,
             metrics,
             options,
         }
+    }
+
+    /// The key this engine signs `sluice.flow` with: for tools and tests
+    /// that build access logs of real flows in the same process.
+    pub fn flow_key(&self) -> &FlowKey {
+        &self.flow_key
     }
 
     /// Puts `set` in force. Unchanged components keep their state (token
@@ -190,7 +247,9 @@ impl Engine {
         self.metrics.requests.inc();
         self.control_points.record(flow.control_point, flow.service);
         let mut decision = Decision {
-            flow_id: fastrand::u64(..),
+            // Never 0: the empty slot of `RecentlyEnded`.
+            flow_id: fastrand::u64(1..),
+            flow_key: self.flow_key,
             rejection: None,
             labels: FlowLabels::new(flow.labels),
             flux_meters: SmallVec::new(),
@@ -418,11 +477,19 @@ impl Engine {
         let Some(raw) = end.flow.as_deref() else {
             return EndOutcome::WithoutFlow;
         };
-        let Ok(meta) = FlowMeta::decode(raw) else {
-            return EndOutcome::Invalid;
+        let meta = match FlowMeta::decode(raw, &self.flow_key) {
+            Ok(meta) => meta,
+            Err(MetaError::Unsigned) => return EndOutcome::Unsigned,
+            Err(_) => return EndOutcome::Invalid,
         };
+        if !self.ended.first_end(meta.id) {
+            return EndOutcome::Duplicate;
+        }
         if meta.accepted {
             self.inflight.finish(meta.id);
+        }
+        if end.out_of_bounds {
+            return EndOutcome::Invalid;
         }
         let mut workloads = meta.workloads().peekable();
         if workloads.peek().is_some()

@@ -10,6 +10,7 @@ use sluice_policy::load::parse_sources;
 use sluice_time::{Clock, MockTime, Nanos};
 
 use super::*;
+use crate::flow_end::metadata::FlowKey;
 use crate::labels::LabelSource;
 
 fn policies(docs: &[&str]) -> PolicySet {
@@ -322,6 +323,11 @@ fn access_logs_return_concurrency_slots_and_feed_flux_meters() {
     );
     assert_eq!(
         engine.end_flow(&end_of("garbage", "200", "1"), &no_extras),
+        EndOutcome::Unsigned
+    );
+    let signed_garbage = engine.flow_key().sign("garbage");
+    assert_eq!(
+        engine.end_flow(&end_of(&signed_garbage, "200", "1"), &no_extras),
         EndOutcome::Invalid
     );
 
@@ -376,6 +382,57 @@ concurrency_limiters:
 }
 
 #[test]
+fn forged_and_replayed_logs_neither_observe_nor_free_slots() {
+    let (engine, _) = engine(&[METERED]);
+    let (a, _) = check_meta(&engine);
+    let (b, _) = check_meta(&engine);
+    assert_eq!(engine.inflight_flows(), 2);
+    // b's value under another key, and with its tag's last digit changed.
+    let foreign = FlowKey::random().sign(b.rsplit_once(";t=").expect("signed").0);
+    let mut flipped = b.clone();
+    let last = flipped.pop().expect("a tag");
+    flipped.push(if last == '0' { '1' } else { '0' });
+    for forged in [&foreign, &flipped] {
+        assert_eq!(
+            engine.end_flow(&end_of(forged, "200", "2000"), &flow_end::NoExtras),
+            EndOutcome::Unsigned
+        );
+    }
+    assert_eq!(engine.inflight_flows(), 2, "b still holds its slot");
+    assert_eq!(
+        engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras),
+        EndOutcome::Matched
+    );
+    assert_eq!(
+        engine.end_flow(&end_of(&a, "200", "2000"), &flow_end::NoExtras),
+        EndOutcome::Duplicate
+    );
+    let text = engine.metrics().encode_text();
+    assert!(text.contains(r#"flux_meter_count{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="m"} 1"#), "{text}");
+    assert!(text.contains(r#"flux_meter_sum{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="m"} 4"#), "{text}");
+}
+
+#[test]
+fn out_of_bounds_records_free_the_slot_and_observe_nothing() {
+    let (engine, _) = engine(&[METERED]);
+    let (a, _) = check_meta(&engine);
+    assert_eq!(engine.inflight_flows(), 1);
+    let huge = {
+        use flow_end::AttrValue::Text;
+        let mut end = end_of(&a, "200", "1e308");
+        end.set("authz_duration", Text("-1e308".into()));
+        end
+    };
+    assert_eq!(
+        engine.end_flow(&huge, &flow_end::NoExtras),
+        EndOutcome::Invalid
+    );
+    assert_eq!(engine.inflight_flows(), 0, "its slot is back");
+    let text = engine.metrics().encode_text();
+    assert!(!text.contains("flux_meter_sum{"), "{text}");
+}
+
+#[test]
 fn removed_flux_meters_leave_the_registry() {
     let (engine, _) = engine(&[METERED]);
     let (a, _) = check_meta(&engine);
@@ -385,8 +442,9 @@ fn removed_flux_meters_leave_the_registry() {
     let text = engine.metrics().encode_text();
     assert!(!text.contains("flux_meter_count{"), "{text}");
     // Logs of flows checked under the old policy are still read, and ignored.
+    let (b, _) = check_meta(&engine);
     assert_eq!(
-        engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras),
+        engine.end_flow(&end_of(&b, "200", "5"), &flow_end::NoExtras),
         EndOutcome::Matched
     );
 }
@@ -424,7 +482,10 @@ rate_limiters:
 fn a_record_naming_a_meter_many_times_is_observed_once() {
     let (engine, _) = engine(&[METERED]);
     let (meta, _) = check_meta(&engine);
-    let repeated = format!("{meta},m/latency,m/latency,m/latency");
+    let (unsigned, _) = meta.rsplit_once(";t=").expect("signed");
+    let repeated = engine
+        .flow_key()
+        .sign(&format!("{unsigned},m/latency,m/latency,m/latency"));
     engine.end_flow(&end_of(&repeated, "200", "5"), &flow_end::NoExtras);
     let text = engine.metrics().encode_text();
     assert!(text.contains(r#"flux_meter_count{decision_type="accepted",flow_status="OK",flux_meter_name="latency",http_status_code="200",policy_name="m"} 1"#), "{text}");
@@ -944,7 +1005,9 @@ concurrency_schedulers:
 /// knows its id; end it through the engine.
 fn check_meta_of_holder(engine: &Engine) -> String {
     let id = engine.any_inflight_flow().expect("a flow holds the slot");
-    format!("v=1;id={id:016x};d=accepted")
+    engine
+        .flow_key()
+        .sign(&format!("v=1;id={id:016x};d=accepted"))
 }
 
 #[tokio::test(start_paused = true)]

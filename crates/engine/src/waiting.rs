@@ -167,7 +167,7 @@ impl Waiting {
                     flux_meters: &self.flux_meters,
                     workloads: "",
                 }
-                .encode_into(&mut metadata);
+                .encode_into(&mut metadata, engine.flow_key());
                 return Err(Refused {
                     policy,
                     component,

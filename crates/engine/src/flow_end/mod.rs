@@ -29,11 +29,29 @@
 //! - `flow_duration_ms` = `DURATION`.
 //! - `response_received`: `RESPONSE_DURATION` is present.
 //! - `flow_status`: `OK` for 1xx–3xx, else `Error`.
+//!
+//! **Bounds.** The record is untrusted input (docs/security.md). A value
+//! that is present but out of bounds (a duration outside [0,
+//! [`MAX_DURATION_MS`]], a byte count outside [0, [`MAX_BYTES`]], a status
+//! code other than 0 or 100–599, or anything infinite or NaN) makes the
+//! whole record invalid: its flow ends, but nothing observes it, so one
+//! record cannot drive a histogram's sum to infinity. Text that is not a
+//! number at all reads as absent, as Envoy's `-` does. Attributes outside
+//! the contract that a flux meter observes count only when finite and
+//! within ±[`MAX_EXTRA`].
 
+pub mod ended;
 pub mod inflight;
 pub mod metadata;
 
 use std::borrow::Cow;
+
+/// Longest duration an access log may report: a day, in milliseconds.
+pub const MAX_DURATION_MS: f64 = 86_400_000.0;
+/// Most bytes an access log may report for one flow: 2^50 (1 PiB).
+pub const MAX_BYTES: f64 = (1u64 << 50) as f64;
+/// Largest magnitude of an attribute outside the contract.
+pub const MAX_EXTRA: f64 = 1e15;
 
 /// One attribute value as an adapter hands it over.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,7 +70,12 @@ impl AttrValue<'_> {
     /// The value as a number: text is parsed; `-`, empty text, garbage and
     /// non-finite numbers are `None`.
     pub fn number(&self) -> Option<f64> {
-        let n = match self {
+        self.any_number().filter(|n| n.is_finite())
+    }
+
+    /// The value as a number, infinities and NaN included.
+    fn any_number(&self) -> Option<f64> {
+        Some(match self {
             AttrValue::Text(t) => {
                 let t = t.trim();
                 if t.is_empty() || t == "-" {
@@ -63,8 +86,7 @@ impl AttrValue<'_> {
             AttrValue::Int(i) => *i as f64,
             AttrValue::Double(d) => *d,
             AttrValue::Bool(_) => return None,
-        };
-        n.is_finite().then_some(n)
+        })
     }
 }
 
@@ -107,6 +129,9 @@ pub struct FlowEnd<'a> {
     pub bytes_received: Option<f64>,
     /// `BYTES_SENT`.
     pub bytes_sent: Option<f64>,
+    /// Some attribute was a number out of its bounds: the record is
+    /// invalid.
+    pub out_of_bounds: bool,
 }
 
 /// `flow_status` label values.
@@ -127,23 +152,38 @@ impl<'a> FlowEnd<'a> {
                 return true;
             }
             "http.status_code" => {
-                self.status_code = value
-                    .number()
-                    .filter(|n| n.fract() == 0.0 && (0.0..=999.0).contains(n))
-                    .map(|n| n as u16);
+                self.status_code = match value.any_number() {
+                    Some(n) if n == 0.0 || (n.fract() == 0.0 && (100.0..=599.0).contains(&n)) => {
+                        Some(n as u16)
+                    }
+                    Some(_) => {
+                        self.out_of_bounds = true;
+                        None
+                    }
+                    None => None,
+                };
                 return true;
             }
-            "authz_duration" => &mut self.authz_duration_ms,
-            "DURATION" => &mut self.duration_ms,
-            "REQUEST_DURATION" => &mut self.request_duration_ms,
-            "REQUEST_TX_DURATION" => &mut self.request_tx_duration_ms,
-            "RESPONSE_DURATION" => &mut self.response_duration_ms,
-            "RESPONSE_TX_DURATION" => &mut self.response_tx_duration_ms,
-            "BYTES_RECEIVED" => &mut self.bytes_received,
-            "BYTES_SENT" => &mut self.bytes_sent,
+            "authz_duration" => (&mut self.authz_duration_ms, MAX_DURATION_MS),
+            "DURATION" => (&mut self.duration_ms, MAX_DURATION_MS),
+            "REQUEST_DURATION" => (&mut self.request_duration_ms, MAX_DURATION_MS),
+            "REQUEST_TX_DURATION" => (&mut self.request_tx_duration_ms, MAX_DURATION_MS),
+            "RESPONSE_DURATION" => (&mut self.response_duration_ms, MAX_DURATION_MS),
+            "RESPONSE_TX_DURATION" => (&mut self.response_tx_duration_ms, MAX_DURATION_MS),
+            "BYTES_RECEIVED" => (&mut self.bytes_received, MAX_BYTES),
+            "BYTES_SENT" => (&mut self.bytes_sent, MAX_BYTES),
             _ => return false,
         };
-        *slot = value.number();
+        let (slot, max) = slot;
+        *slot = match value.any_number() {
+            // NaN is in no range.
+            Some(n) if (0.0..=max).contains(&n) => Some(n),
+            Some(_) => {
+                self.out_of_bounds = true;
+                None
+            }
+            None => None,
+        };
         true
     }
 
@@ -183,7 +223,9 @@ impl<'a> FlowEnd<'a> {
             "BYTES_RECEIVED" => self.bytes_received,
             "BYTES_SENT" => self.bytes_sent,
             "http.status_code" => self.status_code.map(f64::from),
-            other => extras.number(other),
+            other => extras
+                .number(other)
+                .filter(|n| n.is_finite() && n.abs() <= MAX_EXTRA),
         }
     }
 }
@@ -272,6 +314,46 @@ mod tests {
         // No authz_duration on an accepted flow: the whole response time.
         let e = end(&[("RESPONSE_DURATION", "9")]);
         assert_eq!(e.workload_duration_ms(true), Some(9.0));
+    }
+
+    #[test]
+    fn out_of_bounds_numbers_make_the_record_invalid() {
+        for (key, value) in [
+            ("RESPONSE_DURATION", "1e308"),
+            ("authz_duration", "-1e308"),
+            ("DURATION", "-1"),
+            ("REQUEST_DURATION", "86400001"),
+            ("RESPONSE_DURATION", "inf"),
+            ("RESPONSE_TX_DURATION", "NaN"),
+            ("BYTES_SENT", "1e300"),
+            ("http.status_code", "999"),
+            ("http.status_code", "42"),
+            ("http.status_code", "200.5"),
+        ] {
+            let e = end(&[(key, value)]);
+            assert!(e.out_of_bounds, "{key}={value}");
+            assert_eq!(e.value(key, true, &NoExtras), None, "{key}={value}");
+        }
+        let mut e = FlowEnd::default();
+        e.set("RESPONSE_DURATION", AttrValue::Double(f64::INFINITY));
+        assert!(e.out_of_bounds);
+        // In bounds, absent or not a number at all: valid.
+        let e = end(&[
+            ("RESPONSE_DURATION", "86400000"),
+            ("DURATION", "0"),
+            ("authz_duration", "-"),
+            ("BYTES_SENT", "12ms"),
+            ("http.status_code", "0"),
+        ]);
+        assert!(!e.out_of_bounds);
+        assert_eq!(e.status_code, Some(0));
+        struct Huge;
+        impl ExtraAttributes for Huge {
+            fn number(&self, _: &str) -> Option<f64> {
+                Some(1e300)
+            }
+        }
+        assert_eq!(e.value("custom", true, &Huge), None);
     }
 
     #[test]
