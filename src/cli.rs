@@ -9,7 +9,7 @@
 //! Kubernetes manifests usually configure a sidecar.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,9 +19,12 @@ use sluice_runtime::logging::{self, LogFormat};
 use sluice_time::parse_duration;
 
 use sluice_engine::flow_end::metadata::FlowKey;
+use sluice_runtime::grpc::ClientTls;
+use sluice_runtime::secret::{TokenFile, read_secret};
+use sluice_runtime::tls::{CertKey, ServerTlsFiles};
 use sluice_store::RedisConfig;
 
-use crate::server::{Config, Sidecar};
+use crate::server::{Config, ControllerLink, Sidecar};
 use crate::telemetry::remote_write::{self, RemoteWriteConfig};
 
 /// Sluice: a flow-control sidecar for Envoy and Istio.
@@ -155,11 +158,50 @@ pub struct RunArgs {
     /// `unsigned`). Give sidecars sharing a flow's logs the same file.
     #[arg(long, env = "SLUICE_FLOW_KEY_FILE")]
     pub flow_key_file: Option<PathBuf>,
-    /// sluice-controller's control API, e.g. http://sluice-controller:8082.
-    /// The sidecar subscribes and applies its decisions (load multipliers,
-    /// limits, sampling); without it, policies' own values hold.
+    /// sluice-controller's control API, e.g. http://sluice-controller:8082,
+    /// or https://… for TLS (never plain text). The sidecar subscribes and
+    /// applies its decisions (load multipliers, limits, sampling); without
+    /// it, policies' own values hold.
     #[arg(long, env = "SLUICE_CONTROLLER")]
     pub controller: Option<http::Uri>,
+    /// PEM CAs to trust for an https:// controller, besides the system's.
+    #[arg(long, env = "SLUICE_CONTROLLER_CA_FILE")]
+    pub controller_ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to an https:// controller (mTLS).
+    #[arg(long, env = "SLUICE_CONTROLLER_CERT")]
+    pub controller_cert: Option<PathBuf>,
+    /// PEM private key of --controller-cert.
+    #[arg(long, env = "SLUICE_CONTROLLER_KEY")]
+    pub controller_key: Option<PathBuf>,
+    /// A file holding the bearer token the controller requires (its
+    /// --token-file); re-read on every subscription.
+    #[arg(long, env = "SLUICE_CONTROLLER_TOKEN_FILE")]
+    pub controller_token_file: Option<PathBuf>,
+    /// Longest a controller's decision may hold: one whose valid_until is
+    /// further ahead is refused (counted as invalid), so that no controller
+    /// can leave a component throttled long after it is gone.
+    #[arg(long, env = "SLUICE_CONTROLLER_MAX_VALIDITY", default_value = "60s", value_parser = parse_duration)]
+    pub controller_max_validity: Duration,
+    /// PEM certificate chain of the Check and OTLP listener (gRPC over
+    /// TLS); re-read when the file changes.
+    #[arg(long, env = "SLUICE_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of --grpc-tls-cert.
+    #[arg(long, env = "SLUICE_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CAs whose client certificates the Check listener requires
+    /// (mTLS with Envoy).
+    #[arg(long, env = "SLUICE_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// PEM certificate chain of the admin listener (HTTPS).
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// PEM CAs whose client certificates the admin listener requires.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CLIENT_CA")]
+    pub admin_tls_client_ca: Option<PathBuf>,
     /// The store of global limits (`scope: global`): `redis://[user:password@]host:port[/db]`,
     /// or `rediss://` for TLS. Repeat it (or separate several with commas in
     /// the environment variable) with --redis-cluster for a Redis Cluster's
@@ -277,10 +319,43 @@ impl RunArgs {
                 Some(FlowKey::from_secret(secret.as_bytes()))
             }
         };
+        let controller_link = ControllerLink {
+            tls: ClientTls {
+                ca_file: self.controller_ca_file.clone(),
+                identity: CertKey::from_flags(
+                    self.controller_cert.as_ref(),
+                    self.controller_key.as_ref(),
+                    "--controller-cert",
+                )?,
+            },
+            token: match &self.controller_token_file {
+                Some(path) => {
+                    read_secret(path)?;
+                    Some(TokenFile(path.clone()))
+                }
+                None => None,
+            },
+            max_validity: self.controller_max_validity,
+        };
+        let grpc_tls = ServerTlsFiles::from_flags(
+            self.grpc_tls_cert.as_ref(),
+            self.grpc_tls_key.as_ref(),
+            self.grpc_tls_client_ca.as_ref(),
+            "the Check listener (--grpc-tls-cert, --grpc-tls-key)",
+        )?;
+        let admin_tls = ServerTlsFiles::from_flags(
+            self.admin_tls_cert.as_ref(),
+            self.admin_tls_key.as_ref(),
+            self.admin_tls_client_ca.as_ref(),
+            "the admin listener (--admin-tls-cert, --admin-tls-key)",
+        )?;
         Ok(Config {
             store,
             remote_write,
             flow_key,
+            controller_link,
+            grpc_tls,
+            admin_tls,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,
             policy: self.policy.clone(),
@@ -297,14 +372,6 @@ impl RunArgs {
             instance: self.instance.clone(),
         })
     }
-}
-
-/// A secret kept in a file (a Kubernetes secret), without the line break
-/// editors and `echo` leave at its end.
-fn read_secret(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    Ok(text.trim().to_owned())
 }
 
 /// `sluice validate`: prints one line per path; true when all load.

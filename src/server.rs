@@ -19,7 +19,10 @@ use sluice_engine::flow_end::metadata::FlowKey;
 use sluice_engine::store::SharedStore;
 use sluice_engine::{Engine, EngineOptions, Metrics};
 use sluice_policy::{self as policy, watch::Reload};
+use sluice_runtime::grpc::ClientTls;
+use sluice_runtime::secret::TokenFile;
 use sluice_runtime::shutdown::{self, Trigger};
+use sluice_runtime::tls::{ServerTls, ServerTlsFiles};
 use sluice_runtime::{admin as admin_server, grpc, hostname};
 use sluice_store::{RedisConfig, RedisStore};
 use sluice_time::Clock;
@@ -66,6 +69,13 @@ pub struct Config {
     pub flow_key: Option<FlowKey>,
     /// `sluice-controller` to subscribe to, if any.
     pub controller: Option<http::Uri>,
+    /// How the link to the controller is secured, and what of its
+    /// decisions is believed.
+    pub controller_link: ControllerLink,
+    /// TLS of the Check and OTLP listener.
+    pub grpc_tls: Option<ServerTlsFiles>,
+    /// TLS of the admin listener.
+    pub admin_tls: Option<ServerTlsFiles>,
     /// The store of `scope: global` components (Redis), if any.
     pub store: Option<RedisConfig>,
     /// Agent group reported to the controller.
@@ -92,9 +102,33 @@ impl Default for Config {
             remote_write: None,
             flow_key: None,
             controller: None,
+            controller_link: ControllerLink::default(),
+            grpc_tls: None,
+            admin_tls: None,
             store: None,
             agent_group: "default".to_owned(),
             instance: String::new(),
+        }
+    }
+}
+
+/// The sidecar's side of its link to `sluice-controller`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerLink {
+    /// TLS for an `https://` controller.
+    pub tls: ClientTls,
+    /// The bearer token to present, if the controller requires one.
+    pub token: Option<TokenFile>,
+    /// Longest a decision may hold; one asking for more is refused.
+    pub max_validity: Duration,
+}
+
+impl Default for ControllerLink {
+    fn default() -> Self {
+        ControllerLink {
+            tls: ClientTls::default(),
+            token: None,
+            max_validity: Duration::from_secs(60),
         }
     }
 }
@@ -147,6 +181,7 @@ impl Sidecar {
                 max_inflight_flows: config.max_inflight_flows,
                 store,
                 flow_key: config.flow_key,
+                max_decision_validity: config.controller_link.max_validity,
             },
         ));
         let mut fingerprint = 0;
@@ -164,6 +199,14 @@ impl Sidecar {
             metrics.policy_loaded.set(1);
         }
 
+        let grpc_tls = match &config.grpc_tls {
+            Some(files) => Some(ServerTls::load(files.clone(), &[b"h2"])?),
+            None => None,
+        };
+        let admin_tls = match &config.admin_tls {
+            Some(files) => Some(ServerTls::load(files.clone(), &[b"http/1.1"])?),
+            None => None,
+        };
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
@@ -194,7 +237,12 @@ impl Sidecar {
                     .clone()
                     .into_server(config.max_log_request_bytes),
             );
-        tasks.push(tokio::spawn(grpc::serve(router, grpc, stop.clone())));
+        tasks.push(tokio::spawn(grpc::serve(
+            router,
+            grpc,
+            grpc_tls.clone(),
+            stop.clone(),
+        )));
 
         let admin_state = Arc::new(AdminState {
             engine: engine.clone(),
@@ -206,6 +254,7 @@ impl Sidecar {
         tasks.push(tokio::spawn(admin_server::serve(
             admin,
             admin_state.clone() as Arc<dyn admin_server::Handler>,
+            admin_tls.clone(),
             stop.clone(),
         )));
 
@@ -221,6 +270,7 @@ impl Sidecar {
             }
         }));
 
+        let reread = Arc::new(tokio::sync::Notify::new());
         if let Some(path) = config.policy.clone() {
             let target = engine.clone();
             let reloads = sidecar_metrics.policy_reloads.clone();
@@ -229,6 +279,7 @@ impl Sidecar {
                 path,
                 config.policy_poll_interval,
                 fingerprint,
+                reread.clone(),
                 move |set| target.install(set).map_err(|e| e.to_string()),
                 move |outcome| {
                     let result = if outcome == Reload::Applied {
@@ -240,6 +291,20 @@ impl Sidecar {
                 },
                 async move { reload_stop.wait().await },
             )));
+        }
+
+        {
+            let (reread, grpc_tls, admin_tls) =
+                (reread.clone(), grpc_tls.clone(), admin_tls.clone());
+            tasks.push(sluice_runtime::signal::on_hangup(
+                stop.clone(),
+                move || {
+                    reread.notify_one();
+                    for tls in [&grpc_tls, &admin_tls].into_iter().flatten() {
+                        tls.reload();
+                    }
+                },
+            )?);
         }
 
         if let Some(rw) = &config.remote_write {
@@ -276,6 +341,7 @@ impl Sidecar {
             tasks.push(tokio::spawn(crate::control::subscribe(
                 engine.clone(),
                 url.clone(),
+                config.controller_link.clone(),
                 identity,
                 control_metrics,
                 stop.clone(),

@@ -181,20 +181,7 @@ circuit:
 /// `sluice-controller` with `policy` on the given ports, ticking every
 /// 200 ms, its decisions valid for 1 s.
 async fn controller(policy: &Path, grpc: u16, admin: u16) -> Server {
-    let args: Vec<String> = [
-        "--policy",
-        &policy.display().to_string(),
-        // The circuit reads nothing from Prometheus; nothing listens here.
-        "--prometheus-url",
-        "http://127.0.0.1:1",
-        "--tick",
-        "200ms",
-        "--decision-validity",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = ticking_controller_args(policy);
     let program = workspace_binary("sluice-controller").expect("sluice-controller");
     Server::start_on("sluice-controller", &program, &args, grpc, admin).await
 }

@@ -787,7 +787,7 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
                     admin_listen: ([127, 0, 0, 1], 0).into(),
                     // Never the cluster's Prometheus: nothing leaves loopback.
                     prometheus_url: format!("http://127.0.0.1:{dead}"),
-                    ..sluice_controller::cli::config(args, &policy)
+                    ..sluice_controller::cli::config(args, &policy).expect("flags")
                 };
                 let controller = sluice_controller::Controller::start(config)
                     .await

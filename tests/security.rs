@@ -12,11 +12,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use sluice_engine::flow_end::metadata::FlowKey;
+use sluice_runtime::grpc::ClientTls;
+use sluice_runtime::tls::CertKey;
 use sluice_testkit::access_log::{self, attribute};
+use sluice_testkit::envoy::render;
+use sluice_testkit::pki::{Issued, Pki};
 use sluice_testkit::process::workspace_binary;
-use sluice_testkit::{Latency, Prometheus, Upstream, http};
+use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
 use tokio::time::Instant;
 
 /// A flux meter feeding the average-latency blueprint, which drives a load
@@ -241,5 +246,557 @@ async fn forged_access_logs_leave_the_load_multiplier_alone() {
     assert!(
         metric(&text, r#"flowcontrol_access_logs_total{result="matched"}"#) > 0.0,
         "Envoy's own logs still count:\n{text}"
+    );
+}
+
+/// A policy whose circuit closes a door the policy leaves open: a sidecar
+/// that believes the controller answers 403, one that does not, 200.
+const DRIVEN: &str = r#"
+name: driven
+samplers:
+  - name: door
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+circuit:
+  components:
+    - actuator: {sampler: door, input: 0}
+"#;
+
+/// `sluice-controller` on `policy`, ticking every 200 ms, with `extra`
+/// flags; its circuit asks Prometheus nothing.
+async fn driving_controller(policy: &Path, extra: &[String]) -> Server {
+    let mut args = ticking_controller_args(policy);
+    args.extend_from_slice(extra);
+    let program = workspace_binary("sluice-controller").expect("sluice-controller");
+    Server::start("sluice-controller", &program, &args).await
+}
+
+fn whole_log(server: &Server) -> String {
+    std::fs::read_to_string(server.process.log_path()).expect("log")
+}
+
+fn flags(pairs: &[(&str, &Path)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+}
+
+/// What a sidecar made of its controller: (subscribed now, decisions
+/// applied so far).
+async fn belief(sidecar: &Server) -> (f64, f64) {
+    let text = sidecar.metrics().await;
+    (
+        sluice_testkit::scrape(&text, "controller_connected").unwrap_or(0.0),
+        sluice_testkit::scrape(&text, r#"controller_decisions_total{result="applied"}"#)
+            .unwrap_or(0.0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_real_controller_over_tls_with_the_token_is_believed() {
+    let pki = Pki::new("sluice").expect("pki");
+    let server = pki.issue("controller").expect("cert");
+    let client = pki.issue("sidecar").expect("cert");
+    let mallory = Pki::new("mallory").expect("pki");
+    let impostor = mallory.issue("controller").expect("cert");
+    let token = pki.dir().join("token");
+    std::fs::write(&token, "a shared secret\n").expect("token");
+    let policy = PolicyFile::new(DRIVEN);
+
+    let real = driving_controller(
+        &policy.path,
+        &flags(&[
+            ("--tls-cert", &server.cert),
+            ("--tls-key", &server.key),
+            ("--tls-client-ca", &pki.ca_file),
+            ("--token-file", &token),
+        ]),
+    )
+    .await;
+    // A fake at another address: a certificate of its own CA, no token
+    // asked; and a plain-text one.
+    let fake = driving_controller(
+        &policy.path,
+        &flags(&[("--tls-cert", &impostor.cert), ("--tls-key", &impostor.key)]),
+    )
+    .await;
+    let plain = driving_controller(&policy.path, &[]).await;
+
+    let https = |c: &Server| format!("https://{}", c.grpc);
+    let real_url = https(&real);
+    let trusted: Vec<String> = flags(&[
+        ("--controller-ca-file", &pki.ca_file),
+        ("--controller-cert", &client.cert),
+        ("--controller-key", &client.key),
+        ("--controller-token-file", &token),
+    ]);
+    let sidecar = async |url: &str, extra: &[String]| {
+        let mut args = vec!["--controller".to_owned(), url.to_owned()];
+        args.extend_from_slice(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sluice(&policy.path, &args).await
+    };
+    let believer = sidecar(&real_url, &trusted).await;
+    let without_token = sidecar(&real_url, &trusted[..6]).await;
+    let without_cert = sidecar(
+        &real_url,
+        &flags(&[
+            ("--controller-ca-file", &pki.ca_file),
+            ("--controller-token-file", &token),
+        ]),
+    )
+    .await;
+    let in_plain_text = sidecar(&format!("http://{}", real.grpc), &trusted).await;
+    let to_the_fake = sidecar(&https(&fake), &trusted).await;
+    let https_to_plain = sidecar(&https(&plain), &trusted).await;
+
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            belief(&believer).await.1 > 0.0
+        })
+        .await,
+        "the real controller's decisions never arrived:\n{}",
+        believer.process.log_tail()
+    );
+    // Time for the others to have tried more than once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(belief(&believer).await.0, 1.0);
+    for (name, s) in [
+        ("without a token", &without_token),
+        ("without a client certificate", &without_cert),
+        ("in plain text", &in_plain_text),
+        ("to the fake", &to_the_fake),
+        ("https to a plain-text controller", &https_to_plain),
+    ] {
+        assert_eq!(
+            belief(s).await,
+            (0.0, 0.0),
+            "{name}:\n{}",
+            s.process.log_tail()
+        );
+    }
+    assert!(
+        metric(
+            &real.metrics().await,
+            "controller_subscriptions_refused_total"
+        ) >= 1.0,
+        "{}",
+        real.metrics().await
+    );
+    let log = whole_log(&without_token);
+    assert!(log.contains("the controller refused this sidecar"), "{log}");
+    // Loud: the error says what went wrong, once.
+    let log = whole_log(&https_to_plain);
+    assert!(log.contains("cannot reach the controller"), "{log}");
+    assert_eq!(
+        log.matches("cannot reach the controller").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("subscribed to the controller"), "{log}");
+}
+
+/// A controller of the test's own making that sends `decisions` (for the
+/// policy `text`, with its real hash) to whoever subscribes.
+mod hostile {
+    use std::pin::Pin;
+
+    use sluice_proto::control as wire;
+    use tokio_stream::Stream;
+
+    pub struct Controller(pub wire::DecisionSet);
+
+    type Decisions = Pin<Box<dyn Stream<Item = Result<wire::DecisionSet, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl wire::control_server::Control for Controller {
+        type SubscribeStream = Decisions;
+
+        async fn subscribe(
+            &self,
+            _: tonic::Request<wire::SubscribeRequest>,
+        ) -> Result<tonic::Response<Decisions>, tonic::Status> {
+            let set = self.0.clone();
+            // The same set every 100 ms, as a controller ticks.
+            let sets = async_stream_of(set);
+            Ok(tonic::Response::new(Box::pin(sets)))
+        }
+    }
+
+    fn async_stream_of(
+        set: wire::DecisionSet,
+    ) -> impl Stream<Item = Result<wire::DecisionSet, tonic::Status>> {
+        let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+            std::time::Duration::from_millis(100),
+        ));
+        tokio_stream::StreamExt::map(ticks, move |_| Ok(set.clone()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_decisions_are_refused_and_the_first_is_logged() {
+    use sluice_proto::control::{self as wire, decision::Action};
+    let text = r#"
+name: guarded
+samplers:
+  - name: door
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+rate_limiters:
+  - name: bucket
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 1000
+    fill_amount: 1000
+    interval: 1s
+load_schedulers:
+  - name: protect
+    selectors: [{control_point: ingress}]
+"#;
+    let policy = PolicyFile::new(text);
+    let set = sluice_policy::load::parse_sources(&[(policy.path.clone(), text.to_owned())])
+        .expect("policy");
+    let hash = format!("{:016x}", set.policies[0].hash);
+    let soon = sluice_time::unix_ms() + 3_600_000;
+    let decision = |valid_until_unix_ms, action| wire::Decision {
+        policy_name: "guarded".to_owned(),
+        policy_hash: hash.clone(),
+        valid_until_unix_ms,
+        action: Some(action),
+    };
+    let multiplier = |multiplier| {
+        Action::LoadMultiplier(wire::LoadMultiplier {
+            load_scheduler: "protect".to_owned(),
+            multiplier,
+        })
+    };
+    let decisions = vec![
+        decision(soon, multiplier(f64::NAN)),
+        decision(soon, multiplier(-1.0)),
+        // In range, but in force until the end of time.
+        decision(i64::MAX, multiplier(0.0)),
+        decision(
+            soon,
+            Action::AcceptPercentage(wire::AcceptPercentage {
+                sampler: "door".to_owned(),
+                percentage: 250.0,
+            }),
+        ),
+        decision(
+            soon,
+            Action::RateLimit(wire::RateLimit {
+                rate_limiter: "bucket".to_owned(),
+                bucket_capacity: Some(-5.0),
+                fill_amount: Some(f64::INFINITY),
+            }),
+        ),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(wire::control_server::ControlServer::new(
+                hostile::Controller(wire::DecisionSet {
+                    decisions,
+                    sent_unix_ms: 0,
+                }),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let sidecar = sluice(&policy.path, &["--controller", &format!("http://{addr}")]).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            sluice_testkit::scrape(
+                &sidecar.metrics().await,
+                r#"controller_decisions_total{result="invalid"}"#,
+            )
+            .is_some_and(|n| n >= 25.0)
+        })
+        .await,
+        "{}",
+        sidecar.metrics().await
+    );
+    let text = sidecar.metrics().await;
+    assert_eq!(
+        sluice_testkit::scrape(&text, r#"controller_decisions_total{result="applied"}"#)
+            .unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
+    let mut checks = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
+        .await
+        .expect("client");
+    for _ in 0..10 {
+        let resp = checks
+            .check(check_request("GET", "/", &[]))
+            .await
+            .expect("check")
+            .into_inner();
+        assert_eq!(http_status(&resp), 200, "nothing the fake sent is in force");
+    }
+    let log = whole_log(&sidecar);
+    assert_eq!(
+        log.matches("refused a controller decision").count(),
+        1,
+        "logged once, then counted:\n{log}"
+    );
+    server.abort();
+}
+
+fn hang_up(server: &Server) {
+    let pid = server.process.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_policy_and_stops_neither_binary() {
+    let open = "name: gate\nsamplers:\n  - name: door\n    selectors: [{control_point: ingress}]\n    accept_percentage: 100\n";
+    let policy = PolicyFile::new(open);
+    // Polled once an hour: only SIGHUP can make the edit count in time.
+    let sidecar = Server::start(
+        "sluice",
+        Path::new(env!("CARGO_BIN_EXE_sluice")),
+        &[
+            "--policy".to_owned(),
+            policy.path.display().to_string(),
+            "--policy-poll-interval".to_owned(),
+            "1h".to_owned(),
+        ],
+    )
+    .await;
+    let controlling = PolicyFile::new(DRIVEN);
+    let controller = driving_controller(&controlling.path, &[]).await;
+    let mut checks = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
+        .await
+        .expect("client");
+    let mut status = async || {
+        let resp = checks
+            .check(check_request("GET", "/", &[]))
+            .await
+            .expect("check")
+            .into_inner();
+        http_status(&resp)
+    };
+    assert_eq!(status().await, 200);
+    policy.rewrite(&open.replace("100", "0"));
+    hang_up(&sidecar);
+    hang_up(&controller);
+    let started = tokio::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if status().await == 403 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed,
+        "SIGHUP did not re-read the policy:\n{}",
+        whole_log(&sidecar)
+    );
+    for server in [&sidecar, &controller] {
+        let log = whole_log(server);
+        assert!(log.contains("SIGHUP: re-reading"), "{log}");
+        let ok = http::get(server.admin, "/healthz", &[])
+            .await
+            .is_ok_and(|r| r.status == 200);
+        assert!(ok, "alive after SIGHUP:\n{log}");
+    }
+}
+
+/// The lines of `text` after its opening comment.
+fn without_header(text: &str) -> String {
+    text.lines()
+        .skip_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The certificate a new client connection to `addr` is served.
+async fn served_certificate(addr: std::net::SocketAddr, ca: &Path, client: &Issued) -> Vec<u8> {
+    let config = sluice_runtime::tls::client_config(
+        Some(ca),
+        Some(&CertKey {
+            cert: client.cert.clone(),
+            key: client.key.clone(),
+        }),
+        &[b"h2"],
+    )
+    .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("sluice").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_sluice_talk_mtls_and_a_rotated_certificate_takes_over() {
+    // The shipped config is quickstart.yaml plus the transport socket.
+    let root = sluice_testkit::repo_root();
+    let shipped = std::fs::read_to_string(root.join("envoy-configs/quickstart-mtls.yaml"))
+        .expect("shipped mTLS config");
+    let plain =
+        std::fs::read_to_string(root.join("envoy-configs/quickstart.yaml")).expect("quickstart");
+    let socket_start = shipped
+        .find("      transport_socket:")
+        .expect("a transport socket");
+    let socket_end = socket_start
+        + shipped[socket_start..]
+            .find("      typed_extension_protocol_options:")
+            .expect("the sluice cluster's options after it");
+    let mut stripped = shipped.clone();
+    stripped.replace_range(socket_start..socket_end, "");
+    assert_eq!(without_header(&stripped), without_header(&plain));
+
+    let pki = Pki::new("mesh").expect("pki");
+    let sluice_id = pki.issue("sluice").expect("cert");
+    let envoy_id = pki.issue("envoy").expect("cert");
+    let policy = PolicyFile::new(
+        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\n",
+    );
+    let sidecar = sluice(
+        &policy.path,
+        &flags(&[
+            ("--grpc-tls-cert", &sluice_id.cert),
+            ("--grpc-tls-key", &sluice_id.key),
+            ("--grpc-tls-client-ca", &pki.ca_file),
+        ])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    )
+    .await;
+    let upstream = Upstream::start(0).await.expect("upstream");
+    let ports = EnvoyPorts::free(upstream.addr.port(), sidecar.grpc.port()).expect("ports");
+    let config = shipped
+        .replace(
+            "/etc/sluice/tls/envoy.pem",
+            &envoy_id.cert.display().to_string(),
+        )
+        .replace(
+            "/etc/sluice/tls/envoy-key.pem",
+            &envoy_id.key.display().to_string(),
+        )
+        .replace("/etc/sluice/tls/ca.pem", &pki.ca_file.display().to_string());
+    let envoy = Envoy::start_with(&render(&config, &ports).expect("render"), ports)
+        .await
+        .expect("envoy");
+    let front = envoy.listener();
+
+    // Decisions cross the TLS hop: alice's third request is limited.
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        alice.push(
+            http::get(front, "/", &[("user", "alice")])
+                .await
+                .map_or(0, |r| r.status),
+        );
+    }
+    assert_eq!(alice, [200, 200, 429], "{}", envoy.log_tail());
+
+    // Traffic of fresh users all along, while the certificate rotates.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let user = format!("user-{n}");
+                match http::get(front, "/", &[("user", &user)])
+                    .await
+                    .map_or(0, |r| r.status)
+                {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Clients without a certificate, or in plain text, get nothing.
+    let https: ::http::Uri = format!("https://{}", sidecar.grpc).parse().expect("url");
+    let check = async |tls: ClientTls| {
+        let channel = sluice_runtime::grpc::connect(&https, &tls).await?;
+        AuthorizationClient::new(channel)
+            .check(check_request("GET", "/", &[]))
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let trusting = ClientTls {
+        ca_file: Some(pki.ca_file.clone()),
+        identity: None,
+    };
+    assert!(
+        check(trusting.clone()).await.is_err(),
+        "no client certificate"
+    );
+    let plain_text = AuthorizationClient::connect(format!("http://{}", sidecar.grpc)).await;
+    if let Ok(mut client) = plain_text {
+        assert!(
+            client.check(check_request("GET", "/", &[])).await.is_err(),
+            "plain text"
+        );
+    }
+    let with_cert = ClientTls {
+        identity: Some(CertKey {
+            cert: envoy_id.cert.clone(),
+            key: envoy_id.key.clone(),
+        }),
+        ..trusting
+    };
+    assert!(
+        check(with_cert).await.is_ok(),
+        "a client with a certificate"
+    );
+
+    // Rotate Sluice's certificate in place: new connections get the new
+    // one, Envoy's open connection and its traffic carry on.
+    let before = served_certificate(sidecar.grpc, &pki.ca_file, &envoy_id).await;
+    let ok_before = ok.load(Ordering::Relaxed);
+    pki.issue("sluice").expect("rotated");
+    let rotated = sluice_runtime::tls::read_certs(&sluice_id.cert).expect("new cert")[0].to_vec();
+    assert_ne!(before, rotated);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served_certificate(sidecar.grpc, &pki.ca_file, &envoy_id).await == rotated
+        })
+        .await,
+        "the rotated certificate was never served"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > ok_before, "traffic went on through the rotation");
+    assert_eq!(
+        failed,
+        0,
+        "{ok} served, {failed} failed:\n{}",
+        envoy.log_tail()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sluice_testkit::scrape(
+                &sidecar.metrics().await,
+                r#"flowcontrol_access_logs_total{result="matched"}"#,
+            )
+            .is_some_and(|n| n >= ok as f64)
+        })
+        .await,
+        "access logs over the TLS hop:\n{}",
+        sidecar.metrics().await
     );
 }

@@ -7,6 +7,14 @@
 //! re-established with exponential backoff (100 ms doubling to 10 s, with
 //! jitter). While disconnected, decisions already applied lapse at their
 //! `valid_until` and components return to their policy's values.
+//!
+//! The controller is trusted only as far as [`ControllerLink`] makes it:
+//! `https://` is TLS (an `https` controller that speaks plain text is an
+//! error, never a fallback), with a client certificate for mTLS; a token
+//! file adds `authorization: Bearer`. Every decision is still checked by
+//! the engine (finite, in range, not valid for longer than
+//! `--controller-max-validity`); a refused one is counted as `invalid` and
+//! the first of each subscription is logged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +23,11 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use sluice_engine::Engine;
 use sluice_engine::control::{Action, Applied, ControlDecision};
 use sluice_runtime::backoff::Backoff;
+use sluice_runtime::secret::TokenFile;
 use sluice_runtime::shutdown::Shutdown;
 use sluice_time::unix_ms;
+
+use crate::server::ControllerLink;
 
 pub use sluice_proto::control as wire;
 use wire::decision::Action as WireAction;
@@ -69,17 +80,33 @@ impl ControlMetrics {
     }
 }
 
-/// Applies a decision set; returns how many were put in force.
-pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics) -> usize {
+/// Applies a decision set; returns how many were put in force. The first
+/// invalid decision is logged (and `warned` set), the rest only counted: a
+/// broken controller repeats itself every tick.
+pub fn apply(
+    engine: &Engine,
+    set: &wire::DecisionSet,
+    metrics: &ControlMetrics,
+    warned: &mut bool,
+) -> usize {
     let now = unix_ms();
     let mut applied = 0;
+    let mut invalid = |d: &wire::Decision, why: &str| {
+        metrics.decisions.with_label_values(&["invalid"]).inc();
+        if !std::mem::replace(warned, true) {
+            tracing::warn!(
+                policy = %d.policy_name, why,
+                "refused a controller decision (later ones are only counted in controller_decisions_total{{result=\"invalid\"}})"
+            );
+        }
+    };
     for d in &set.decisions {
         let Some(action) = &d.action else {
-            metrics.decisions.with_label_values(&["invalid"]).inc();
+            invalid(d, "no action");
             continue;
         };
         let Ok(policy_hash) = u64::from_str_radix(&d.policy_hash, 16) else {
-            metrics.decisions.with_label_values(&["invalid"]).inc();
+            invalid(d, "a policy hash that is not hex");
             continue;
         };
         let action = match action {
@@ -103,18 +130,22 @@ pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics)
         };
         let valid_for =
             Duration::from_millis(d.valid_until_unix_ms.saturating_sub(now).max(0) as u64);
-        let outcome = engine.apply(&ControlDecision {
+        match engine.apply(&ControlDecision {
             policy: &d.policy_name,
             policy_hash,
             valid_for,
             action,
-        });
-        metrics
-            .decisions
-            .with_label_values(&[outcome.as_str()])
-            .inc();
-        if outcome == Applied::Applied {
-            applied += 1;
+        }) {
+            Applied::Invalid(why) => invalid(d, why),
+            outcome => {
+                metrics
+                    .decisions
+                    .with_label_values(&[outcome.as_str()])
+                    .inc();
+                if outcome == Applied::Applied {
+                    applied += 1;
+                }
+            }
         }
     }
     applied
@@ -125,6 +156,7 @@ pub fn apply(engine: &Engine, set: &wire::DecisionSet, metrics: &ControlMetrics)
 pub async fn subscribe(
     engine: Arc<Engine>,
     url: http::Uri,
+    link: ControllerLink,
     identity: Identity,
     metrics: ControlMetrics,
     mut shutdown: Shutdown,
@@ -137,26 +169,26 @@ pub async fn subscribe(
         // controller that accepts and hangs up at once keeps backing off.
         let mut delivered = false;
         let session = async {
-            let channel = tonic::transport::Endpoint::from(url.clone())
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .connect()
-                .await?;
+            let channel = sluice_runtime::grpc::connect(&url, &link.tls).await?;
             let mut client = wire::control_client::ControlClient::new(channel);
-            let mut stream = client
-                .subscribe(wire::SubscribeRequest {
-                    agent_group: identity.agent_group.clone(),
-                    service: identity.service.clone(),
-                    instance: identity.instance.clone(),
-                })
-                .await?
-                .into_inner();
+            let mut request = tonic::Request::new(wire::SubscribeRequest {
+                agent_group: identity.agent_group.clone(),
+                service: identity.service.clone(),
+                instance: identity.instance.clone(),
+            });
+            if let Some(file) = &link.token {
+                let header = TokenFile::header(&file.read().await?);
+                request
+                    .metadata_mut()
+                    .insert("authorization", header.parse()?);
+            }
+            let mut stream = client.subscribe(request).await?.into_inner();
             metrics.connected.set(1);
             tracing::info!(controller = %url, "subscribed to the controller");
+            let mut warned = false;
             while let Some(set) = stream.message().await? {
                 delivered = true;
-                apply(&engine, &set, &metrics);
+                apply(&engine, &set, &metrics, &mut warned);
             }
             anyhow::Ok(())
         };
@@ -174,7 +206,14 @@ pub async fn subscribe(
                 tracing::warn!(controller = %url, "controller closed the subscription; reconnecting")
             }
             Err(e) if !said_down => {
-                tracing::warn!(controller = %url, error = %e, "cannot reach the controller; retrying with backoff");
+                let refused = e
+                    .downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unauthenticated);
+                if refused {
+                    tracing::error!(controller = %url, error = %e, "the controller refused this sidecar: check --controller-token-file; retrying with backoff");
+                } else {
+                    tracing::warn!(controller = %url, error = %format!("{e:#}"), "cannot reach the controller; retrying with backoff");
+                }
                 said_down = true;
             }
             Err(_) => {}

@@ -322,3 +322,22 @@ pub async fn at_once(
     statuses.sort_unstable();
     statuses
 }
+
+/// Flags of a `sluice-controller` on `policy` that ticks every 200 ms, its
+/// decisions valid for 1 s, and asks no Prometheus (nothing listens at
+/// the address it is given): for circuits of constants.
+pub fn ticking_controller_args(policy: &Path) -> Vec<String> {
+    [
+        "--policy",
+        &policy.display().to_string(),
+        "--prometheus-url",
+        "http://127.0.0.1:1",
+        "--tick",
+        "200ms",
+        "--decision-validity",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -16,6 +16,8 @@ use clap::{Parser, Subcommand};
 use sluice_policy as policy;
 use sluice_policy::circuit::{ComponentSpec, Operand};
 use sluice_runtime::logging::{self, LogFormat};
+use sluice_runtime::secret::TokenFile;
+use sluice_runtime::tls::ServerTlsFiles;
 
 use super::{Controller, ControllerConfig};
 
@@ -95,6 +97,30 @@ pub struct RunArgs {
     /// How often the policy path is checked for changes.
     #[arg(long, env = "SLUICE_CONTROLLER_POLICY_POLL_INTERVAL", default_value = "1s", value_parser = sluice_time::parse_duration)]
     pub policy_poll_interval: Duration,
+    /// PEM certificate chain of the control listener: sidecars then
+    /// subscribe with --controller https://…
+    #[arg(long, env = "SLUICE_CONTROLLER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_CONTROLLER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CAs whose client certificates the control listener requires
+    /// (mTLS): a sidecar without one cannot subscribe.
+    #[arg(long, env = "SLUICE_CONTROLLER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM certificate chain of the admin listener (HTTPS).
+    #[arg(long, env = "SLUICE_CONTROLLER_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "SLUICE_CONTROLLER_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// PEM CAs whose client certificates the admin listener requires.
+    #[arg(long, env = "SLUICE_CONTROLLER_ADMIN_TLS_CLIENT_CA")]
+    pub admin_tls_client_ca: Option<PathBuf>,
+    /// A file holding the bearer token sidecars must present to subscribe
+    /// (their --controller-token-file); re-read on every subscription.
+    #[arg(long, env = "SLUICE_CONTROLLER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Log filter: a level or tracing directives.
     #[arg(long, env = "SLUICE_CONTROLLER_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -283,8 +309,28 @@ pub fn explain(paths: &[PathBuf]) -> bool {
 }
 
 /// The controller configuration these flags describe.
-pub fn config(args: &RunArgs, policy: &Path) -> ControllerConfig {
-    ControllerConfig {
+pub fn config(args: &RunArgs, policy: &Path) -> anyhow::Result<ControllerConfig> {
+    let tls = ServerTlsFiles::from_flags(
+        args.tls_cert.as_ref(),
+        args.tls_key.as_ref(),
+        args.tls_client_ca.as_ref(),
+        "the control listener (--tls-cert, --tls-key)",
+    )?;
+    let admin_tls = ServerTlsFiles::from_flags(
+        args.admin_tls_cert.as_ref(),
+        args.admin_tls_key.as_ref(),
+        args.admin_tls_client_ca.as_ref(),
+        "the admin listener (--admin-tls-cert, --admin-tls-key)",
+    )?;
+    if let Some(path) = &args.token_file {
+        // Read once here so that a missing file stops the start, not every
+        // subscription.
+        sluice_runtime::secret::read_secret(path)?;
+    }
+    Ok(ControllerConfig {
+        tls,
+        admin_tls,
+        token: args.token_file.clone().map(TokenFile),
         policy: policy.to_owned(),
         policy_poll_interval: args.policy_poll_interval,
         prometheus_url: args.prometheus_url.clone(),
@@ -294,7 +340,7 @@ pub fn config(args: &RunArgs, policy: &Path) -> ControllerConfig {
         tick: args.tick,
         decision_validity: args.decision_validity.unwrap_or(args.tick * 3),
         hold_outputs_for: args.hold_outputs_for,
-    }
+    })
 }
 
 /// Runs the command line.
@@ -322,7 +368,11 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let controller = match Controller::start(config(&cli.run, &policy)).await {
+        let started = match config(&cli.run, &policy) {
+            Ok(config) => Controller::start(config).await,
+            Err(e) => Err(e),
+        };
+        let controller = match started {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");

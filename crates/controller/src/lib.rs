@@ -45,7 +45,9 @@ use circuit::{Circuit, Output, Target};
 use sluice_policy::{self as policy, PolicySet};
 use sluice_proto::control as wire;
 use sluice_runtime::admin::{self, Handler};
+use sluice_runtime::secret::TokenFile;
 use sluice_runtime::shutdown::{self, Shutdown, Trigger};
+use sluice_runtime::tls::{ServerTls, ServerTlsFiles};
 use sluice_time::{Clock, unix_ms};
 
 /// Everything a controller needs to start.
@@ -69,6 +71,12 @@ pub struct ControllerConfig {
     pub decision_validity: Duration,
     /// How long last outputs are held while Prometheus cannot be asked.
     pub hold_outputs_for: Duration,
+    /// TLS of the control listener (mTLS when it names a client CA).
+    pub tls: Option<ServerTlsFiles>,
+    /// TLS of the admin listener.
+    pub admin_tls: Option<ServerTlsFiles>,
+    /// The bearer token a sidecar must present to subscribe, if any.
+    pub token: Option<TokenFile>,
 }
 
 impl ControllerConfig {
@@ -89,6 +97,9 @@ impl ControllerConfig {
             tick: Duration::from_secs(10),
             decision_validity: Duration::from_secs(30),
             hold_outputs_for: Duration::from_secs(120),
+            tls: None,
+            admin_tls: None,
+            token: None,
         }
     }
 }
@@ -104,6 +115,7 @@ struct Metrics {
     prometheus_errors: IntCounter,
     held: IntGaugeVec,
     subscribers: IntGauge,
+    refused: IntCounter,
 }
 
 impl Metrics {
@@ -146,6 +158,11 @@ impl Metrics {
         registry.register(Box::new(held.clone()))?;
         let subscribers = IntGauge::new("controller_subscribers", "Sidecars subscribed now.")?;
         registry.register(Box::new(subscribers.clone()))?;
+        let refused = IntCounter::new(
+            "controller_subscriptions_refused_total",
+            "Subscriptions refused for a missing or wrong bearer token.",
+        )?;
+        registry.register(Box::new(refused.clone()))?;
         #[cfg(target_os = "linux")]
         let _ = registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -159,6 +176,7 @@ impl Metrics {
             prometheus_errors,
             held,
             subscribers,
+            refused,
         })
     }
 }
@@ -395,10 +413,42 @@ async fn tick(
 }
 
 /// The control API: every subscriber gets the latest decision set at once,
-/// then each new one.
+/// then each new one. With a token file, only a sidecar presenting its
+/// token gets anything: decisions tell whoever reads them how each service
+/// is throttled.
 struct ControlService {
     decisions: watch::Receiver<Arc<wire::DecisionSet>>,
     subscribers: IntGauge,
+    token: Option<TokenFile>,
+    refused: IntCounter,
+}
+
+impl ControlService {
+    /// Whether `request` may subscribe: it presents the token in the file
+    /// now (read on every Subscribe, so a rotated token takes effect).
+    async fn admit<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        let Some(file) = &self.token else {
+            return Ok(());
+        };
+        let token = file.read().await.map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "cannot read the token file; refusing subscriptions");
+            tonic::Status::unavailable("the controller cannot read its token")
+        })?;
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        if TokenFile::admits(&token, presented) {
+            return Ok(());
+        }
+        if self.refused.get() == 0 {
+            tracing::warn!(peer = ?request.remote_addr(), "refused a subscription without the right token (counted in controller_subscriptions_refused_total from now on)");
+        }
+        self.refused.inc();
+        Err(tonic::Status::unauthenticated(
+            "a bearer token is required to subscribe",
+        ))
+    }
 }
 
 /// Decrements the subscriber gauge when a stream ends.
@@ -419,6 +469,7 @@ impl wire::control_server::Control for ControlService {
         &self,
         request: tonic::Request<wire::SubscribeRequest>,
     ) -> Result<tonic::Response<DecisionStream>, tonic::Status> {
+        self.admit(&request).await?;
         let who = request.into_inner();
         tracing::info!(
             agent_group = %who.agent_group, service = %who.service, instance = %who.instance,
@@ -503,6 +554,14 @@ impl Controller {
             (config.tick / 2).max(Duration::from_millis(200)),
         );
 
+        let tls = match &config.tls {
+            Some(files) => Some(ServerTls::load(files.clone(), &[b"h2"])?),
+            None => None,
+        };
+        let admin_tls = match &config.admin_tls {
+            Some(files) => Some(ServerTls::load(files.clone(), &[b"http/1.1"])?),
+            None => None,
+        };
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
@@ -518,12 +577,15 @@ impl Controller {
         let service = ControlService {
             decisions,
             subscribers: metrics.subscribers.clone(),
+            token: config.token.clone(),
+            refused: metrics.refused.clone(),
         };
         let router = sluice_runtime::grpc::server()
             .add_service(wire::control_server::ControlServer::new(service));
         tasks.push(tokio::spawn(sluice_runtime::grpc::serve(
             router,
             grpc,
+            tls.clone(),
             stop.clone(),
         )));
 
@@ -534,15 +596,30 @@ impl Controller {
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             admin.clone(),
+            admin_tls.clone(),
             stop.clone(),
         )));
 
         let reload_state = state.clone();
         let mut reload_stop = stop.clone();
+        let reread = Arc::new(tokio::sync::Notify::new());
+        {
+            let (reread, tls, admin_tls) = (reread.clone(), tls.clone(), admin_tls.clone());
+            tasks.push(sluice_runtime::signal::on_hangup(
+                stop.clone(),
+                move || {
+                    reread.notify_one();
+                    for tls in [&tls, &admin_tls].into_iter().flatten() {
+                        tls.reload();
+                    }
+                },
+            )?);
+        }
         tasks.push(tokio::spawn(policy::watch::watch(
             config.policy.clone(),
             config.policy_poll_interval,
             fingerprint,
+            reread,
             move |set| {
                 reload_state.install(set);
                 Ok(())

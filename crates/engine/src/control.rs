@@ -9,6 +9,14 @@
 //! these. When it lapses, the component returns to its policy's value (a
 //! load scheduler to passing everything): a controller that goes away never
 //! leaves a sidecar throttled.
+//!
+//! The stream is untrusted input like any other (docs/security.md): a
+//! decision whose numbers are not finite or outside the component's range,
+//! or that would hold further ahead than the sidecar allows
+//! ([`EngineOptions::max_decision_validity`](crate::EngineOptions)), is
+//! refused whole ([`Applied::Invalid`]), so that neither a broken nor a
+//! hostile controller can set a NaN multiplier or leave its damage in force
+//! after it is gone.
 
 use std::time::Duration;
 
@@ -48,6 +56,28 @@ pub enum Action<'a> {
 }
 
 impl Action<'_> {
+    /// Why its value cannot be applied, if it cannot: numbers must be
+    /// finite and within what the component takes.
+    pub fn invalid(&self) -> Option<&'static str> {
+        let not_count = |v: &Option<f64>| v.is_some_and(|v| !(v.is_finite() && v >= 0.0));
+        match self {
+            Action::LoadMultiplier { value, .. } if !(0.0..=1.0).contains(value) => {
+                Some("a load multiplier outside [0, 1]")
+            }
+            Action::RateLimit {
+                bucket_capacity,
+                fill_amount,
+                ..
+            } if not_count(bucket_capacity) || not_count(fill_amount) => {
+                Some("a bucket that is negative or not a finite number")
+            }
+            Action::AcceptPercentage { value, .. } if !(0.0..=100.0).contains(value) => {
+                Some("an accept percentage outside [0, 100]")
+            }
+            _ => None,
+        }
+    }
+
     /// The component it drives.
     pub fn component(&self) -> &str {
         match self {
@@ -75,6 +105,8 @@ pub struct ControlDecision<'a> {
 /// What became of a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
+    /// Refused for its value or its validity, and why.
+    Invalid(&'static str),
     /// In force.
     Applied,
     /// This sidecar does not run that policy.
@@ -91,6 +123,7 @@ impl Applied {
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Applied::Invalid(_) => "invalid",
             Applied::Applied => "applied",
             Applied::UnknownPolicy => "unknown_policy",
             Applied::OtherVersion => "other_version",

@@ -60,6 +60,10 @@ pub struct EngineOptions {
     pub store: Option<SharedStore>,
     /// The key `sluice.flow` values are signed with; random when `None`.
     pub flow_key: Option<FlowKey>,
+    /// Longest a controller's decision may hold from its arrival: one that
+    /// asks for more is refused, so that a controller that is gone (or was
+    /// never the real one) cannot leave a component throttled for long.
+    pub max_decision_validity: Duration,
 }
 
 impl std::fmt::Debug for EngineOptions {
@@ -69,6 +73,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("max_inflight_flows", &self.max_inflight_flows)
             .field("store", &self.store.is_some())
             .field("flow_key", &self.flow_key.is_some())
+            .field("max_decision_validity", &self.max_decision_validity)
             .finish()
     }
 }
@@ -80,6 +85,7 @@ impl Default for EngineOptions {
             max_inflight_flows: 100_000,
             store: None,
             flow_key: None,
+            max_decision_validity: Duration::from_secs(60),
         }
     }
 }
@@ -428,6 +434,12 @@ impl Engine {
     pub fn apply(&self, decision: &ControlDecision<'_>) -> Applied {
         if decision.valid_for.is_zero() {
             return Applied::Lapsed;
+        }
+        if decision.valid_for > self.options.max_decision_validity {
+            return Applied::Invalid("a validity longer than this sidecar allows");
+        }
+        if let Some(why) = decision.action.invalid() {
+            return Applied::Invalid(why);
         }
         let plan = self.plan();
         let Some(policy) = plan.policies.iter().find(|p| &*p.name == decision.policy) else {

@@ -1153,3 +1153,82 @@ rate_limiters:
         Applied::Lapsed
     );
 }
+
+#[test]
+fn out_of_range_controller_decisions_are_refused_and_never_applied() {
+    use control::{Action, Applied, ControlDecision};
+    let doc = r#"
+name: ctl
+samplers:
+  - name: gate
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+rate_limiters:
+  - name: bucket
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 10
+    fill_amount: 10
+    interval: 1s
+load_schedulers:
+  - name: protect
+    selectors: [{control_point: ingress}]
+"#;
+    let (engine, _) = engine(&[doc]);
+    let hash = engine.plan().policies[0].hash;
+    let decision = |action| ControlDecision {
+        policy: "ctl",
+        policy_hash: hash,
+        valid_for: Duration::from_secs(5),
+        action,
+    };
+    let multiplier = |value| Action::LoadMultiplier {
+        component: "protect",
+        value,
+    };
+    let bucket = |capacity, fill| Action::RateLimit {
+        component: "bucket",
+        bucket_capacity: capacity,
+        fill_amount: fill,
+    };
+    let share = |value| Action::AcceptPercentage {
+        component: "gate",
+        value,
+    };
+    for action in [
+        multiplier(f64::NAN),
+        multiplier(-0.1),
+        multiplier(1.5),
+        bucket(Some(-1.0), None),
+        bucket(None, Some(f64::INFINITY)),
+        bucket(Some(f64::NAN), Some(1.0)),
+        share(101.0),
+        share(f64::NAN),
+        share(-1.0),
+    ] {
+        assert!(
+            matches!(engine.apply(&decision(action.clone())), Applied::Invalid(_)),
+            "{action:?}"
+        );
+    }
+    // i64::MAX as valid_until arrives as a very long validity.
+    let forever = ControlDecision {
+        valid_for: Duration::from_secs(61),
+        ..decision(multiplier(0.0))
+    };
+    assert_eq!(
+        engine.apply(&forever),
+        Applied::Invalid("a validity longer than this sidecar allows")
+    );
+    let text = engine.metrics().encode_text();
+    assert!(
+        !text.contains("controller_decision_active{component=\"protect\",policy_name=\"ctl\"} 1"),
+        "{text}"
+    );
+    for _ in 0..5 {
+        assert_eq!(check(&engine, &[]).0, None, "nothing was applied");
+    }
+    // In range and within the bound, the same kinds apply.
+    assert_eq!(engine.apply(&decision(multiplier(0.5))), Applied::Applied);
+    assert_eq!(engine.apply(&decision(share(0.0))), Applied::Applied);
+    assert_eq!(check(&engine, &[]).0.map(|r| r.1), Some(403));
+}

@@ -86,8 +86,13 @@ pub struct PolicySet {
     pub policies: Vec<LoadedPolicy>,
 }
 
-/// The policy files behind `path`, with their text, in load order.
-pub fn read_sources(path: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
+/// Largest policy file read: policies are kilobytes, and a file dropped
+/// into the policy directory by mistake (a log, an image) must not be read
+/// whole every second.
+pub const MAX_POLICY_FILE_BYTES: u64 = 1 << 20;
+
+/// The policy files behind `path`, in load order.
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let meta = std::fs::metadata(path).map_err(|e| PolicyError::io(path, e))?;
     let files = if meta.is_dir() {
         let mut files = Vec::new();
@@ -110,15 +115,65 @@ pub fn read_sources(path: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> 
     } else {
         vec![path.to_owned()]
     };
-    files
+    Ok(files)
+}
+
+/// The policy files behind `path`, with their text, in load order. A file
+/// over [`MAX_POLICY_FILE_BYTES`] is an error, read no further than that.
+pub fn read_sources(path: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
+    use std::io::Read as _;
+    policy_files(path)?
         .into_iter()
         .map(|file| {
-            let bytes = std::fs::read(&file).map_err(|e| PolicyError::io(&file, e))?;
+            let too_big = || {
+                PolicyError::io(
+                    &file,
+                    format!("larger than {MAX_POLICY_FILE_BYTES} bytes; not a policy"),
+                )
+            };
+            let opened = std::fs::File::open(&file).map_err(|e| PolicyError::io(&file, e))?;
+            if opened
+                .metadata()
+                .is_ok_and(|m| m.len() > MAX_POLICY_FILE_BYTES)
+            {
+                return Err(too_big());
+            }
+            let mut bytes = Vec::new();
+            opened
+                .take(MAX_POLICY_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| PolicyError::io(&file, e))?;
+            if bytes.len() as u64 > MAX_POLICY_FILE_BYTES {
+                return Err(too_big());
+            }
             let text = String::from_utf8(bytes)
                 .map_err(|e| PolicyError::io(&file, format!("not UTF-8: {e}")))?;
             Ok((file, text))
         })
         .collect()
+}
+
+/// What the policy files behind `path` look like from outside (names,
+/// sizes, times, inodes), to tell without reading them whether they may
+/// have changed. An error (the path gone mid-swap) is `None`: look again.
+pub fn stamp(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for file in policy_files(path).ok()? {
+        let m = std::fs::metadata(&file).ok()?;
+        h.update(file.as_os_str().as_encoded_bytes());
+        for n in [
+            m.len(),
+            m.ino(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+            m.ctime() as u64,
+            m.ctime_nsec() as u64,
+        ] {
+            h.update(&n.to_le_bytes());
+        }
+    }
+    Some(h.digest())
 }
 
 /// Parses and validates one policy document.
@@ -418,5 +473,33 @@ rate_limiters:
         assert_eq!(p.samplers[0].selectors[0].service, "shop");
         assert_eq!(p.rate_limiters[0].max_idle_time.0.as_secs(), 7200);
         assert_eq!(p.rate_limiters[0].denied_status_code.0, 429);
+    }
+}
+
+#[cfg(test)]
+mod size_and_stamp {
+    use super::*;
+
+    #[test]
+    fn a_huge_file_is_refused_without_being_read_and_the_stamp_sees_changes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let good = dir.path().join("a.yaml");
+        std::fs::write(&good, "name: a\n").expect("write");
+        let before = stamp(dir.path()).expect("stamp");
+        assert_eq!(
+            stamp(dir.path()),
+            Some(before),
+            "unchanged files, same stamp"
+        );
+
+        let huge = dir.path().join("b.yaml");
+        let file = std::fs::File::create(&huge).expect("create");
+        // Sparse: 1 GiB that costs nothing to make, and must cost nothing
+        // to refuse.
+        file.set_len(1 << 30).expect("grow");
+        assert_ne!(stamp(dir.path()), Some(before), "a new file changes it");
+        let err = read_sources(dir.path()).expect_err("too large");
+        assert!(err.to_string().contains("larger than"), "{err}");
+        assert!(err.to_string().contains("b.yaml"), "{err}");
     }
 }

@@ -13,10 +13,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
+use crate::tls::ServerTls;
 
 /// The body of every admin answer: small and complete.
 pub type Body = Full<Bytes>;
@@ -51,9 +52,19 @@ pub fn answer(
     response
 }
 
-/// Serves `handler` on `listener` (HTTP/1.1, keep-alive) until `shutdown`
-/// fires; connections open then finish their request and close.
-pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>, mut shutdown: Shutdown) {
+/// Longest a client may take to send a request's headers: one that
+/// dribbles them holds a connection, so it is cut off.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `handler` on `listener` (HTTP/1.1, keep-alive), over TLS when
+/// `tls` is given, until `shutdown` fires; connections open then finish
+/// their request and close.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    tls: Option<Arc<ServerTls>>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -67,24 +78,39 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>, mut shutdow
             },
             _ = shutdown.wait() => return,
         };
-        let handler = handler.clone();
-        let mut shutdown = shutdown.clone();
+        let (handler, tls, shutdown) = (handler.clone(), tls.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req).await) }
-            });
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                None => connection(stream, handler, shutdown).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(conn) => connection(conn, handler, shutdown).await,
+                    Err(e) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                },
             }
         });
+    }
+}
+
+/// One connection, until it closes or `shutdown` fires.
+async fn connection<I>(io: I, handler: Arc<dyn Handler>, mut shutdown: Shutdown)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

@@ -14,6 +14,9 @@
 //!   and probes on;
 //! - [`grpc`]: the gRPC server settings both binaries (and the load tests'
 //!   no-op Check server) serve with;
+//! - [`tls`]: rustls for every listener (re-read when certificates rotate)
+//!   and client;
+//! - [`secret`]: passwords and tokens kept in files;
 //! - this file: the async [`runtime`] and the [`hostname`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,8 +26,10 @@ pub mod backoff;
 pub mod grpc;
 pub mod http_client;
 pub mod logging;
+pub mod secret;
 pub mod shutdown;
 pub mod signal;
+pub mod tls;
 
 /// The async runtime Sluice's binaries (and the load tests' no-op Check
 /// server) run on: `threads` workers, 0 for one per core, at most 4.

@@ -27,6 +27,7 @@ pub mod check;
 pub mod envoy;
 pub mod grpc;
 pub mod http;
+pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
