@@ -106,19 +106,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        let served = sluice_runtime::grpc::server()
-            .add_service(AuthorizationServer::new(Noop))
-            .serve_with_incoming_shutdown(
-                sluice_runtime::grpc::incoming(listener),
-                sluice_runtime::signal::terminate(),
-            )
-            .await;
-        match served {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        let limits = sluice_runtime::grpc::Limits::default();
+        let router =
+            sluice_runtime::grpc::server(&limits).add_service(AuthorizationServer::new(Noop));
+        let (stop, stopped) = sluice_runtime::shutdown::channel();
+        tokio::spawn(async move {
+            sluice_runtime::signal::terminate().await;
+            stop.fire();
+        });
+        sluice_runtime::grpc::serve(router, listener, None, limits.max_connections, stopped).await;
+        ExitCode::SUCCESS
     })
 }

@@ -109,8 +109,28 @@ pub struct RunArgs {
     pub max_inflight_flows: usize,
     /// Largest CheckRequest accepted, in bytes (headers plus any body Envoy
     /// sends); larger ones are answered with gRPC status OUT_OF_RANGE.
-    #[arg(long, env = "SLUICE_MAX_CHECK_REQUEST_BYTES", default_value_t = 16 << 20)]
+    /// Envoy sends at most its headers (60 KiB by default) and the body it
+    /// buffers (with_request_body.max_request_bytes): raise this only with
+    /// those. Decoding a Check can take many times its size in memory.
+    #[arg(long, env = "SLUICE_MAX_CHECK_REQUEST_BYTES", default_value_t = 1 << 20)]
     pub max_check_request_bytes: usize,
+    /// Connections the Check listener keeps open at once; beyond, new ones
+    /// are closed at once (Envoy holds a few per worker).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Requests in flight on one connection of the Check listener.
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Longest a Check or Export may take from its first byte to its
+    /// answer; a client that stalls mid-message is cut off. Keep it above
+    /// the policies' longest queue_timeout.
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Bytes of requests received but not yet whole, over all connections
+    /// of the Check listener; a request that would go over is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SLUICE_MAX_BUFFERED_REQUEST_BYTES", default_value_t = 64 << 20)]
+    pub max_buffered_request_bytes: usize,
     /// Largest OTLP logs Export accepted, in bytes, over gRPC or HTTP.
     #[arg(long, env = "SLUICE_MAX_LOG_REQUEST_BYTES", default_value_t = 16 << 20)]
     pub max_log_request_bytes: usize,
@@ -355,6 +375,12 @@ impl RunArgs {
             flow_key,
             controller_link,
             grpc_tls,
+            grpc_limits: sluice_runtime::grpc::Limits {
+                max_connections: self.max_connections,
+                max_concurrent_streams: self.max_concurrent_streams,
+                request_timeout: self.request_timeout,
+                max_buffered_request_bytes: self.max_buffered_request_bytes,
+            },
             admin_tls,
             grpc_listen: self.grpc_listen,
             admin_listen: self.admin_listen,

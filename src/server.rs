@@ -74,6 +74,8 @@ pub struct Config {
     pub controller_link: ControllerLink,
     /// TLS of the Check and OTLP listener.
     pub grpc_tls: Option<ServerTlsFiles>,
+    /// Bounds of the Check and OTLP listener.
+    pub grpc_limits: grpc::Limits,
     /// TLS of the admin listener.
     pub admin_tls: Option<ServerTlsFiles>,
     /// The store of `scope: global` components (Redis), if any.
@@ -96,7 +98,7 @@ impl Default for Config {
             service: "any".to_owned(),
             max_label_values: 100_000,
             max_inflight_flows: 100_000,
-            max_check_request_bytes: 16 << 20,
+            max_check_request_bytes: 1 << 20,
             max_log_request_bytes: 16 << 20,
             otlp_http: true,
             remote_write: None,
@@ -104,6 +106,7 @@ impl Default for Config {
             controller: None,
             controller_link: ControllerLink::default(),
             grpc_tls: None,
+            grpc_limits: grpc::Limits::default(),
             admin_tls: None,
             store: None,
             agent_group: "default".to_owned(),
@@ -229,7 +232,7 @@ impl Sidecar {
             .set_serving::<crate::envoy::wire::authorization_server::AuthorizationServer<AuthzService>>(
             )
             .await;
-        let router = grpc::server()
+        let router = grpc::server(&config.grpc_limits)
             .add_service(health)
             .add_service(authz.into_server(config.max_check_request_bytes))
             .add_service(
@@ -241,6 +244,7 @@ impl Sidecar {
             router,
             grpc,
             grpc_tls.clone(),
+            config.grpc_limits.max_connections,
             stop.clone(),
         )));
 

@@ -580,12 +580,14 @@ impl Controller {
             token: config.token.clone(),
             refused: metrics.refused.clone(),
         };
-        let router = sluice_runtime::grpc::server()
+        let limits = sluice_runtime::grpc::Limits::default();
+        let router = sluice_runtime::grpc::server(&limits)
             .add_service(wire::control_server::ControlServer::new(service));
         tasks.push(tokio::spawn(sluice_runtime::grpc::serve(
             router,
             grpc,
             tls.clone(),
+            limits.max_connections,
             stop.clone(),
         )));
 

@@ -6,13 +6,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::ReceiverStream;
-
+use crate::grpc_guard::{Budget, GuardLayer};
 use crate::shutdown::Shutdown;
-use crate::tls::{self, CertKey, ServerTls, TlsConn};
+use crate::tls::{self, CertKey, ServerTls, TlsStream};
 
 /// Longest a gRPC client waits for a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,39 +55,81 @@ pub async fn connect(url: &http::Uri, tls: &ClientTls) -> anyhow::Result<Channel
     }
 }
 
-/// The tonic server, with HTTP/2 keep-alive pings so that a peer that
-/// vanished is noticed.
-pub fn server() -> tonic::transport::Server {
-    tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)))
+/// The bounds of a gRPC listener, each a flag of the binary that serves it
+/// (docs/security.md lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; beyond, a new one is closed at once, so
+    /// that descriptors remain for the admin listener and for Redis.
+    pub max_connections: usize,
+    /// Requests in flight on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// Longest a request may take, from its first byte to its answer: a
+    /// client that stalls mid-message is cut off. It must exceed the
+    /// longest `queue_timeout` of the policies (Envoy's own Check timeout
+    /// is far shorter).
+    pub request_timeout: Duration,
+    /// Bytes of request bodies received but not yet whole, over all
+    /// connections ([`grpc_guard`](crate::grpc_guard)).
+    pub max_buffered_request_bytes: usize,
 }
 
-/// Connections accepted on `listener`, with Nagle off: answers are small and
-/// the peer waits for each.
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_concurrent_streams: 1024,
+            request_timeout: Duration::from_secs(30),
+            max_buffered_request_bytes: 64 << 20,
+        }
+    }
 }
 
-/// Serves `router` on `listener`, over TLS when `tls` is given, until
-/// `shutdown` fires; calls in progress then finish. An error of the server
-/// itself is logged: the process's other listeners go on.
+/// The layers every request passes.
+pub type Layers = tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>;
+/// The tonic server with Sluice's settings.
+pub type Server = tonic::transport::Server<Layers>;
+/// Its router.
+pub type Router = tonic::transport::server::Router<Layers>;
+
+/// The tonic server within `limits`, with HTTP/2 keep-alive pings so that
+/// a peer that vanished is noticed, and [`Guard`](crate::grpc_guard::Guard)
+/// in front of every service.
+pub fn server(limits: &Limits) -> Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .timeout(limits.request_timeout)
+        .layer(GuardLayer::new(Budget::new(
+            limits.max_buffered_request_bytes,
+        )))
+}
+
+/// Serves `router` on `listener`, over TLS when `tls` is given, with at
+/// most `max_connections` open, until `shutdown` fires; calls in progress
+/// then finish. An error of the server itself is logged: the process's
+/// other listeners go on.
 pub async fn serve(
-    router: tonic::transport::server::Router,
+    router: Router,
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    max_connections: usize,
     shutdown: Shutdown,
 ) {
     let mut stop = shutdown.clone();
     let stopped = async move { stop.wait().await };
     let served = match tls {
         None => {
-            router
-                .serve_with_incoming_shutdown(incoming(listener), stopped)
-                .await
+            let plain = accepted(listener, max_connections, shutdown, |tcp| async { Ok(tcp) });
+            router.serve_with_incoming_shutdown(plain, stopped).await
         }
         Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(tls_incoming(listener, tls, shutdown), stopped)
-                .await
+            let secured = accepted(listener, max_connections, shutdown, move |tcp| {
+                let tls = tls.clone();
+                async move { tls.accept(tcp).await }
+            });
+            router.serve_with_incoming_shutdown(secured, stopped).await
         }
     };
     if let Err(e) = served {
@@ -89,19 +137,27 @@ pub async fn serve(
     }
 }
 
-/// Connections accepted on `listener` once their TLS handshake is done.
-/// Each handshake runs in its own task, so a client that stalls in it
-/// holds up nobody else, and is cut off after
-/// [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT). A failed handshake
-/// (no client certificate, an untrusted one, plain text) is logged at debug
-/// level: anyone can cause one.
-fn tls_incoming(
+/// Connections accepted on `listener` once `handshake` (TLS, or nothing)
+/// is done, at most `max_connections` at once. Each handshake runs in its
+/// own task, so a client that stalls in it holds up nobody else (TLS cuts
+/// it off after [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT)). A
+/// failed handshake (no client certificate, an untrusted one, plain text)
+/// is logged at debug level: anyone can cause one.
+fn accepted<I, F, Fut>(
     listener: TcpListener,
-    tls: Arc<ServerTls>,
+    max_connections: usize,
     mut shutdown: Shutdown,
-) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    handshake: F,
+) -> ReceiverStream<Result<Conn<I>, std::io::Error>>
+where
+    I: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<I>> + Send + 'static,
+{
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
+        let mut said_full = false;
         loop {
             let tcp = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -116,17 +172,92 @@ fn tls_incoming(
                 _ = shutdown.wait() => return,
                 _ = ready.closed() => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if !std::mem::replace(&mut said_full, true) {
+                    tracing::warn!(
+                        max_connections,
+                        "gRPC connections at their limit: new ones are closed"
+                    );
+                }
+                drop(tcp);
+                continue;
+            };
+            said_full = false;
             let _ = tcp.set_nodelay(true);
-            let (tls, ready) = (tls.clone(), ready.clone());
+            let handshake = handshake(tcp);
+            let ready = ready.clone();
             tokio::spawn(async move {
-                match tls.accept(tcp).await {
-                    Ok(conn) => {
-                        let _ = ready.send(Ok(conn)).await;
+                match handshake.await {
+                    Ok(io) => {
+                        let _ = ready.send(Ok(Conn { io, _slot: slot })).await;
                     }
-                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(e) => tracing::debug!(error = %e, "gRPC handshake failed"),
                 }
             });
         }
     });
     ReceiverStream::new(incoming)
+}
+
+/// An accepted connection, holding its place among `max_connections`
+/// until it closes.
+pub struct Conn<I> {
+    io: I,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Conn<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Conn<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Conn<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl Connected for Conn<TlsStream<TcpStream>> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.get_ref().0.connect_info()
+    }
 }

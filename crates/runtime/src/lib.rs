@@ -12,8 +12,9 @@
 //!   health checks;
 //! - [`admin`]: the HTTP/1.1 admin server both binaries serve `/metrics`
 //!   and probes on;
-//! - [`grpc`]: the gRPC server settings both binaries (and the load tests'
-//!   no-op Check server) serve with;
+//! - [`grpc`]: the gRPC server settings and bounds both binaries (and the
+//!   load tests' no-op Check server) serve with, and the client's;
+//!   [`grpc_guard`]: the content type and the budget of request bytes;
 //! - [`tls`]: rustls for every listener (re-read when certificates rotate)
 //!   and client;
 //! - [`secret`]: passwords and tokens kept in files;
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod grpc;
+pub mod grpc_guard;
 pub mod http_client;
 pub mod logging;
 pub mod secret;
