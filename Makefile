@@ -5,7 +5,7 @@
 CARGO ?= cargo
 DEMO_ARGS ?=
 
-.PHONY: demo test lint unit bench bootstrap loadtest-smoke
+.PHONY: demo test lint unit bench bootstrap loadtest-smoke fuzz
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -34,6 +34,10 @@ loadtest-smoke:
 	$(CARGO) run --quiet --example loadtest -- all --smoke --out target/loadtest-smoke/rust.json
 	$(CARGO) run --quiet --example loadtest -- check --smoke --generator k6 --out target/loadtest-smoke/k6.json
 	$(CARGO) run --quiet --example loadtest -- check --smoke --generator h2load --out target/loadtest-smoke/h2load.json
+
+## Longer fuzzing than `make test` does (tests/fuzz.rs): 200,000 cases per target.
+fuzz:
+	SLUICE_FUZZ_CASES=200000 $(CARGO) test --release --test fuzz
 
 lint:
 	$(CARGO) fmt --all -- --check

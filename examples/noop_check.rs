@@ -114,6 +114,7 @@ fn main() -> ExitCode {
             sluice_runtime::signal::terminate().await;
             stop.fire();
         });
+        let listener = sluice_runtime::grpc::Bound::Tcp(listener);
         sluice_runtime::grpc::serve(router, listener, None, limits.max_connections, stopped).await;
         ExitCode::SUCCESS
     })

@@ -19,7 +19,7 @@ use sluice_runtime::logging::{self, LogFormat};
 use sluice_time::parse_duration;
 
 use sluice_engine::flow_end::metadata::FlowKey;
-use sluice_runtime::grpc::ClientTls;
+use sluice_runtime::grpc::{ClientTls, Listen};
 use sluice_runtime::secret::{TokenFile, read_secret};
 use sluice_runtime::tls::{CertKey, ServerTlsFiles};
 use sluice_store::RedisConfig;
@@ -76,9 +76,11 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Address for Envoy's ext_authz Checks, its OpenTelemetry access logs
-    /// (OTLP LogsService/Export) and the gRPC health service.
+    /// (OTLP LogsService/Export) and the gRPC health service: host:port, or
+    /// unix:/path for a Unix domain socket (in a pod, on a volume shared
+    /// with Envoy alone).
     #[arg(long, env = "SLUICE_GRPC_LISTEN", default_value = "127.0.0.1:8080")]
-    pub grpc_listen: SocketAddr,
+    pub grpc_listen: Listen,
     /// Address for /metrics, /healthz, /readyz, /control-points and OTLP/HTTP
     /// access logs (POST /v1/logs).
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
@@ -382,7 +384,7 @@ impl RunArgs {
                 max_buffered_request_bytes: self.max_buffered_request_bytes,
             },
             admin_tls,
-            grpc_listen: self.grpc_listen,
+            grpc_listen: self.grpc_listen.clone(),
             admin_listen: self.admin_listen,
             policy: self.policy.clone(),
             policy_poll_interval: self.policy_poll_interval,

@@ -36,8 +36,8 @@ use crate::telemetry::remote_write::{self, RemoteWriteConfig, RemoteWriteMetrics
 /// Everything a sidecar needs to start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Where Envoy's Checks arrive (gRPC).
-    pub grpc_listen: SocketAddr,
+    /// Where Envoy's Checks arrive (gRPC): TCP or a Unix socket.
+    pub grpc_listen: grpc::Listen,
     /// Where `/metrics` and the probes are served (HTTP).
     pub admin_listen: SocketAddr,
     /// Policy file or directory; none means every flow passes.
@@ -90,7 +90,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            grpc_listen: ([127, 0, 0, 1], 8080).into(),
+            grpc_listen: grpc::Listen::Tcp(([127, 0, 0, 1], 8080).into()),
             admin_listen: ([127, 0, 0, 1], 8081).into(),
             policy: None,
             policy_poll_interval: Duration::from_secs(1),
@@ -140,7 +140,7 @@ impl Config {
     /// The defaults, with both listeners on free loopback ports.
     pub fn ephemeral() -> Self {
         Config {
-            grpc_listen: ([127, 0, 0, 1], 0).into(),
+            grpc_listen: grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
             admin_listen: ([127, 0, 0, 1], 0).into(),
             ..Config::default()
         }
@@ -149,7 +149,8 @@ impl Config {
 
 /// A started sidecar.
 pub struct Sidecar {
-    /// The Check listener's address.
+    /// The Check listener's TCP address (`0.0.0.0:0` when it serves a Unix
+    /// socket).
     pub grpc_addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
@@ -210,13 +211,15 @@ impl Sidecar {
             Some(files) => Some(ServerTls::load(files.clone(), &[b"http/1.1"])?),
             None => None,
         };
-        let grpc = TcpListener::bind(config.grpc_listen)
+        let grpc = grpc::Bound::bind(&config.grpc_listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("cannot listen for admin on {}", config.admin_listen))?;
-        let grpc_addr = grpc.local_addr()?;
+        let grpc_addr = grpc
+            .tcp_addr()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let admin_addr = admin.local_addr()?;
         let (shutdown, stop) = shutdown::channel();
         let mut tasks = Vec::new();
@@ -353,7 +356,7 @@ impl Sidecar {
         }
 
         admin_state.ready.store(true, Ordering::Release);
-        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "sluice serving");
+        tracing::info!(grpc = %config.grpc_listen, admin = %admin_addr, "sluice serving");
         Ok(Sidecar {
             grpc_addr,
             admin_addr,

@@ -185,7 +185,10 @@ impl Run {
     /// Its listeners: the gRPC one first, then the admin one.
     fn listens(&self) -> [SocketAddr; 2] {
         match self {
-            Run::Sidecar(a) => [a.grpc_listen, a.admin_listen],
+            Run::Sidecar(a) => [
+                a.grpc_listen.tcp().expect("the manifests listen on TCP"),
+                a.admin_listen,
+            ],
             Run::Controller(a) => [a.listen, a.admin_listen],
         }
     }
@@ -567,7 +570,7 @@ fn the_dockerfile_builds_both_binaries_and_checks_health_with_sluice() {
         .expect("defaults")
         .run;
     let defaults = BTreeSet::from([
-        sidecar.grpc_listen.port(),
+        sidecar.grpc_listen.tcp().expect("TCP by default").port(),
         sidecar.admin_listen.port(),
         controller.listen.port(),
         controller.admin_listen.port(),
@@ -763,7 +766,7 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
         match &c.run {
             Run::Sidecar(args) => {
                 let config = sluice::server::Config {
-                    grpc_listen: ([127, 0, 0, 1], 0).into(),
+                    grpc_listen: sluice_runtime::grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
                     admin_listen: ([127, 0, 0, 1], 0).into(),
                     policy: Some(policy),
                     remote_write: None,

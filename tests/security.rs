@@ -800,3 +800,83 @@ async fn envoy_and_sluice_talk_mtls_and_a_rotated_certificate_takes_over() {
         sidecar.metrics().await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_reaches_sluice_over_a_unix_socket() {
+    let root = sluice_testkit::repo_root();
+    let shipped = std::fs::read_to_string(root.join("envoy-configs/quickstart-uds.yaml"))
+        .expect("shipped UDS config");
+    let plain =
+        std::fs::read_to_string(root.join("envoy-configs/quickstart.yaml")).expect("quickstart");
+    let pipe = "pipe: { path: /var/run/sluice/sluice.sock }";
+    let tcp = "socket_address: { address: 127.0.0.1, port_value: 8080 }";
+    assert_eq!(
+        without_header(&shipped.replace(pipe, tcp)),
+        without_header(&plain)
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("sluice.sock");
+    // A socket file left by an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+    let policy = PolicyFile::new(
+        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\n",
+    );
+    let admin = sluice_testkit::free_port().expect("port");
+    let args: Vec<String> = [
+        "--grpc-listen",
+        &format!("unix:{}", socket.display()),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+        "--policy",
+        &policy.path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut sidecar = sluice_testkit::process::Process::spawn(
+        "sluice",
+        Path::new(env!("CARGO_BIN_EXE_sluice")),
+        tempfile::tempdir().expect("dir"),
+        &args,
+    )
+    .expect("spawn");
+    sidecar
+        .wait_http_ok(
+            ([127, 0, 0, 1], admin).into(),
+            "/readyz",
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("ready");
+
+    let upstream = Upstream::start(0).await.expect("upstream");
+    let ports = EnvoyPorts::free_for(Some(upstream.addr.port()), None).expect("ports");
+    let config = shipped.replace("/var/run/sluice/sluice.sock", &socket.display().to_string());
+    let envoy = Envoy::start_with(&render(&config, &ports).expect("render"), ports)
+        .await
+        .expect("envoy");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            http::get(envoy.listener(), "/", &[("user", "alice")])
+                .await
+                .map_or(0, |r| r.status),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429], "{}", envoy.log_tail());
+    let admin_addr = ([127, 0, 0, 1], admin).into();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let text = http::get(admin_addr, "/metrics", &[])
+                .await
+                .map(|r| r.text())
+                .unwrap_or_default();
+            sluice_testkit::scrape(&text, r#"flowcontrol_access_logs_total{result="matched"}"#)
+                .is_some_and(|n| n >= 3.0)
+        })
+        .await,
+        "access logs over the socket:\n{}",
+        sidecar.log_tail()
+    );
+}

@@ -585,7 +585,7 @@ impl Controller {
             .add_service(wire::control_server::ControlServer::new(service));
         tasks.push(tokio::spawn(sluice_runtime::grpc::serve(
             router,
-            grpc,
+            sluice_runtime::grpc::Bound::Tcp(grpc),
             tls.clone(),
             limits.max_connections,
             stop.clone(),

@@ -2,6 +2,7 @@
 //! access-log listener, the controller's control API, and the load tests'
 //! no-op Check server, which must measure the same stack.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, UdsConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc_guard::{Budget, GuardLayer};
@@ -106,30 +107,140 @@ pub fn server(limits: &Limits) -> Server {
         )))
 }
 
-/// Serves `router` on `listener`, over TLS when `tls` is given, with at
-/// most `max_connections` open, until `shutdown` fires; calls in progress
-/// then finish. An error of the server itself is logged: the process's
-/// other listeners go on.
+/// Where a gRPC listener listens: a TCP address, or a Unix domain socket
+/// (`unix:/path`), which in a pod only containers sharing its volume reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// `host:port`.
+    Tcp(SocketAddr),
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// The TCP address, if it is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Listen::Tcp(addr) => Some(*addr),
+            Listen::Unix(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path".to_owned()),
+            Some(path) => Ok(Listen::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(Listen::Tcp)
+                .map_err(|_| format!("expected host:port or unix:/path, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A bound gRPC listener.
+#[derive(Debug)]
+pub enum Bound {
+    /// On TCP.
+    Tcp(TcpListener),
+    /// On a Unix domain socket.
+    Unix(UnixListener),
+}
+
+impl Bound {
+    /// Binds `listen`. A socket file left by an earlier run is replaced
+    /// (only a socket: any other file there is an error).
+    pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
+        match listen {
+            Listen::Tcp(addr) => Ok(Bound::Tcp(TcpListener::bind(addr).await?)),
+            Listen::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt as _;
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Bound::Unix(UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// The TCP address it is bound to (the real port when asked for 0);
+    /// `None` on a Unix socket.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Unix(_) => None,
+        }
+    }
+}
+
+/// What a listener accepts.
+trait Acceptor: Send + 'static {
+    type Io: Send + 'static;
+    fn next(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Io = TcpStream;
+    async fn next(&self) -> std::io::Result<TcpStream> {
+        let (tcp, _) = self.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+}
+
+impl Acceptor for UnixListener {
+    type Io = UnixStream;
+    async fn next(&self) -> std::io::Result<UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Serves `router` on `listener`, over TLS when `tls` is given (TCP only),
+/// with at most `max_connections` open, until `shutdown` fires; calls in
+/// progress then finish. An error of the server itself is logged: the
+/// process's other listeners go on.
 pub async fn serve(
     router: Router,
-    listener: TcpListener,
+    listener: Bound,
     tls: Option<Arc<ServerTls>>,
     max_connections: usize,
     shutdown: Shutdown,
 ) {
     let mut stop = shutdown.clone();
     let stopped = async move { stop.wait().await };
-    let served = match tls {
-        None => {
+    let served = match (listener, tls) {
+        (Bound::Tcp(listener), None) => {
             let plain = accepted(listener, max_connections, shutdown, |tcp| async { Ok(tcp) });
             router.serve_with_incoming_shutdown(plain, stopped).await
         }
-        Some(tls) => {
+        (Bound::Tcp(listener), Some(tls)) => {
             let secured = accepted(listener, max_connections, shutdown, move |tcp| {
                 let tls = tls.clone();
                 async move { tls.accept(tcp).await }
             });
             router.serve_with_incoming_shutdown(secured, stopped).await
+        }
+        (Bound::Unix(listener), tls) => {
+            if tls.is_some() {
+                tracing::warn!(
+                    "TLS is not served on a Unix socket: the socket's permissions guard it"
+                );
+            }
+            let local = accepted(listener, max_connections, shutdown, |uds| async { Ok(uds) });
+            router.serve_with_incoming_shutdown(local, stopped).await
         }
     };
     if let Err(e) = served {
@@ -143,15 +254,16 @@ pub async fn serve(
 /// it off after [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT)). A
 /// failed handshake (no client certificate, an untrusted one, plain text)
 /// is logged at debug level: anyone can cause one.
-fn accepted<I, F, Fut>(
-    listener: TcpListener,
+fn accepted<L, I, F, Fut>(
+    listener: L,
     max_connections: usize,
     mut shutdown: Shutdown,
     handshake: F,
 ) -> ReceiverStream<Result<Conn<I>, std::io::Error>>
 where
+    L: Acceptor,
     I: Send + 'static,
-    F: Fn(TcpStream) -> Fut + Send + 'static,
+    F: Fn(L::Io) -> Fut + Send + 'static,
     Fut: Future<Output = std::io::Result<I>> + Send + 'static,
 {
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
@@ -159,9 +271,9 @@ where
     tokio::spawn(async move {
         let mut said_full = false;
         loop {
-            let tcp = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
+            let io = tokio::select! {
+                accepted = listener.next() => match accepted {
+                    Ok(io) => io,
                     Err(e) => {
                         // Out of file descriptors and the like: back off.
                         tracing::warn!(error = %e, "gRPC accept failed");
@@ -179,12 +291,11 @@ where
                         "gRPC connections at their limit: new ones are closed"
                     );
                 }
-                drop(tcp);
+                drop(io);
                 continue;
             };
             said_full = false;
-            let _ = tcp.set_nodelay(true);
-            let handshake = handshake(tcp);
+            let handshake = handshake(io);
             let ready = ready.clone();
             tokio::spawn(async move {
                 match handshake.await {
@@ -250,6 +361,14 @@ impl Connected for Conn<TcpStream> {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl Connected for Conn<UnixStream> {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
         self.io.connect_info()
     }
 }
