@@ -126,7 +126,7 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % USERS;
                 let req = wire::CheckRequest::decode(encoded[i].clone()).expect("decodes");
-                let resp = ready(service.decide(Some("ingress"), &req, None));
+                let resp = ready(service.decide(Some("ingress"), &req, None)).expect("answered");
                 black_box(resp.encode_to_vec())
             })
         });

@@ -160,6 +160,8 @@ pub struct Sidecar {
     shutdown: Trigger,
     /// The tasks, awaited on stop.
     tasks: Vec<JoinHandle<()>>,
+    /// Queued Checks answered because the sidecar stopped.
+    drained: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Sidecar {
@@ -228,7 +230,9 @@ impl Sidecar {
             engine.clone(),
             &config.default_control_point,
             &config.service,
-        );
+        )
+        .draining_on(stop.clone());
+        let drained = authz.drained();
         let access_logs = AccessLogs::new(engine.clone())?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -363,6 +367,7 @@ impl Sidecar {
             engine,
             shutdown,
             tasks,
+            drained,
         })
     }
 
@@ -370,11 +375,21 @@ impl Sidecar {
     /// ends every task.
     pub async fn stop(self, grace: Duration) {
         self.shutdown.fire();
+        let mut cut = 0;
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(grace, task).await.is_err() {
                 abort.abort();
+                cut += 1;
             }
+        }
+        let drained = self.drained.load(Ordering::Relaxed);
+        if drained > 0 || cut > 0 {
+            tracing::info!(
+                queued_checks_answered_unavailable = drained,
+                tasks_cut_at_grace = cut,
+                "stopped: Checks waiting in scheduler queues were answered UNAVAILABLE (Envoy's failure_mode_allow decides them)"
+            );
         }
     }
 }

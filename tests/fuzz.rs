@@ -193,7 +193,7 @@ proptest! {
                 &request,
                 Some(Duration::from_millis(1)),
             ));
-            prop_assert!(response.status.is_some());
+            prop_assert!(response.is_ok_and(|r| r.status.is_some()));
         }
     }
 

@@ -271,8 +271,18 @@ async fn driving_controller(policy: &Path, extra: &[String]) -> Server {
     Server::start("sluice-controller", &program, &args).await
 }
 
+/// Everything `server` logged, without terminal colours.
 fn whole_log(server: &Server) -> String {
-    std::fs::read_to_string(server.process.log_path()).expect("log")
+    let text = std::fs::read_to_string(server.process.log_path()).expect("log");
+    let mut plain = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find('\x1b') {
+        plain.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+    }
+    plain.push_str(rest);
+    plain
 }
 
 fn flags(pairs: &[(&str, &Path)]) -> Vec<String> {
@@ -878,5 +888,64 @@ async fn envoy_reaches_sluice_over_a_unix_socket() {
         .await,
         "access logs over the socket:\n{}",
         sidecar.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_queued_checks_before_the_grace_period_ends() {
+    let policy = PolicyFile::new(
+        "name: queue\nconcurrency_schedulers:\n  - name: one\n    selectors: [{control_point: ingress}]\n    max_concurrency: 1\n    max_inflight_duration: 1h\n    scheduler:\n      default_workload_parameters: {queue_timeout: 30s}\n",
+    );
+    let sidecar = sluice(&policy.path, &[]).await;
+    let url = format!("http://{}", sidecar.grpc);
+    let mut holder = AuthorizationClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let first = holder
+        .check(check_request("GET", "/", &[]))
+        .await
+        .expect("admitted")
+        .into_inner();
+    assert_eq!(http_status(&first), 200, "the first takes the only slot");
+    // Two more wait in the queue: nothing will free the slot.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let url = url.clone();
+        waiting.push(tokio::spawn(async move {
+            let mut client = AuthorizationClient::connect(url).await.expect("connect");
+            client.check(check_request("GET", "/", &[])).await
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sluice_testkit::scrape(&sidecar.metrics().await, "workload_requests_total{component=\"one\",decision_type=\"accepted\",policy_name=\"queue\",workload_index=\"default\"}")
+                .is_some()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(waiting.iter().all(|w| !w.is_finished()), "both are queued");
+
+    let pid = sidecar.process.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    for w in waiting {
+        let answer = tokio::time::timeout(Duration::from_secs(4), w)
+            .await
+            .expect("answered before the 5 s grace period ends")
+            .expect("task");
+        let status = answer.expect_err("not decided: the sidecar is stopping");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            whole_log(&sidecar).contains("queued_checks_answered_unavailable=2")
+        })
+        .await,
+        "{}",
+        whole_log(&sidecar)
     );
 }

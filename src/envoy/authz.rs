@@ -2,7 +2,10 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use sluice_runtime::shutdown::Shutdown;
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::{Request, Response, Status};
@@ -28,6 +31,12 @@ pub struct AuthzService {
     default_control_point: Arc<str>,
     /// Service when the request names none (`--service`, else `any`).
     default_service: Arc<str>,
+    /// Fires when the sidecar stops: Checks waiting in a scheduler queue
+    /// are then answered at once rather than cut when the grace period
+    /// ends.
+    draining: Option<Shutdown>,
+    /// Checks answered that way.
+    drained: Arc<AtomicU64>,
 }
 
 impl AuthzService {
@@ -37,7 +46,23 @@ impl AuthzService {
             engine,
             default_control_point: default_control_point.into(),
             default_service: default_service.into(),
+            draining: None,
+            drained: Arc::default(),
         }
+    }
+
+    /// This service, answering Checks that wait in a queue with gRPC
+    /// `UNAVAILABLE` as soon as `draining` fires, so that Envoy applies its
+    /// `failure_mode_allow` to them before the process ends, instead of
+    /// seeing the connection cut.
+    pub fn draining_on(mut self, draining: Shutdown) -> Self {
+        self.draining = Some(draining);
+        self
+    }
+
+    /// How many waiting Checks were answered because the sidecar stopped.
+    pub fn drained(&self) -> Arc<AtomicU64> {
+        self.drained.clone()
     }
 
     /// The tonic server for this service, accepting requests up to
@@ -48,13 +73,14 @@ impl AuthzService {
 
     /// Decides one request. Most are decided without waiting; a flow a
     /// scheduler queues waits here (a parked future) at most until
-    /// `grpc_timeout`, Envoy's deadline for the answer.
+    /// `grpc_timeout`, Envoy's deadline for the answer, or until the
+    /// sidecar stops (then `UNAVAILABLE`).
     pub async fn decide(
         &self,
         control_point: Option<&str>,
         request: &CheckRequest,
         grpc_timeout: Option<Duration>,
-    ) -> CheckResponse {
+    ) -> Result<CheckResponse, Status> {
         let extension = |key: &str| -> Option<Cow<'_, str>> {
             let attrs = request.attributes.as_ref()?;
             attrs
@@ -88,12 +114,27 @@ impl AuthzService {
             let waiting = decision.waiting.take();
             (response::build(&decision, &view), waiting)
         });
-        match waiting {
-            None => response,
-            Some(waiting) => match waiting.run(&self.engine, grpc_timeout).await {
+        let Some(waiting) = waiting else {
+            return Ok(response);
+        };
+        let mut draining = self.draining.clone();
+        let stopping = async {
+            match draining.as_mut() {
+                Some(d) => d.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            waited = waiting.run(&self.engine, grpc_timeout) => Ok(match waited {
                 Ok(()) => response,
                 Err(refusal) => response::refused_after_waiting(&refusal),
-            },
+            }),
+            () = stopping => {
+                // The queued flow is dropped: its place and any capacity it
+                // held are given back.
+                self.drained.fetch_add(1, Ordering::Relaxed);
+                Err(Status::unavailable("sluice is stopping"))
+            }
         }
     }
 }
@@ -132,9 +173,9 @@ impl Authorization for AuthzService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
-        Ok(Response::new(
-            self.decide(control_point, request.get_ref(), timeout).await,
-        ))
+        self.decide(control_point, request.get_ref(), timeout)
+            .await
+            .map(Response::new)
     }
 }
 

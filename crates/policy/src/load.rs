@@ -223,9 +223,36 @@ fn strip_location(message: &str) -> String {
     }
 }
 
+/// Most components (classifiers included) in one policy. Every Check at a
+/// control point evaluates the selectors of its components, so a policy of
+/// ten thousand made each Check ten times slower: policies are untrusted
+/// input too. Per-tenant limits take one component with
+/// `limit_by_label_key`, not one per tenant.
+pub const MAX_COMPONENTS_PER_POLICY: usize = 1_000;
+
 /// Component names are unique within a policy across all kinds: a name
-/// identifies the component in metrics and in `x-sluice-rejected-by`.
+/// identifies the component in metrics and in `x-sluice-rejected-by`. And
+/// there are at most [`MAX_COMPONENTS_PER_POLICY`].
 fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
+    let components = policy.classifiers.len()
+        + policy.samplers.len()
+        + policy.rate_limiters.len()
+        + policy.flux_meters.len()
+        + policy.concurrency_limiters.len()
+        + policy.concurrency_schedulers.len()
+        + policy.quota_schedulers.len()
+        + policy.load_schedulers.len();
+    if components > MAX_COMPONENTS_PER_POLICY {
+        return Err(PolicyError::at(
+            file,
+            &policy.name.defined,
+            "name".to_owned(),
+            format!(
+                "{components} components; a policy holds at most {MAX_COMPONENTS_PER_POLICY} \
+                 (one component with limit_by_label_key serves many tenants)"
+            ),
+        ));
+    }
     type Named<'a> = (String, &'a serde_saphyr::Spanned<super::types::Name>);
     let classifiers = policy.classifiers.iter().enumerate().filter_map(|(i, c)| {
         c.name
@@ -479,6 +506,18 @@ rate_limiters:
 #[cfg(test)]
 mod size_and_stamp {
     use super::*;
+
+    #[test]
+    fn a_policy_of_too_many_components_is_refused_with_the_reason() {
+        let mut text = String::from("name: many\nrate_limiters:\n");
+        for i in 0..=MAX_COMPONENTS_PER_POLICY {
+            text.push_str(&format!(
+                "  - {{name: r{i}, selectors: [{{control_point: ingress}}], bucket_capacity: 1, fill_amount: 1, interval: 1s}}\n"
+            ));
+        }
+        let err = parse_policy(Path::new("many.yaml"), &text).expect_err("too many");
+        assert!(err.to_string().contains("at most 1000"), "{err}");
+    }
 
     #[test]
     fn a_huge_file_is_refused_without_being_read_and_the_stamp_sees_changes() {
