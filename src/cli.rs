@@ -199,9 +199,9 @@ pub struct RunArgs {
     /// --token-file); re-read on every subscription.
     #[arg(long, env = "SLUICE_CONTROLLER_TOKEN_FILE")]
     pub controller_token_file: Option<PathBuf>,
-    /// Longest a controller's decision may hold: one whose valid_until is
-    /// further ahead is refused (counted as invalid), so that no controller
-    /// can leave a component throttled long after it is gone.
+    /// Longest a controller's decision may hold, whatever its valid_until
+    /// says, so that no controller can leave a component throttled long
+    /// after it is gone. Keep the controller's --decision-validity below it.
     #[arg(long, env = "SLUICE_CONTROLLER_MAX_VALIDITY", default_value = "60s", value_parser = parse_duration)]
     pub controller_max_validity: Duration,
     /// PEM certificate chain of the Check and OTLP listener (gRPC over

@@ -122,7 +122,7 @@ pub struct ControllerLink {
     pub tls: ClientTls,
     /// The bearer token to present, if the controller requires one.
     pub token: Option<TokenFile>,
-    /// Longest a decision may hold; one asking for more is refused.
+    /// Longest a decision may hold, whatever it asks for.
     pub max_validity: Duration,
 }
 

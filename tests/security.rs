@@ -407,15 +407,20 @@ async fn only_the_real_controller_over_tls_with_the_token_is_believed() {
     assert!(!log.contains("subscribed to the controller"), "{log}");
 }
 
-/// A controller of the test's own making that sends `decisions` (for the
-/// policy `text`, with its real hash) to whoever subscribes.
+/// A controller of the test's own making that sends a decision set every
+/// 100 ms to whoever subscribes, until it is `gone`.
 mod hostile {
     use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use sluice_proto::control as wire;
-    use tokio_stream::Stream;
+    use tokio_stream::{Stream, StreamExt as _};
 
-    pub struct Controller(pub wire::DecisionSet);
+    pub struct Controller {
+        pub set: wire::DecisionSet,
+        pub gone: Arc<AtomicBool>,
+    }
 
     type Decisions = Pin<Box<dyn Stream<Item = Result<wire::DecisionSet, tonic::Status>> + Send>>;
 
@@ -427,25 +432,23 @@ mod hostile {
             &self,
             _: tonic::Request<wire::SubscribeRequest>,
         ) -> Result<tonic::Response<Decisions>, tonic::Status> {
-            let set = self.0.clone();
-            // The same set every 100 ms, as a controller ticks.
-            let sets = async_stream_of(set);
+            if self.gone.load(Ordering::Relaxed) {
+                return Err(tonic::Status::unavailable("gone"));
+            }
+            let (set, gone) = (self.set.clone(), self.gone.clone());
+            let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                std::time::Duration::from_millis(100),
+            ));
+            let sets = ticks
+                .take_while(move |_| !gone.load(Ordering::Relaxed))
+                .map(move |_| Ok(set.clone()));
             Ok(tonic::Response::new(Box::pin(sets)))
         }
-    }
-
-    fn async_stream_of(
-        set: wire::DecisionSet,
-    ) -> impl Stream<Item = Result<wire::DecisionSet, tonic::Status>> {
-        let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
-            std::time::Duration::from_millis(100),
-        ));
-        tokio_stream::StreamExt::map(ticks, move |_| Ok(set.clone()))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_range_decisions_are_refused_and_the_first_is_logged() {
+async fn out_of_range_decisions_are_refused_and_none_outlives_the_sidecars_bound() {
     use sluice_proto::control::{self as wire, decision::Action};
     let text = r#"
 name: guarded
@@ -480,18 +483,18 @@ load_schedulers:
             multiplier,
         })
     };
+    let share = |percentage| {
+        Action::AcceptPercentage(wire::AcceptPercentage {
+            sampler: "door".to_owned(),
+            percentage,
+        })
+    };
     let decisions = vec![
         decision(soon, multiplier(f64::NAN)),
         decision(soon, multiplier(-1.0)),
-        // In range, but in force until the end of time.
-        decision(i64::MAX, multiplier(0.0)),
-        decision(
-            soon,
-            Action::AcceptPercentage(wire::AcceptPercentage {
-                sampler: "door".to_owned(),
-                percentage: 250.0,
-            }),
-        ),
+        decision(soon, share(250.0)),
+        // In range, but asking to hold until the end of time.
+        decision(i64::MAX, share(0.0)),
         decision(
             soon,
             Action::RateLimit(wire::RateLimit {
@@ -505,53 +508,73 @@ load_schedulers:
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let gone = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(wire::control_server::ControlServer::new(
-                hostile::Controller(wire::DecisionSet {
-                    decisions,
-                    sent_unix_ms: 0,
-                }),
+                hostile::Controller {
+                    set: wire::DecisionSet {
+                        decisions,
+                        sent_unix_ms: 0,
+                    },
+                    gone: gone.clone(),
+                },
             ))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let sidecar = sluice(&policy.path, &["--controller", &format!("http://{addr}")]).await;
+    let sidecar = sluice(
+        &policy.path,
+        &[
+            "--controller",
+            &format!("http://{addr}"),
+            "--controller-max-validity",
+            "2s",
+        ],
+    )
+    .await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             sluice_testkit::scrape(
                 &sidecar.metrics().await,
                 r#"controller_decisions_total{result="invalid"}"#,
             )
-            .is_some_and(|n| n >= 25.0)
+            .is_some_and(|n| n >= 20.0)
         })
         .await,
         "{}",
         sidecar.metrics().await
     );
-    let text = sidecar.metrics().await;
-    assert_eq!(
-        sluice_testkit::scrape(&text, r#"controller_decisions_total{result="applied"}"#)
-            .unwrap_or(0.0),
-        0.0,
-        "{text}"
-    );
     let mut checks = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
         .await
         .expect("client");
-    for _ in 0..10 {
+    let mut status = async || {
         let resp = checks
             .check(check_request("GET", "/", &[]))
             .await
             .expect("check")
             .into_inner();
-        assert_eq!(http_status(&resp), 200, "nothing the fake sent is in force");
-    }
+        http_status(&resp)
+    };
+    // Only the in-range decision is in force: the door is shut, the
+    // multiplier and the bucket are the policy's.
+    assert_eq!(status().await, 403);
     let log = whole_log(&sidecar);
     assert_eq!(
         log.matches("refused a controller decision").count(),
         1,
         "logged once, then counted:\n{log}"
     );
+    // The fake goes: its "for ever" lapses at the sidecar's bound.
+    gone.store(true, Ordering::Relaxed);
+    let mut reopened = false;
+    for _ in 0..100 {
+        if status().await == 200 {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reopened, "the fake's decision outlived the bound");
     server.abort();
 }
 

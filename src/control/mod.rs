@@ -12,9 +12,9 @@
 //! `https://` is TLS (an `https` controller that speaks plain text is an
 //! error, never a fallback), with a client certificate for mTLS; a token
 //! file adds `authorization: Bearer`. Every decision is still checked by
-//! the engine (finite, in range, not valid for longer than
-//! `--controller-max-validity`); a refused one is counted as `invalid` and
-//! the first of each subscription is logged.
+//! the engine (finite and in range; a refused one is counted as `invalid`
+//! and the first of each subscription is logged), and none holds longer
+//! than `--controller-max-validity`.
 
 use std::sync::Arc;
 use std::time::Duration;

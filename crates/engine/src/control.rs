@@ -11,12 +11,12 @@
 //! leaves a sidecar throttled.
 //!
 //! The stream is untrusted input like any other (docs/security.md): a
-//! decision whose numbers are not finite or outside the component's range,
-//! or that would hold further ahead than the sidecar allows
-//! ([`EngineOptions::max_decision_validity`](crate::EngineOptions)), is
-//! refused whole ([`Applied::Invalid`]), so that neither a broken nor a
-//! hostile controller can set a NaN multiplier or leave its damage in force
-//! after it is gone.
+//! decision whose numbers are not finite or outside the component's range
+//! is refused whole ([`Applied::Invalid`]), and none holds further ahead
+//! than the sidecar allows
+//! ([`EngineOptions::max_decision_validity`](crate::EngineOptions)), so
+//! that neither a broken nor a hostile controller can set a NaN multiplier
+//! or leave its damage in force long after it is gone.
 
 use std::time::Duration;
 

@@ -61,8 +61,8 @@ pub struct EngineOptions {
     /// The key `sluice.flow` values are signed with; random when `None`.
     pub flow_key: Option<FlowKey>,
     /// Longest a controller's decision may hold from its arrival: one that
-    /// asks for more is refused, so that a controller that is gone (or was
-    /// never the real one) cannot leave a component throttled for long.
+    /// asks for more holds this long, so that a controller that is gone (or
+    /// was never the real one) cannot leave a component throttled for long.
     pub max_decision_validity: Duration,
 }
 
@@ -435,9 +435,6 @@ impl Engine {
         if decision.valid_for.is_zero() {
             return Applied::Lapsed;
         }
-        if decision.valid_for > self.options.max_decision_validity {
-            return Applied::Invalid("a validity longer than this sidecar allows");
-        }
         if let Some(why) = decision.action.invalid() {
             return Applied::Invalid(why);
         }
@@ -448,7 +445,11 @@ impl Engine {
         if policy.hash != decision.policy_hash {
             return Applied::OtherVersion;
         }
-        let until = self.clock.now().saturating_add(nanos(decision.valid_for));
+        // Never further ahead than this sidecar allows, whatever was asked:
+        // a controller re-sends every tick, so only a controller that is
+        // gone (or was never the real one) notices.
+        let valid_for = decision.valid_for.min(self.options.max_decision_validity);
+        let until = self.clock.now().saturating_add(nanos(valid_for));
         let name = decision.action.component();
         let found = match &decision.action {
             Action::LoadMultiplier { value, .. } => policy

@@ -1173,7 +1173,7 @@ load_schedulers:
   - name: protect
     selectors: [{control_point: ingress}]
 "#;
-    let (engine, _) = engine(&[doc]);
+    let (engine, time) = engine(&[doc]);
     let hash = engine.plan().policies[0].hash;
     let decision = |action| ControlDecision {
         policy: "ctl",
@@ -1210,15 +1210,6 @@ load_schedulers:
             "{action:?}"
         );
     }
-    // i64::MAX as valid_until arrives as a very long validity.
-    let forever = ControlDecision {
-        valid_for: Duration::from_secs(61),
-        ..decision(multiplier(0.0))
-    };
-    assert_eq!(
-        engine.apply(&forever),
-        Applied::Invalid("a validity longer than this sidecar allows")
-    );
     let text = engine.metrics().encode_text();
     assert!(
         !text.contains("controller_decision_active{component=\"protect\",policy_name=\"ctl\"} 1"),
@@ -1227,8 +1218,16 @@ load_schedulers:
     for _ in 0..5 {
         assert_eq!(check(&engine, &[]).0, None, "nothing was applied");
     }
-    // In range and within the bound, the same kinds apply.
+    // In range, the same kinds apply. One asking to hold for ever (what
+    // i64::MAX as valid_until arrives as) holds for the sidecar's bound.
     assert_eq!(engine.apply(&decision(multiplier(0.5))), Applied::Applied);
-    assert_eq!(engine.apply(&decision(share(0.0))), Applied::Applied);
+    let forever = ControlDecision {
+        valid_for: Duration::from_secs(u64::MAX / 4),
+        ..decision(share(0.0))
+    };
+    assert_eq!(engine.apply(&forever), Applied::Applied);
     assert_eq!(check(&engine, &[]).0.map(|r| r.1), Some(403));
+    time.advance(EngineOptions::default().max_decision_validity);
+    engine.sweep();
+    assert_eq!(check(&engine, &[]).0, None, "lapsed at the bound");
 }
