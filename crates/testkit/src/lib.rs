@@ -68,7 +68,25 @@ pub fn repo_root() -> PathBuf {
 
 /// A TCP port that was free a moment ago on 127.0.0.1. For programs that
 /// must be told their port (Envoy, Prometheus); Sluice itself binds port 0.
+///
+/// It is drawn below the kernel's ephemeral range, which the source ports
+/// of outgoing connections come from: a port the kernel hands out for
+/// "port 0" can meanwhile become some connection's source port (k6's, a
+/// scraper's), and then the program told to listen on it cannot. Port 0
+/// is the fallback when no port below the range is free.
 pub fn free_port() -> std::io::Result<u16> {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if first_ephemeral > 12_000 {
+        for _ in 0..64 {
+            let port = fastrand::u16(10_000..first_ephemeral);
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(listener.local_addr()?.port());
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
