@@ -22,7 +22,7 @@ use sluice_policy::{self as policy, watch::Reload};
 use sluice_runtime::grpc::ClientTls;
 use sluice_runtime::secret::TokenFile;
 use sluice_runtime::shutdown::{self, Trigger};
-use sluice_runtime::tls::{ServerTls, ServerTlsFiles};
+use sluice_runtime::tls::{self, ServerTls, ServerTlsFiles};
 use sluice_runtime::{admin as admin_server, grpc, hostname};
 use sluice_store::{RedisConfig, RedisStore};
 use sluice_time::Clock;
@@ -205,14 +205,8 @@ impl Sidecar {
             metrics.policy_loaded.set(1);
         }
 
-        let grpc_tls = match &config.grpc_tls {
-            Some(files) => Some(ServerTls::load(files.clone(), &[b"h2"])?),
-            None => None,
-        };
-        let admin_tls = match &config.admin_tls {
-            Some(files) => Some(ServerTls::load(files.clone(), &[b"http/1.1"])?),
-            None => None,
-        };
+        let grpc_tls = ServerTls::load_if(config.grpc_tls.as_ref(), tls::GRPC_ALPN)?;
+        let admin_tls = ServerTls::load_if(config.admin_tls.as_ref(), tls::ADMIN_ALPN)?;
         let grpc = grpc::Bound::bind(&config.grpc_listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
@@ -304,19 +298,11 @@ impl Sidecar {
             )));
         }
 
-        {
-            let (reread, grpc_tls, admin_tls) =
-                (reread.clone(), grpc_tls.clone(), admin_tls.clone());
-            tasks.push(sluice_runtime::signal::on_hangup(
-                stop.clone(),
-                move || {
-                    reread.notify_one();
-                    for tls in [&grpc_tls, &admin_tls].into_iter().flatten() {
-                        tls.reload();
-                    }
-                },
-            )?);
-        }
+        tasks.push(sluice_runtime::signal::reread_on_hangup(
+            stop.clone(),
+            reread.clone(),
+            grpc_tls.iter().chain(&admin_tls).cloned().collect(),
+        )?);
 
         if let Some(rw) = &config.remote_write {
             let mut rw = rw.clone();

@@ -154,7 +154,7 @@ async fn a_changed_policy_takes_effect_and_a_broken_one_is_refused() {
         "the broken policy was never read"
     );
     assert_eq!(status().await, 403);
-    let log = std::fs::read_to_string(sidecar.process.log_path()).expect("log");
+    let log = sidecar.log();
     assert!(
         log.contains("policy.yaml:"),
         "the error names its file:\n{log}"
@@ -166,17 +166,6 @@ async fn a_changed_policy_takes_effect_and_a_broken_one_is_refused() {
         "the door never opened again"
     );
 }
-
-const DRIVEN: &str = r#"
-name: driven
-samplers:
-  - name: door
-    selectors: [{control_point: ingress}]
-    accept_percentage: 100
-circuit:
-  components:
-    - actuator: {sampler: door, input: 0}
-"#;
 
 /// `sluice-controller` with `policy` on the given ports, ticking every
 /// 200 ms, its decisions valid for 1 s.

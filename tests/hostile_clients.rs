@@ -85,16 +85,7 @@ fn resident_bytes(server: &Server) -> u64 {
 }
 
 async fn a_check_is_answered(sidecar: &Server) -> bool {
-    let Ok(mut client) = AuthorizationClient::connect(format!("http://{}", sidecar.grpc)).await
-    else {
-        return false;
-    };
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        client.check(check_request("GET", "/", &[])),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok_and(|r| http_status(r.get_ref()) == 200))
+    check_status(sidecar.grpc).await == Some(200)
 }
 
 const OPEN: &str = "name: open\nsamplers:\n  - name: door\n    selectors: [{control_point: ingress}]\n    accept_percentage: 100\n";

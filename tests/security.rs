@@ -249,19 +249,6 @@ async fn forged_access_logs_leave_the_load_multiplier_alone() {
     );
 }
 
-/// A policy whose circuit closes a door the policy leaves open: a sidecar
-/// that believes the controller answers 403, one that does not, 200.
-const DRIVEN: &str = r#"
-name: driven
-samplers:
-  - name: door
-    selectors: [{control_point: ingress}]
-    accept_percentage: 100
-circuit:
-  components:
-    - actuator: {sampler: door, input: 0}
-"#;
-
 /// `sluice-controller` on `policy`, ticking every 200 ms, with `extra`
 /// flags; its circuit asks Prometheus nothing.
 async fn driving_controller(policy: &Path, extra: &[String]) -> Server {
@@ -269,20 +256,6 @@ async fn driving_controller(policy: &Path, extra: &[String]) -> Server {
     args.extend_from_slice(extra);
     let program = workspace_binary("sluice-controller").expect("sluice-controller");
     Server::start("sluice-controller", &program, &args).await
-}
-
-/// Everything `server` logged, without terminal colours.
-fn whole_log(server: &Server) -> String {
-    let text = std::fs::read_to_string(server.process.log_path()).expect("log");
-    let mut plain = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find('\x1b') {
-        plain.push_str(&rest[..at]);
-        rest = &rest[at..];
-        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
-    }
-    plain.push_str(rest);
-    plain
 }
 
 fn flags(pairs: &[(&str, &Path)]) -> Vec<String> {
@@ -394,10 +367,10 @@ async fn only_the_real_controller_over_tls_with_the_token_is_believed() {
         "{}",
         real.metrics().await
     );
-    let log = whole_log(&without_token);
+    let log = without_token.log();
     assert!(log.contains("the controller refused this sidecar"), "{log}");
     // Loud: the error says what went wrong, once.
-    let log = whole_log(&https_to_plain);
+    let log = https_to_plain.log();
     assert!(log.contains("cannot reach the controller"), "{log}");
     assert_eq!(
         log.matches("cannot reach the controller").count(),
@@ -544,21 +517,10 @@ load_schedulers:
         "{}",
         sidecar.metrics().await
     );
-    let mut checks = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
-        .await
-        .expect("client");
-    let mut status = async || {
-        let resp = checks
-            .check(check_request("GET", "/", &[]))
-            .await
-            .expect("check")
-            .into_inner();
-        http_status(&resp)
-    };
     // Only the in-range decision is in force: the door is shut, the
     // multiplier and the bucket are the policy's.
-    assert_eq!(status().await, 403);
-    let log = whole_log(&sidecar);
+    assert_eq!(check_status(sidecar.grpc).await, Some(403));
+    let log = sidecar.log();
     assert_eq!(
         log.matches("refused a controller decision").count(),
         1,
@@ -566,22 +528,21 @@ load_schedulers:
     );
     // The fake goes: its "for ever" lapses at the sidecar's bound.
     gone.store(true, Ordering::Relaxed);
-    let mut reopened = false;
-    for _ in 0..100 {
-        if status().await == 200 {
-            reopened = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(reopened, "the fake's decision outlived the bound");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            check_status(sidecar.grpc).await == Some(200)
+        })
+        .await,
+        "the fake's decision outlived the bound"
+    );
     server.abort();
 }
 
-fn hang_up(server: &Server) {
+/// Sends `signal` (`-HUP`, `-TERM`) to `server`.
+fn send(server: &Server, signal: &str) {
     let pid = server.process.id().expect("pid");
     let status = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
@@ -605,37 +566,20 @@ async fn sighup_rereads_the_policy_and_stops_neither_binary() {
     .await;
     let controlling = PolicyFile::new(DRIVEN);
     let controller = driving_controller(&controlling.path, &[]).await;
-    let mut checks = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
-        .await
-        .expect("client");
-    let mut status = async || {
-        let resp = checks
-            .check(check_request("GET", "/", &[]))
-            .await
-            .expect("check")
-            .into_inner();
-        http_status(&resp)
-    };
-    assert_eq!(status().await, 200);
+    assert_eq!(check_status(sidecar.grpc).await, Some(200));
     policy.rewrite(&open.replace("100", "0"));
-    hang_up(&sidecar);
-    hang_up(&controller);
-    let started = tokio::time::Instant::now();
-    let mut closed = false;
-    while started.elapsed() < Duration::from_secs(10) {
-        if status().await == 403 {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    send(&sidecar, "-HUP");
+    send(&controller, "-HUP");
     assert!(
-        closed,
+        eventually(Duration::from_secs(10), || async {
+            check_status(sidecar.grpc).await == Some(403)
+        })
+        .await,
         "SIGHUP did not re-read the policy:\n{}",
-        whole_log(&sidecar)
+        sidecar.log()
     );
     for server in [&sidecar, &controller] {
-        let log = whole_log(server);
+        let log = server.log();
         assert!(log.contains("SIGHUP: re-reading"), "{log}");
         let ok = http::get(server.admin, "/healthz", &[])
             .await
@@ -949,12 +893,7 @@ async fn sigterm_answers_queued_checks_before_the_grace_period_ends() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(waiting.iter().all(|w| !w.is_finished()), "both are queued");
 
-    let pid = sidecar.process.id().expect("pid");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    send(&sidecar, "-TERM");
     for w in waiting {
         let answer = tokio::time::timeout(Duration::from_secs(4), w)
             .await
@@ -965,10 +904,12 @@ async fn sigterm_answers_queued_checks_before_the_grace_period_ends() {
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
-            whole_log(&sidecar).contains("queued_checks_answered_unavailable=2")
+            sidecar
+                .log()
+                .contains("queued_checks_answered_unavailable=2")
         })
         .await,
         "{}",
-        whole_log(&sidecar)
+        sidecar.log()
     );
 }

@@ -205,6 +205,20 @@ pub struct Server {
 }
 
 impl Server {
+    /// Everything it logged, without terminal colours.
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.process.log_path()).expect("log");
+        let mut plain = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find('\x1b') {
+            plain.push_str(&rest[..at]);
+            rest = &rest[at..];
+            rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+        }
+        plain.push_str(rest);
+        plain
+    }
+
     pub async fn start(name: &'static str, program: &Path, args: &[String]) -> Server {
         let (grpc, admin) = (
             sluice_testkit::free_port().expect("port"),
@@ -323,6 +337,19 @@ pub async fn at_once(
     statuses
 }
 
+/// A policy whose circuit closes a door the policy leaves open: a sidecar
+/// that believes the controller answers 403, one that does not, 200.
+pub const DRIVEN: &str = r#"
+name: driven
+samplers:
+  - name: door
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+circuit:
+  components:
+    - actuator: {sampler: door, input: 0}
+"#;
+
 /// Flags of a `sluice-controller` on `policy` that ticks every 200 ms, its
 /// decisions valid for 1 s, and asks no Prometheus (nothing listens at
 /// the address it is given): for circuits of constants.
@@ -340,4 +367,20 @@ pub fn ticking_controller_args(policy: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The HTTP status a sidecar at `addr` answers `GET /` with, over a new
+/// connection; `None` when no answer comes within two seconds.
+pub async fn check_status(addr: SocketAddr) -> Option<u16> {
+    let mut client = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.check(check_request("GET", "/", &[])),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(http_status(answer.get_ref()))
 }

@@ -554,14 +554,9 @@ impl Controller {
             (config.tick / 2).max(Duration::from_millis(200)),
         );
 
-        let tls = match &config.tls {
-            Some(files) => Some(ServerTls::load(files.clone(), &[b"h2"])?),
-            None => None,
-        };
-        let admin_tls = match &config.admin_tls {
-            Some(files) => Some(ServerTls::load(files.clone(), &[b"http/1.1"])?),
-            None => None,
-        };
+        let tls = ServerTls::load_if(config.tls.as_ref(), sluice_runtime::tls::GRPC_ALPN)?;
+        let admin_tls =
+            ServerTls::load_if(config.admin_tls.as_ref(), sluice_runtime::tls::ADMIN_ALPN)?;
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
@@ -605,18 +600,11 @@ impl Controller {
         let reload_state = state.clone();
         let mut reload_stop = stop.clone();
         let reread = Arc::new(tokio::sync::Notify::new());
-        {
-            let (reread, tls, admin_tls) = (reread.clone(), tls.clone(), admin_tls.clone());
-            tasks.push(sluice_runtime::signal::on_hangup(
-                stop.clone(),
-                move || {
-                    reread.notify_one();
-                    for tls in [&tls, &admin_tls].into_iter().flatten() {
-                        tls.reload();
-                    }
-                },
-            )?);
-        }
+        tasks.push(sluice_runtime::signal::reread_on_hangup(
+            stop.clone(),
+            reread.clone(),
+            tls.iter().chain(&admin_tls).cloned().collect(),
+        )?);
         tasks.push(tokio::spawn(policy::watch::watch(
             config.policy.clone(),
             config.policy_poll_interval,

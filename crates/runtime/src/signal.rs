@@ -17,12 +17,15 @@ pub async fn terminate() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Calls `reload` on every SIGHUP until `shutdown`, instead of the default
-/// (which ends the process without a word). The handler is in place when
-/// this returns, so a SIGHUP right after start is not fatal either.
-pub fn on_hangup(
+/// On every SIGHUP until `shutdown`, instead of the default (which ends
+/// the process without a word): wakes the policy watcher (`policy`) to read
+/// its files at once, and re-reads the listeners' `certificates`. The
+/// handler is in place when this returns, so a SIGHUP right after start is
+/// not fatal either.
+pub fn reread_on_hangup(
     mut shutdown: crate::shutdown::Shutdown,
-    reload: impl Fn() + Send + 'static,
+    policy: std::sync::Arc<tokio::sync::Notify>,
+    certificates: Vec<std::sync::Arc<crate::tls::ServerTls>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup())?;
@@ -32,7 +35,8 @@ pub fn on_hangup(
                 received = hangups.recv() => match received {
                     Some(()) => {
                         tracing::info!("SIGHUP: re-reading the policy and the TLS certificates");
-                        reload();
+                        policy.notify_one();
+                        certificates.iter().for_each(|tls| tls.reload());
                     }
                     None => return,
                 },

@@ -32,6 +32,11 @@ pub use tokio_rustls::server::TlsStream;
 /// it out holds a task and a descriptor, so it is cut off.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// ALPN of a gRPC listener.
+pub const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+/// ALPN of an admin (HTTP/1.1) listener.
+pub const ADMIN_ALPN: &[&[u8]] = &[b"http/1.1"];
+
 /// How often, at most, the files are looked at for a change.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -237,6 +242,14 @@ impl ServerTls {
                 config,
             }),
         }))
+    }
+
+    /// [`ServerTls::load`] for a listener whose TLS is optional.
+    pub fn load_if(
+        files: Option<&ServerTlsFiles>,
+        alpn: &[&[u8]],
+    ) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        files.map(|f| ServerTls::load(f.clone(), alpn)).transpose()
     }
 
     /// The configuration for a new connection: the files' if they changed
