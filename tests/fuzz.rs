@@ -29,6 +29,7 @@ use sluice_engine::control::{Action, Applied, ControlDecision};
 use sluice_engine::flow_end::metadata::{FlowKey, FlowMeta};
 use sluice_engine::{Engine, EngineOptions, Metrics};
 use sluice_policy::load::{parse_policy, parse_sources};
+use sluice_proto::bounded;
 use sluice_testkit::access_log;
 use sluice_time::Clock;
 
@@ -186,7 +187,7 @@ proptest! {
     /// the engine decides on them and an answer is built.
     #[test]
     fn checks_decode_and_decide_without_panicking(bytes in input(check_seeds())) {
-        if let Ok(request) = wire::CheckRequest::decode(&bytes[..]) {
+        if let Ok(request) = bounded::decode::<wire::CheckRequest>(bytes.into()) {
             let sidecar = &*SIDECAR;
             let response = sidecar.runtime.block_on(sidecar.authz.decide(
                 None,
@@ -203,7 +204,7 @@ proptest! {
     fn exports_decode_and_end_flows_without_panicking(
         bytes in input(export_seeds(SIDECAR.engine.flow_key()))
     ) {
-        if let Ok(request) = sluice::otlp::wire::ExportLogsServiceRequest::decode(&bytes[..]) {
+        if let Ok(request) = bounded::decode::<sluice::otlp::wire::ExportLogsServiceRequest>(bytes.into()) {
             let sidecar = &*SIDECAR;
             let records: usize = request
                 .resource_logs

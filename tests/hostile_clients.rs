@@ -224,31 +224,66 @@ fn field(tag: u32, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `n` empty repeated entries of field `tag`, two bytes each.
+fn empty_entries(tag: u32, n: usize) -> Vec<u8> {
+    let mut one = Vec::new();
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut one);
+    one.push(0);
+    one.repeat(n)
+}
+
+/// A Check whose `attributes.request.http.headers` are `headers`.
+fn check_with_headers(headers: &[u8]) -> Bytes {
+    Bytes::from(field(1, &field(4, &field(2, headers))))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_of_empty_headers_in_a_loop_leave_memory_bounded_and_checks_answered() {
     let policy = PolicyFile::new(OPEN);
     let sidecar = sluice(&policy.path, &[]).await;
     let idle_rss = resident_bytes(&sidecar);
-    // As many empty header entries as a Check of the default limit holds
-    // (CheckRequest.attributes.request.http.headers, two bytes each):
-    // decoding one costs tens of times its size.
-    let entries = (1 << 20) / 2 - 16;
-    let headers: Vec<u8> = std::iter::repeat_n([0x1a, 0x00], entries)
-        .flatten()
-        .collect();
-    let check = Bytes::from(field(1, &field(2, &field(2, &headers))));
-    assert!(check.len() <= 1 << 20);
     const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
-    // The finding's Check, 16 MiB of them, is refused before it is read.
-    let huge: Vec<u8> = std::iter::repeat_n([0x1a, 0x00], 8 << 20)
-        .flatten()
-        .collect();
-    let huge = Bytes::from(field(1, &field(2, &field(2, &huge))));
+    // The finding's Check, 16 MiB of empty header entries, is refused
+    // before it is read.
+    let huge = check_with_headers(&empty_entries(3, 8 << 20));
     let refused = raw_unary::<()>(sidecar.grpc, CHECK, huge).await;
     assert_eq!(
         refused.expect_err("over --max-check-request-bytes").code(),
         tonic::Code::OutOfRange
     );
+    // Within the byte limit, as many entries as fit: decoded, they would
+    // take 32 times their size. They are counted first, and refused.
+    let check = check_with_headers(&empty_entries(3, (1 << 20) / 2 - 16));
+    assert!(check.len() <= 1 << 20);
+    let refused = raw_unary::<()>(sidecar.grpc, CHECK, check.clone()).await;
+    let refused = refused.expect_err("over 4,096 header entries");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // So are header entries hidden in Envoy's other form, `header_map`.
+    let mapped = check_with_headers(&field(13, &empty_entries(1, 5000)));
+    let refused = raw_unary::<()>(sidecar.grpc, CHECK, mapped).await;
+    assert_eq!(
+        refused.expect_err("header_map").code(),
+        tonic::Code::ResourceExhausted
+    );
+    // A Check with as many headers as Envoy sends is decided.
+    let mut headers = Vec::new();
+    for i in 0..200 {
+        let entry = [field(1, format!("x-h{i}").as_bytes()), field(2, b"v")].concat();
+        headers.extend(field(3, &entry));
+    }
+    let decided = raw_unary::<envoy_types::pb::envoy::service::auth::v3::CheckResponse>(
+        sidecar.grpc,
+        CHECK,
+        check_with_headers(&headers),
+    )
+    .await
+    .expect("200 headers are decided");
+    assert_eq!(http_status(&decided), 200);
+
     let mut attackers = Vec::new();
     for _ in 0..2 {
         let (check, addr) = (check.clone(), sidecar.grpc);
@@ -271,9 +306,53 @@ async fn checks_of_empty_headers_in_a_loop_leave_memory_bounded_and_checks_answe
     }
     assert_eq!(answered, 20, "normal Checks during the attack");
     assert!(
-        peak < idle_rss + (300 << 20),
+        peak < idle_rss + (100 << 20),
         "peak RSS {} MB (idle {} MB)",
         peak >> 20,
         idle_rss >> 20
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_of_empty_entries_are_refused_before_they_are_decoded() {
+    let policy = PolicyFile::new(OPEN);
+    let sidecar = sluice(&policy.path, &[]).await;
+    // Empty attributes of one record, empty records, empty resources: each
+    // two bytes that decode into tens.
+    let over = (1 << 20) + 1;
+    let attributes = field(1, &field(2, &field(2, &empty_entries(6, over))));
+    let records = field(1, &field(2, &empty_entries(2, over)));
+    let resources = Bytes::from(empty_entries(1, over));
+    for export in [attributes, records, resources.to_vec()] {
+        let refused = raw_unary::<()>(sidecar.grpc, EXPORT, Bytes::from(export.clone())).await;
+        assert_eq!(
+            refused.expect_err("over the entries of an Export").code(),
+            tonic::Code::ResourceExhausted
+        );
+        let http = sluice_testkit::http::request(
+            sidecar.admin,
+            "POST",
+            "/v1/logs",
+            &[("content-type", "application/x-protobuf")],
+            &export,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(http.status, 413, "{}", http.text());
+    }
+    let metrics = sluice_testkit::http::get(sidecar.admin, "/metrics", &[])
+        .await
+        .expect("metrics")
+        .text();
+    let ingested = metrics
+        .lines()
+        .filter(|l| l.starts_with("flowcontrol_access_logs_total{"))
+        .filter(|l| !l.ends_with(" 0"))
+        .collect::<Vec<_>>();
+    assert!(
+        ingested.is_empty(),
+        "refused Exports ingested: {ingested:?}"
+    );
+    assert!(a_check_is_answered(&sidecar).await);
 }

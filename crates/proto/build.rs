@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Request messages decode into slices of the request buffer.
         .bytes(".envoy.service.auth.v3")
         .bytes(".opentelemetry.proto.collector.logs.v1")
+        // Their repeated fields are counted before they are decoded.
+        .codec_path("crate::bounded::BoundedCodec")
         .extern_path(
             ".envoy.service.auth.v3.CheckResponse",
             "::envoy_types::pb::envoy::service::auth::v3::CheckResponse",

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use sluice_engine::Engine;
 use sluice_engine::control_points::ControlPointStat;
+use sluice_proto::bounded;
 use sluice_runtime::admin::{Body, Handler, METRICS, TEXT, answer as respond};
 
 use crate::otlp::{AccessLogs, wire};
@@ -118,8 +119,11 @@ async fn otlp_http(state: &AdminState, req: Request<Incoming>) -> Response<Body>
             );
         }
     };
-    let request = match wire::ExportLogsServiceRequest::decode(body) {
+    let request = match bounded::decode::<wire::ExportLogsServiceRequest>(body) {
         Ok(r) => r,
+        Err(e @ bounded::Refused::TooMany { .. }) => {
+            return respond(StatusCode::PAYLOAD_TOO_LARGE, TEXT, format!("{e}\n"));
+        }
         Err(e) => {
             return respond(
                 StatusCode::BAD_REQUEST,

@@ -14,9 +14,14 @@
 //!   sidecars (`proto/sluice/control.proto`).
 //! - [`remote_write`]: Prometheus remote-write 1.0's `WriteRequest`.
 //!
+//! Requests of the ext_authz and OTLP services are decoded through
+//! [`bounded`], which counts their repeated fields first.
+//!
 //! Field numbers of the lean messages match Envoy's and OTLP's, which the
 //! tests of the sidecar check against the upstream types.
 #![forbid(unsafe_code)]
+
+pub mod bounded;
 
 /// Envoy's ext_authz v3 service and its request, decoded leanly.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
