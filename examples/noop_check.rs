@@ -115,7 +115,7 @@ fn main() -> ExitCode {
             stop.fire();
         });
         let listener = sluice_runtime::grpc::Bound::Tcp(listener);
-        sluice_runtime::grpc::serve(router, listener, None, limits.max_connections, stopped).await;
+        sluice_runtime::grpc::serve(router, listener, None, limits.connections(), stopped).await;
         ExitCode::SUCCESS
     })
 }

@@ -116,10 +116,16 @@ pub struct RunArgs {
     /// those. Decoding a Check can take many times its size in memory.
     #[arg(long, env = "SLUICE_MAX_CHECK_REQUEST_BYTES", default_value_t = 1 << 20)]
     pub max_check_request_bytes: usize,
-    /// Connections the Check listener keeps open at once; beyond, new ones
-    /// are closed at once (Envoy holds a few per worker).
+    /// Connections the Check listener keeps open at once (Envoy holds a
+    /// few per worker). At the limit, the one idle longest is closed for a
+    /// new one; with none idle, the new one is closed.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// A connection of the Check listener without a request for this long
+    /// is closed. Keep it above Envoy's idle timeout for the sluice
+    /// cluster (1 h unless set), so that Envoy closes first.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT", default_value = "2h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Requests in flight on one connection of the Check listener.
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -379,6 +385,7 @@ impl RunArgs {
             grpc_tls,
             grpc_limits: sluice_runtime::grpc::Limits {
                 max_connections: self.max_connections,
+                idle_timeout: self.idle_timeout,
                 max_concurrent_streams: self.max_concurrent_streams,
                 request_timeout: self.request_timeout,
                 max_buffered_request_bytes: self.max_buffered_request_bytes,

@@ -245,7 +245,7 @@ impl Sidecar {
             router,
             grpc,
             grpc_tls.clone(),
-            config.grpc_limits.max_connections,
+            config.grpc_limits.connections(),
             stop.clone(),
         )));
 

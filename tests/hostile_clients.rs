@@ -177,14 +177,43 @@ async fn a_foreign_content_type_is_refused() {
     assert!(a_check_is_answered(&sidecar).await);
 }
 
+/// Whether `tcp` has been closed by the other side (reads end-of-file or
+/// an error) within `within`.
+async fn closed_by_peer(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {} // the server's HTTP/2 settings
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_connections_than_the_limit_leave_open_ones_and_the_admin_listener_working() {
+async fn more_connections_than_the_limit_close_idle_ones_and_leave_used_ones_open() {
     let policy = PolicyFile::new(OPEN);
     let sidecar = sluice(&policy.path, &["--max-connections", "50"]).await;
-    // Envoy's connection, opened first.
+    // Envoy's connection, opened first and in use throughout.
     let mut envoy = AuthorizationClient::connect(format!("http://{}", sidecar.grpc))
         .await
         .expect("connect");
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let in_use = tokio::spawn(async move {
+        let mut failed = 0;
+        let mut sent = 0;
+        while stopped.try_recv().is_err() {
+            match envoy.check(check_request("GET", "/", &[])).await {
+                Ok(resp) if http_status(resp.get_ref()) == 200 => {}
+                _ => failed += 1,
+            }
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (sent, failed)
+    });
     let mut hoard = Vec::new();
     for _ in 0..500 {
         if let Ok(tcp) = tokio::net::TcpStream::connect(sidecar.grpc).await {
@@ -197,22 +226,43 @@ async fn more_connections_than_the_limit_leave_open_ones_and_the_admin_listener_
         .and_then(|p| p.fd_count())
         .expect("fd count");
     assert!(descriptors < 200, "{descriptors} descriptors open");
-    for _ in 0..10 {
-        let resp = envoy
-            .check(check_request("GET", "/", &[]))
-            .await
-            .expect("the open connection still works")
-            .into_inner();
-        assert_eq!(http_status(&resp), 200);
-    }
     let health = sluice_testkit::http::get(sidecar.admin, "/healthz", &[]).await;
     assert!(health.is_ok_and(|r| r.status == 200));
-    drop(hoard);
-    // Once they are gone, new connections are served again.
+    // Once the hoard has been idle a second, a new client gets the place
+    // of the connection idle longest, while the hoard is still open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..5 {
+        assert!(a_check_is_answered(&sidecar).await, "a new client");
+    }
+    let mut evicted = 0;
+    for tcp in hoard.iter_mut().take(60) {
+        if closed_by_peer(tcp, Duration::from_millis(50)).await {
+            evicted += 1;
+        }
+    }
+    assert!(evicted >= 5, "{evicted} of the first 60 hoarders closed");
+    stop.send(()).expect("stop");
+    let (sent, failed) = in_use.await.expect("in use");
+    assert!(sent > 10);
+    assert_eq!(failed, 0, "the connection in use was never closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_requests_is_closed_after_the_idle_timeout() {
+    let policy = PolicyFile::new(OPEN);
+    let sidecar = sluice(&policy.path, &["--idle-timeout", "2s"]).await;
+    let mut silent = tokio::net::TcpStream::connect(sidecar.grpc)
+        .await
+        .expect("connect");
     assert!(
-        eventually(Duration::from_secs(10), || a_check_is_answered(&sidecar)).await,
-        "new connections after the hoard left"
+        !closed_by_peer(&mut silent, Duration::from_millis(1000)).await,
+        "not before the timeout"
     );
+    assert!(
+        closed_by_peer(&mut silent, Duration::from_secs(5)).await,
+        "closed after it"
+    );
+    assert!(a_check_is_answered(&sidecar).await);
 }
 
 /// A length-delimited protobuf field.

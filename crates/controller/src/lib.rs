@@ -442,7 +442,7 @@ impl ControlService {
             return Ok(());
         }
         if self.refused.get() == 0 {
-            tracing::warn!(peer = ?request.remote_addr(), "refused a subscription without the right token (counted in controller_subscriptions_refused_total from now on)");
+            tracing::warn!(peer = ?sluice_runtime::grpc::remote_addr(request), "refused a subscription without the right token (counted in controller_subscriptions_refused_total from now on)");
         }
         self.refused.inc();
         Err(tonic::Status::unauthenticated(
@@ -582,7 +582,7 @@ impl Controller {
             router,
             sluice_runtime::grpc::Bound::Tcp(grpc),
             tls.clone(),
-            limits.max_connections,
+            limits.connections(),
             stop.clone(),
         )));
 

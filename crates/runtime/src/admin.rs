@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::conns::{self, Activity, ConnLimits};
 use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
 
@@ -56,49 +57,57 @@ pub fn answer(
 /// dribbles them holds a connection, so it is cut off.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The admin listener's connections: Prometheus keeps one per scrape
+/// target and the kubelet opens one per probe, so a few hundred is plenty,
+/// and one idle for longer than any scrape interval is a leftover.
+pub const CONNECTIONS: ConnLimits = ConnLimits {
+    max_connections: 256,
+    idle_timeout: std::time::Duration::from_secs(300),
+};
+
 /// Serves `handler` on `listener` (HTTP/1.1, keep-alive), over TLS when
-/// `tls` is given, until `shutdown` fires; connections open then finish
-/// their request and close.
+/// `tls` is given, within [`CONNECTIONS`], until `shutdown` fires;
+/// connections open then finish their request and close.
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<dyn Handler>,
     tls: Option<Arc<ServerTls>>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, go on.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
+    let stop = shutdown.clone();
+    conns::accept(listener, CONNECTIONS, "admin", stop, move |io| {
         let (handler, tls, shutdown) = (handler.clone(), tls.clone(), shutdown.clone());
+        let activity = io.activity().clone();
         tokio::spawn(async move {
             match tls {
-                None => connection(stream, handler, shutdown).await,
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(conn) => connection(conn, handler, shutdown).await,
+                None => connection(io, activity, handler, shutdown).await,
+                Some(tls) => match tls.accept(io).await {
+                    Ok(conn) => connection(conn, activity, handler, shutdown).await,
                     Err(e) => tracing::debug!(error = %e, "admin TLS handshake failed"),
                 },
             }
         });
-    }
+    })
+    .await;
 }
 
 /// One connection, until it closes or `shutdown` fires.
-async fn connection<I>(io: I, handler: Arc<dyn Handler>, mut shutdown: Shutdown)
-where
+async fn connection<I>(
+    io: I,
+    activity: Arc<Activity>,
+    handler: Arc<dyn Handler>,
+    mut shutdown: Shutdown,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+        let in_flight = activity.begin();
+        async move {
+            let answer = handler.handle(req).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(answer)
+        }
     });
     let conn = http1::Builder::new()
         .keep_alive(true)

@@ -12,11 +12,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo, UdsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::conns::{self, Acceptor, Activity, ConnLimits, Watched};
 use crate::grpc_guard::{Budget, GuardLayer};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertKey, ServerTls, TlsStream};
@@ -60,9 +60,14 @@ pub async fn connect(url: &http::Uri, tls: &ClientTls) -> anyhow::Result<Channel
 /// (docs/security.md lists them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections open at once; beyond, a new one is closed at once, so
+    /// Connections open at once. At the limit, the connection idle longest
+    /// is closed for a new one; with none idle, the new one is closed, so
     /// that descriptors remain for the admin listener and for Redis.
     pub max_connections: usize,
+    /// A connection without a request for this long is closed. Longer than
+    /// Envoy's own idle timeout for upstream connections (1 h), so that in
+    /// normal operation Envoy is the one to close them.
+    pub idle_timeout: Duration,
     /// Requests in flight on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
     /// Longest a request may take, from its first byte to its answer: a
@@ -75,10 +80,21 @@ pub struct Limits {
     pub max_buffered_request_bytes: usize,
 }
 
+impl Limits {
+    /// The bounds on the listener's connections.
+    pub fn connections(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            idle_timeout: Duration::from_secs(2 * 3600),
             max_concurrent_streams: 1024,
             request_timeout: Duration::from_secs(30),
             max_buffered_request_bytes: 64 << 20,
@@ -186,50 +202,28 @@ impl Bound {
     }
 }
 
-/// What a listener accepts.
-trait Acceptor: Send + 'static {
-    type Io: Send + 'static;
-    fn next(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
-}
-
-impl Acceptor for TcpListener {
-    type Io = TcpStream;
-    async fn next(&self) -> std::io::Result<TcpStream> {
-        let (tcp, _) = self.accept().await?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
-    }
-}
-
-impl Acceptor for UnixListener {
-    type Io = UnixStream;
-    async fn next(&self) -> std::io::Result<UnixStream> {
-        Ok(self.accept().await?.0)
-    }
-}
-
 /// Serves `router` on `listener`, over TLS when `tls` is given (TCP only),
-/// with at most `max_connections` open, until `shutdown` fires; calls in
-/// progress then finish. An error of the server itself is logged: the
-/// process's other listeners go on.
+/// within `limits`' connections, until `shutdown` fires; calls in progress
+/// then finish. An error of the server itself is logged: the process's
+/// other listeners go on.
 pub async fn serve(
     router: Router,
     listener: Bound,
     tls: Option<Arc<ServerTls>>,
-    max_connections: usize,
+    limits: ConnLimits,
     shutdown: Shutdown,
 ) {
     let mut stop = shutdown.clone();
     let stopped = async move { stop.wait().await };
     let served = match (listener, tls) {
         (Bound::Tcp(listener), None) => {
-            let plain = accepted(listener, max_connections, shutdown, |tcp| async { Ok(tcp) });
+            let plain = accepted(listener, limits, shutdown, |tcp| async { Ok(tcp) });
             router.serve_with_incoming_shutdown(plain, stopped).await
         }
         (Bound::Tcp(listener), Some(tls)) => {
-            let secured = accepted(listener, max_connections, shutdown, move |tcp| {
+            let secured = accepted(listener, limits, shutdown, move |tcp| {
                 let tls = tls.clone();
-                async move { tls.accept(tcp).await }
+                async move { tls.accept(tcp).await.map(Secured) }
             });
             router.serve_with_incoming_shutdown(secured, stopped).await
         }
@@ -239,7 +233,7 @@ pub async fn serve(
                     "TLS is not served on a Unix socket: the socket's permissions guard it"
                 );
             }
-            let local = accepted(listener, max_connections, shutdown, |uds| async { Ok(uds) });
+            let local = accepted(listener, limits, shutdown, |uds| async { Ok(uds) });
             router.serve_with_incoming_shutdown(local, stopped).await
         }
     };
@@ -248,92 +242,124 @@ pub async fn serve(
     }
 }
 
-/// Connections accepted on `listener` once `handshake` (TLS, or nothing)
-/// is done, at most `max_connections` at once. Each handshake runs in its
-/// own task, so a client that stalls in it holds up nobody else (TLS cuts
-/// it off after [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT)). A
-/// failed handshake (no client certificate, an untrusted one, plain text)
-/// is logged at debug level: anyone can cause one.
+/// Connections accepted on `listener` within `limits` once `handshake`
+/// (TLS, or nothing) is done. Each handshake runs in its own task, so a
+/// client that stalls in it holds up nobody else (TLS cuts it off after
+/// [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT)). A failed
+/// handshake (no client certificate, an untrusted one, plain text) is
+/// logged at debug level: anyone can cause one.
 fn accepted<L, I, F, Fut>(
     listener: L,
-    max_connections: usize,
-    mut shutdown: Shutdown,
+    limits: ConnLimits,
+    shutdown: Shutdown,
     handshake: F,
-) -> ReceiverStream<Result<Conn<I>, std::io::Error>>
+) -> ReceiverStream<Result<I, std::io::Error>>
 where
     L: Acceptor,
     I: Send + 'static,
-    F: Fn(L::Io) -> Fut + Send + 'static,
+    F: Fn(Watched<L::Io>) -> Fut + Send + 'static,
     Fut: Future<Output = std::io::Result<I>> + Send + 'static,
 {
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let closed = ready.clone();
     tokio::spawn(async move {
-        let mut said_full = false;
-        loop {
-            let io = tokio::select! {
-                accepted = listener.next() => match accepted {
-                    Ok(io) => io,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off.
-                        tracing::warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.wait() => return,
-                _ = ready.closed() => return,
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                if !std::mem::replace(&mut said_full, true) {
-                    tracing::warn!(
-                        max_connections,
-                        "gRPC connections at their limit: new ones are closed"
-                    );
-                }
-                drop(io);
-                continue;
-            };
-            said_full = false;
+        let accepting = conns::accept(listener, limits, "gRPC", shutdown, move |io| {
             let handshake = handshake(io);
             let ready = ready.clone();
             tokio::spawn(async move {
                 match handshake.await {
                     Ok(io) => {
-                        let _ = ready.send(Ok(Conn { io, _slot: slot })).await;
+                        let _ = ready.send(Ok(io)).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "gRPC handshake failed"),
                 }
             });
+        });
+        tokio::select! {
+            _ = accepting => {}
+            _ = closed.closed() => {}
         }
     });
     ReceiverStream::new(incoming)
 }
 
-/// An accepted connection, holding its place among `max_connections`
-/// until it closes.
-pub struct Conn<I> {
-    io: I,
-    _slot: OwnedSemaphorePermit,
+/// What a gRPC request knows of its connection (tonic puts it in the
+/// request's extensions): the peer's address, and where the connection's
+/// use is counted.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    tcp: Option<TcpConnectInfo>,
+    activity: Arc<Activity>,
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Conn<I> {
+impl Peer {
+    /// The peer's address (none on a Unix socket).
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(TcpConnectInfo::remote_addr)
+    }
+
+    /// Where requests on the connection are counted.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+}
+
+/// The peer's address of a request served by [`serve`].
+pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    request.extensions().get::<Peer>()?.remote_addr()
+}
+
+impl Connected for Watched<TcpStream> {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        Peer {
+            tcp: Some(self.get_ref().connect_info()),
+            activity: self.activity().clone(),
+        }
+    }
+}
+
+impl Connected for Watched<UnixStream> {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        Peer {
+            tcp: None,
+            activity: self.activity().clone(),
+        }
+    }
+}
+
+/// A TLS connection of a gRPC listener. (A type of this crate, so that it
+/// can say what tonic is to know of it.)
+pub struct Secured(TlsStream<Watched<TcpStream>>);
+
+impl Connected for Secured {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl AsyncRead for Secured {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Conn<I> {
+impl AsyncWrite for Secured {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -341,42 +367,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Conn<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.0.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Connected for Conn<TcpStream> {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl Connected for Conn<UnixStream> {
-    type ConnectInfo = UdsConnectInfo;
-
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl Connected for Conn<TlsStream<TcpStream>> {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.get_ref().0.connect_info()
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

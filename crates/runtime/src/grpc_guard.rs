@@ -1,7 +1,8 @@
 //! What every gRPC request passes before a service sees it: the
-//! `content-type` must be gRPC's, and the bytes of request bodies received
+//! `content-type` must be gRPC's, the bytes of request bodies received
 //! but not yet made into a message, over all connections, stay within one
-//! budget.
+//! budget, and the request counts as its connection's use
+//! ([`conns`](crate::conns)) until its answer's last byte.
 //!
 //! tonic gathers a unary request's body until the message is whole. A
 //! client that sends most of a large message and stalls holds that memory,
@@ -18,6 +19,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tonic::body::Body;
+
+use crate::conns::InFlight;
+use crate::grpc::Peer;
 
 /// Bytes of request bodies in flight, and the most there may be.
 #[derive(Debug)]
@@ -112,13 +116,57 @@ where
             *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
             return Box::pin(std::future::ready(Ok(refused)));
         }
+        let in_flight = request
+            .extensions()
+            .get::<Peer>()
+            .map(|peer| peer.activity().begin());
         let (parts, body) = request.into_parts();
         let body = Body::new(Metered {
             inner: body,
             budget: self.budget.clone(),
             held: 0,
         });
-        Box::pin(self.inner.call(http::Request::from_parts(parts, body)))
+        let answer = self.inner.call(http::Request::from_parts(parts, body));
+        let Some(in_flight) = in_flight else {
+            return Box::pin(answer);
+        };
+        Box::pin(async move {
+            let response = answer.await?;
+            // A streaming answer (a Subscribe, a health Watch) keeps its
+            // connection in use until it ends.
+            Ok(response.map(|body| {
+                Body::new(Answering {
+                    inner: body,
+                    _in_flight: in_flight,
+                })
+            }))
+        })
+    }
+}
+
+/// An answer's body, counting as its connection's use until it drops.
+struct Answering {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Answering {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

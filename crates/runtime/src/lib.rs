@@ -15,6 +15,7 @@
 //! - [`grpc`]: the gRPC server settings and bounds both binaries (and the
 //!   load tests' no-op Check server) serve with, and the client's;
 //!   [`grpc_guard`]: the content type and the budget of request bytes;
+//!   [`conns`]: the bound on a listener's connections, idle ones closed;
 //! - [`tls`]: rustls for every listener (re-read when certificates rotate)
 //!   and client;
 //! - [`secret`]: passwords and tokens kept in files;
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod conns;
 pub mod grpc;
 pub mod grpc_guard;
 pub mod http_client;

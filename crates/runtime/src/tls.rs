@@ -24,7 +24,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 pub use tokio_rustls::server::TlsStream;
 
@@ -292,9 +291,12 @@ impl ServerTls {
 
     /// The server side of a handshake on `tcp`, within
     /// [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    pub async fn accept<S>(&self, io: S) -> io::Result<TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(stream) => stream,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
