@@ -29,6 +29,8 @@ const EXT_AUTHZ_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
 const DAEMONSET_CLUSTER: &str = "outbound|8080||sluice.sluice-system.svc.cluster.local";
 const SHOP: &str = "shop.shop.svc.cluster.local";
+/// Where the pod variant's Sluice listens (deploy/shop-pod-sidecar.yaml).
+const POD_SOCKET: &str = "/var/run/sluice/sluice.sock";
 
 fn envoy_filter(file: &str) -> Value {
     let text = std::fs::read_to_string(repo_root().join(file)).expect("read");
@@ -154,7 +156,7 @@ fn assert_the_four_patches(file: &str, filter: &Value, cluster: &str) {
 }
 
 #[test]
-fn the_pod_sidecar_filter_has_the_four_patches_and_a_loopback_cluster() {
+fn the_pod_sidecar_filter_has_the_four_patches_and_a_unix_socket_cluster() {
     let file = "istio/sluice-pod-sidecar.yaml";
     let filter = envoy_filter(file);
     assert_eq!(
@@ -180,9 +182,9 @@ fn the_pod_sidecar_filter_has_the_four_patches_and_a_loopback_cluster() {
     let name = cluster["name"].as_str().expect("name");
     assert_eq!(cluster["load_assignment"]["cluster_name"], name);
     assert_eq!(
-        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"],
-        json!({"address": "127.0.0.1", "port_value": 8080}),
-        "the pod's Sluice, on loopback"
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+        json!({"pipe": {"path": POD_SOCKET}}),
+        "the pod's Sluice, on the socket deploy/shop-pod-sidecar.yaml shares"
     );
     assert!(
         cluster["typed_extension_protocol_options"]
@@ -547,13 +549,8 @@ samplers:
 /// Sluice's `--service`, `sluice_cluster` the cluster its filters use.
 async fn run(files: &[&str], sluice_service: &str, sluice_cluster: &str) {
     let policy = PolicyFile::new(POLICY);
-    let sluice = Sidecar::start(&Config {
-        policy: Some(policy.path.clone()),
-        service: sluice_service.to_owned(),
-        ..Config::ephemeral()
-    })
-    .await
-    .expect("sidecar starts");
+    let socket_dir = tempfile::tempdir().expect("dir");
+    let socket = socket_dir.path().join("sluice.sock");
     let app = Upstream::start(0).await.expect("app");
     let dependency = Upstream::start(0).await.expect("dependency");
     let ports = Ports {
@@ -567,20 +564,39 @@ async fn run(files: &[&str], sluice_service: &str, sluice_cluster: &str) {
     let clusters = bootstrap["static_resources"]["clusters"]
         .as_array_mut()
         .expect("clusters");
-    match clusters.iter_mut().find(|c| c["name"] == sluice_cluster) {
-        // The pod variant's own cluster: move it to this Sluice's port.
+    // The pod variant's own cluster is on a Unix socket: the Sluice here
+    // listens on one in a temporary directory instead.
+    let pod_variant = clusters.iter_mut().find(|c| c["name"] == sluice_cluster);
+    let on_socket = pod_variant.is_some();
+    let grpc_listen = match pod_variant {
         Some(added) => {
-            added["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-                ["port_value"] = json!(sluice.grpc_addr.port())
+            added["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"] = json!(socket.display().to_string());
+            sluice_runtime::grpc::Listen::Unix(socket)
         }
-        None => clusters.push(daemonset_service_cluster(sluice.grpc_addr.port())),
+        None => sluice_runtime::grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
+    };
+    let sluice = Sidecar::start(&Config {
+        policy: Some(policy.path.clone()),
+        service: sluice_service.to_owned(),
+        grpc_listen,
+        ..Config::ephemeral()
+    })
+    .await
+    .expect("sidecar starts");
+    let sluice_port = (!on_socket).then_some(sluice.grpc_addr.port());
+    if let Some(port) = sluice_port {
+        let clusters = bootstrap["static_resources"]["clusters"]
+            .as_array_mut()
+            .expect("clusters");
+        clusters.push(daemonset_service_cluster(port));
     }
     let config = serde_json::to_string_pretty(&bootstrap).expect("json");
     let envoy_ports = EnvoyPorts {
         admin: ports.admin,
         listener: ports.inbound,
         upstream: Some(ports.app),
-        sluice: Some(sluice.grpc_addr.port()),
+        sluice: sluice_port,
     };
     let envoy = Envoy::start_with(&config, envoy_ports)
         .await

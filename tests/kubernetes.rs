@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use serde_json::{Value, json};
+use sluice_runtime::grpc::Listen;
 use sluice_testkit::{free_port, http, repo_root};
 
 /// The image's repository; its tag is the crate's version.
@@ -182,18 +183,27 @@ enum Run {
 }
 
 impl Run {
-    /// Its listeners: the gRPC one first, then the admin one.
-    fn listens(&self) -> [SocketAddr; 2] {
+    /// Its gRPC listener: TCP, or a Unix socket.
+    fn grpc(&self) -> Listen {
         match self {
-            Run::Sidecar(a) => [
-                a.grpc_listen.tcp().expect("the manifests listen on TCP"),
-                a.admin_listen,
-            ],
-            Run::Controller(a) => [a.listen, a.admin_listen],
+            Run::Sidecar(a) => a.grpc_listen.clone(),
+            Run::Controller(a) => Listen::Tcp(a.listen),
         }
     }
+    /// Its TCP listeners: the gRPC one (unless on a socket), then the
+    /// admin one.
+    fn listens(&self) -> Vec<SocketAddr> {
+        self.grpc()
+            .tcp()
+            .into_iter()
+            .chain([self.admin()])
+            .collect()
+    }
     fn admin(&self) -> SocketAddr {
-        self.listens()[1]
+        match self {
+            Run::Sidecar(a) => a.admin_listen,
+            Run::Controller(a) => a.admin_listen,
+        }
     }
     fn policy(&self) -> Option<&Path> {
         match self {
@@ -580,7 +590,7 @@ fn the_dockerfile_builds_both_binaries_and_checks_health_with_sluice() {
     let pods = pods(&docs);
     let listened: BTreeSet<u16> = sluice_containers(&pods)
         .iter()
-        .flat_map(|c| c.run.listens().map(|a| a.port()))
+        .flat_map(|c| c.run.listens().into_iter().map(|a| a.port()))
         .collect();
     assert_eq!(exposed, listened, "the manifests listen where EXPOSE says");
 
@@ -686,7 +696,7 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
     for c in &containers {
         let what = c.what();
         let listens = c.run.listens();
-        for addr in listens {
+        for &addr in &listens {
             assert!(
                 addr.ip().is_loopback() || addr.ip().is_unspecified(),
                 "{what}: {addr}: loopback or every address"
@@ -849,7 +859,9 @@ fn services_reach_ports_their_pods_listen_on() {
             let in_selected =
                 |c: &&SluiceContainer| selected.iter().any(|p| std::ptr::eq(*p, c.pod));
             for c in containers.iter().filter(in_selected) {
-                let grpc = c.run.listens()[0];
+                let Some(grpc) = c.run.grpc().tcp() else {
+                    continue;
+                };
                 if c.find_port(target) == Some(grpc.port()) {
                     assert!(grpc.ip().is_unspecified(), "{what}: {grpc} is loopback");
                     assert!(
@@ -861,6 +873,65 @@ fn services_reach_ports_their_pods_listen_on() {
             }
         }
     }
+}
+
+/// The pod of `c` shares the directory of its gRPC socket `path` with
+/// istio-proxy: an emptyDir mounted there in `c`, mounted at the same path
+/// into istio-proxy by the `sidecar.istio.io/userVolumeMount` annotation,
+/// in no other container; and the pod's `fsGroup` is Sluice's group, so
+/// that istio-proxy (another user) may connect to the `0660` socket.
+fn socket_is_shared_with_istio_proxy(c: &SluiceContainer<'_>, path: &Path) {
+    let what = c.what();
+    let dir = path.parent().expect("socket directory");
+    let mounts = |container: &Value| -> Vec<(String, String)> {
+        container["volumeMounts"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|m| {
+                        (
+                            m["name"].as_str().unwrap_or("").to_owned(),
+                            m["mountPath"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (volume, _) = mounts(c.container)
+        .into_iter()
+        .find(|(_, at)| Path::new(at) == dir)
+        .unwrap_or_else(|| panic!("{what}: no volume mounted at {}", dir.display()));
+    let declared = c.pod.spec["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == volume.as_str()))
+        .unwrap_or_else(|| panic!("{what}: volume {volume} not declared"));
+    assert!(
+        declared["emptyDir"].is_object(),
+        "{what}: {volume}: emptyDir"
+    );
+    for other in c.pod.containers() {
+        if !std::ptr::eq(other, c.container) {
+            assert!(
+                mounts(other).iter().all(|(name, _)| *name != volume),
+                "{what}: {volume} is mounted by {}",
+                other["name"]
+            );
+        }
+    }
+    let annotation = c.pod.annotations["sidecar.istio.io/userVolumeMount"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no sidecar.istio.io/userVolumeMount"));
+    let proxy_mounts: Value = serde_json::from_str(annotation).expect("JSON annotation");
+    assert_eq!(
+        proxy_mounts[&volume]["mountPath"],
+        dir.display().to_string(),
+        "{what}: istio-proxy mounts {volume} where the socket is"
+    );
+    assert_eq!(
+        c.pod.spec["securityContext"]["fsGroup"], c.container["securityContext"]["runAsGroup"],
+        "{what}: the pod's fsGroup is Sluice's group"
+    );
 }
 
 /// Every `service` a policy's selectors name.
@@ -960,32 +1031,35 @@ fn the_envoy_filters_reach_the_sluice_the_manifests_deploy() {
             .value
     };
 
-    // Variant 1: the CLUSTER ADD patch is the pod's Sluice's gRPC listener,
-    // in every pod the filter selects, and only there.
+    // Variant 1: the CLUSTER ADD patch is the pod's Sluice's gRPC socket,
+    // in every pod the filter selects, and only there; istio-proxy mounts
+    // the socket's volume, and can connect.
     let pod_filter = filter("sluice-pod-sidecar");
     let selector = pod_filter["spec"]["workloadSelector"]["labels"]
         .as_object()
         .expect("workloadSelector");
     let added = &pod_filter["spec"]["configPatches"][0]["patch"]["value"];
     let endpoint = &added["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        ["socket_address"];
+        ["pipe"]["path"];
     let mut selected = 0;
     for pod in &pods {
         let own_sluice = containers
             .iter()
             .find(|c| std::ptr::eq(c.pod, pod) && matches!(c.run, Run::Sidecar(_)));
-        let grpc_on_loopback = own_sluice.is_some_and(|c| c.run.listens()[0].ip().is_loopback());
+        let socket = own_sluice.and_then(|c| match c.run.grpc() {
+            Listen::Unix(path) => Some((c, path)),
+            Listen::Tcp(_) => None,
+        });
         assert_eq!(
             pod.selected_by(selector),
-            grpc_on_loopback,
-            "{}: {} is selected iff it has a Sluice container on loopback",
+            socket.is_some(),
+            "{}: {} is selected iff it has a Sluice container on a Unix socket",
             pod.doc.file,
             pod.doc.name()
         );
-        if let Some(c) = own_sluice.filter(|_| grpc_on_loopback) {
-            let grpc = c.run.listens()[0];
-            assert_eq!(endpoint["address"], grpc.ip().to_string(), "{}", c.what());
-            assert_eq!(endpoint["port_value"], grpc.port(), "{}", c.what());
+        if let Some((c, path)) = socket {
+            assert_eq!(endpoint, &path.display().to_string(), "{}", c.what());
+            socket_is_shared_with_istio_proxy(c, &path);
             selected += 1;
         }
     }
@@ -1012,8 +1086,9 @@ fn the_envoy_filters_reach_the_sluice_the_manifests_deploy() {
     );
     for (c, target) in service_backends(&docs, &containers, &name, &namespace, port) {
         assert_eq!(c.pod.doc.kind(), "DaemonSet", "{}", c.what());
-        assert_eq!(target, c.run.listens()[0].port(), "{}: gRPC", c.what());
-        assert!(c.run.listens()[0].ip().is_unspecified(), "{}", c.what());
+        let grpc = c.run.grpc().tcp().expect("the DaemonSet listens on TCP");
+        assert_eq!(target, grpc.port(), "{}: gRPC", c.what());
+        assert!(grpc.ip().is_unspecified(), "{}", c.what());
     }
 
     // Sluice's namespace gets no istio-proxy (it would check Sluice's own

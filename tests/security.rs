@@ -827,6 +827,14 @@ async fn envoy_reaches_sluice_over_a_unix_socket() {
         .await
         .expect("ready");
 
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&socket)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660, "owner and group connect, others not");
+    }
     let upstream = Upstream::start(0).await.expect("upstream");
     let ports = EnvoyPorts::free_for(Some(upstream.addr.port()), None).expect("ports");
     let config = shipped.replace("/var/run/sluice/sluice.sock", &socket.display().to_string());

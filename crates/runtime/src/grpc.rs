@@ -167,6 +167,9 @@ impl std::fmt::Display for Listen {
     }
 }
 
+/// The permissions of a gRPC listener's Unix socket: owner and group.
+pub const SOCKET_MODE: u32 = 0o660;
+
 /// A bound gRPC listener.
 #[derive(Debug)]
 pub enum Bound {
@@ -178,16 +181,22 @@ pub enum Bound {
 
 impl Bound {
     /// Binds `listen`. A socket file left by an earlier run is replaced
-    /// (only a socket: any other file there is an error).
+    /// (only a socket: any other file there is an error). A socket is made
+    /// `0660`: connecting takes write permission on it, and in a pod the
+    /// proxy runs as another user than Sluice, so the two share a group
+    /// (the pod's `fsGroup`, which owns the shared volume); others may not
+    /// connect.
     pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
         match listen {
             Listen::Tcp(addr) => Ok(Bound::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
-                use std::os::unix::fs::FileTypeExt as _;
+                use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                     std::fs::remove_file(path)?;
                 }
-                Ok(Bound::Unix(UnixListener::bind(path)?))
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+                Ok(Bound::Unix(listener))
             }
         }
     }
