@@ -447,6 +447,76 @@ fn daemonset_service_cluster(port: u16) -> Value {
     c
 }
 
+/// Certificates for the DaemonSet's mutual TLS, as cert-manager would
+/// issue them, and the client side as istiod makes it of the
+/// DestinationRule in istio/shop-sluice-mtls.yaml (its `sni` and
+/// `subjectAltNames`; the credential's files in place of Istio's SDS).
+struct DaemonsetTls {
+    _pki: sluice_testkit::pki::Pki,
+    server: sluice_runtime::tls::ServerTlsFiles,
+    client: sluice_testkit::pki::Issued,
+    ca: std::path::PathBuf,
+    rule: Value,
+}
+
+impl DaemonsetTls {
+    fn new() -> DaemonsetTls {
+        let text =
+            std::fs::read_to_string(repo_root().join("istio/shop-sluice-mtls.yaml")).expect("read");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+        let rule = docs
+            .into_iter()
+            .find(|d| d["kind"] == "DestinationRule")
+            .expect("a DestinationRule");
+        assert_eq!(rule["spec"]["trafficPolicy"]["tls"]["mode"], "MUTUAL");
+        let pki = sluice_testkit::pki::Pki::new("sluice-ca").expect("CA");
+        let host = rule["spec"]["host"].as_str().expect("host");
+        let server = pki.issue(host).expect("server");
+        let client = pki.issue("shop.shop").expect("client");
+        DaemonsetTls {
+            server: sluice_runtime::tls::ServerTlsFiles {
+                identity: sluice_runtime::tls::CertKey {
+                    cert: server.cert,
+                    key: server.key,
+                },
+                client_ca: Some(pki.ca_file.clone()),
+            },
+            client,
+            ca: pki.ca_file.clone(),
+            _pki: pki,
+            rule,
+        }
+    }
+
+    fn transport_socket(&self) -> Value {
+        let tls = &self.rule["spec"]["trafficPolicy"]["tls"];
+        let sans: Vec<Value> = tls["subjectAltNames"]
+            .as_array()
+            .expect("subjectAltNames")
+            .iter()
+            .map(|san| json!({"san_type": "DNS", "matcher": {"exact": san}}))
+            .collect();
+        json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls["sni"],
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [{
+                        "certificate_chain": {"filename": self.client.cert},
+                        "private_key": {"filename": self.client.key}
+                    }],
+                    "validation_context": {
+                        "trusted_ca": {"filename": self.ca},
+                        "match_typed_subject_alt_names": sans
+                    }
+                }
+            }
+        })
+    }
+}
+
 async fn validated(bootstrap: &Value, what: &str) {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("istio-sidecar.json");
@@ -576,10 +646,13 @@ async fn run(files: &[&str], sluice_service: &str, sluice_cluster: &str) {
         }
         None => sluice_runtime::grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
     };
+    // The DaemonSet speaks mutual TLS (deploy/sluice-daemonset.yaml).
+    let mtls = (!on_socket).then(DaemonsetTls::new);
     let sluice = Sidecar::start(&Config {
         policy: Some(policy.path.clone()),
         service: sluice_service.to_owned(),
         grpc_listen,
+        grpc_tls: mtls.as_ref().map(|m| m.server.clone()),
         ..Config::ephemeral()
     })
     .await
@@ -589,7 +662,11 @@ async fn run(files: &[&str], sluice_service: &str, sluice_cluster: &str) {
         let clusters = bootstrap["static_resources"]["clusters"]
             .as_array_mut()
             .expect("clusters");
-        clusters.push(daemonset_service_cluster(port));
+        let mut cluster = daemonset_service_cluster(port);
+        if let Some(mtls) = &mtls {
+            cluster["transport_socket"] = mtls.transport_socket();
+        }
+        clusters.push(cluster);
     }
     let config = serde_json::to_string_pretty(&bootstrap).expect("json");
     let envoy_ports = EnvoyPorts {
@@ -673,7 +750,7 @@ async fn the_pod_sidecar_patches_work_end_to_end() {
 }
 
 /// Variant 2: the node's Sluice (no `--service`), told the service by the
-/// workload's routes.
+/// workload's routes, over mutual TLS.
 #[tokio::test]
 async fn the_daemonset_patches_with_the_service_name_work_end_to_end() {
     run(

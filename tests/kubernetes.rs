@@ -18,6 +18,8 @@ use std::time::Duration;
 use clap::Parser as _;
 use serde_json::{Value, json};
 use sluice_runtime::grpc::Listen;
+use sluice_runtime::tls::ServerTlsFiles;
+use sluice_testkit::pki::Pki;
 use sluice_testkit::{free_port, http, repo_root};
 
 /// The image's repository; its tag is the crate's version.
@@ -442,15 +444,18 @@ fn every_manifest_parses_and_uses_the_documented_image() {
     for doc in &docs {
         assert!(doc.value["apiVersion"].is_string(), "{}", doc.file);
         assert!(!doc.name().is_empty(), "{}: {}", doc.file, doc.kind());
+        let cluster_scoped = matches!(doc.kind(), "Namespace" | "ClusterIssuer");
         assert!(
-            doc.kind() == "Namespace" || !doc.namespace().is_empty(),
-            "{}: {} {} has no namespace",
+            cluster_scoped == doc.namespace().is_empty(),
+            "{}: {} {}: namespace {:?}",
             doc.file,
             doc.kind(),
-            doc.name()
+            doc.name(),
+            doc.namespace()
         );
-        // Every namespace used is one the manifests create.
-        if doc.kind() != "Namespace" {
+        // Every namespace used is one the manifests create, or cert-manager's
+        // own, where a ClusterIssuer keeps its CA.
+        if !cluster_scoped && doc.namespace() != "cert-manager" {
             assert!(
                 docs.iter()
                     .any(|n| n.kind() == "Namespace" && n.name() == doc.namespace()),
@@ -673,6 +678,61 @@ fn policy_dir(docs: &[Doc], c: &SluiceContainer<'_>) -> (tempfile::TempDir, Path
     (dir, path)
 }
 
+/// The cert-manager Certificate whose secret is mounted where `files` are,
+/// in the pod of `c`: its certificate, key and CA are that secret's
+/// `tls.crt`, `tls.key` and `ca.crt`. Returns a made-up CA and the files
+/// it issues in their place.
+fn issued_for<'d>(
+    docs: &'d [Doc],
+    c: &SluiceContainer<'_>,
+    files: &ServerTlsFiles,
+) -> (Pki, ServerTlsFiles, &'d Doc) {
+    let what = c.what();
+    let dir = files.identity.cert.parent().expect("dir");
+    let mount = c.container["volumeMounts"]
+        .as_array()
+        .and_then(|m| {
+            m.iter()
+                .find(|m| Path::new(m["mountPath"].as_str().unwrap_or("")) == dir)
+        })
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", dir.display()));
+    let secret = c.pod.spec["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
+        .and_then(|v| v["secret"]["secretName"].as_str())
+        .unwrap_or_else(|| panic!("{what}: {} is not a secret", mount["name"]));
+    let file = |name: &str| dir.join(name);
+    assert_eq!(files.identity.cert, file("tls.crt"), "{what}");
+    assert_eq!(files.identity.key, file("tls.key"), "{what}");
+    assert_eq!(
+        files.client_ca.as_deref(),
+        Some(&*file("ca.crt")),
+        "{what}: mTLS"
+    );
+    let namespace = c.pod.doc.namespace();
+    let certificate = docs
+        .iter()
+        .find(|d| {
+            d.kind() == "Certificate"
+                && d.namespace() == namespace
+                && d.value["spec"]["secretName"] == secret
+        })
+        .unwrap_or_else(|| panic!("{what}: no Certificate makes {namespace}/{secret}"));
+    let pki = Pki::new("sluice-ca").expect("CA");
+    let name = certificate.value["spec"]["dnsNames"][0]
+        .as_str()
+        .expect("dnsNames");
+    let issued = pki.issue(name).expect("issue");
+    let files = ServerTlsFiles {
+        identity: sluice_runtime::tls::CertKey {
+            cert: issued.cert,
+            key: issued.key,
+        },
+        client_ca: Some(pki.ca_file.clone()),
+    };
+    (pki, files, certificate)
+}
+
 /// GETs `path` on `admin`, expecting 200.
 async fn answers(admin: SocketAddr, path: &str, what: &str) -> String {
     let reply = http::get(admin, path, &[])
@@ -775,13 +835,23 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
             .expect("path");
         match &c.run {
             Run::Sidecar(args) => {
+                let config = args.config().unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                // The certificates cert-manager would put in the secret.
+                let (_pki, grpc_tls) = match &config.grpc_tls {
+                    Some(files) => {
+                        let (pki, issued, _) = issued_for(&docs, c, files);
+                        (Some(pki), Some(issued))
+                    }
+                    None => (None, None),
+                };
                 let config = sluice::server::Config {
                     grpc_listen: sluice_runtime::grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
                     admin_listen: ([127, 0, 0, 1], 0).into(),
                     policy: Some(policy),
                     remote_write: None,
                     controller: None,
-                    ..args.config().unwrap_or_else(|e| panic!("{what}: {e:#}"))
+                    grpc_tls,
+                    ..config
                 };
                 let sidecar = sluice::server::Sidecar::start(&config)
                     .await
@@ -1217,4 +1287,128 @@ fn every_file_the_docs_name_exists() {
         }
     }
     assert!(checked > 50, "only {checked} references found");
+}
+
+/// The DaemonSet's mutual TLS holds together: its server certificate names
+/// the Service the proxies reach it by, comes from the same cert-manager CA
+/// as the clients', and every namespace whose proxies reach it (those with
+/// a service-name filter) presents a client certificate through a
+/// DestinationRule that selects its workloads and checks Sluice's name.
+#[test]
+fn the_daemonsets_mutual_tls_chain_holds_together() {
+    let docs = manifests();
+    let istio = yaml_docs("istio");
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let daemonset = containers
+        .iter()
+        .find(|c| c.pod.doc.kind() == "DaemonSet")
+        .expect("the DaemonSet");
+    let Run::Sidecar(args) = &daemonset.run else {
+        panic!("the DaemonSet runs the sidecar");
+    };
+    let config = args.config().expect("flags");
+    let files = config.grpc_tls.as_ref().expect("the DaemonSet speaks TLS");
+    let (_pki, _, server) = issued_for(&docs, daemonset, files);
+    let host = format!("sluice.{}.svc.cluster.local", daemonset.pod.doc.namespace());
+    assert!(
+        find(&docs, "Service", daemonset.pod.doc.namespace(), "sluice").is_some(),
+        "the Service {host}"
+    );
+    let spec = &server.value["spec"];
+    assert!(
+        spec["dnsNames"]
+            .as_array()
+            .expect("dnsNames")
+            .contains(&json!(host))
+    );
+    assert!(
+        spec["usages"]
+            .as_array()
+            .expect("usages")
+            .contains(&json!("server auth"))
+    );
+
+    // Issuer chain: a CA ClusterIssuer whose CA cert-manager made itself.
+    let issuer_ref = &spec["issuerRef"];
+    assert_eq!(issuer_ref["kind"], "ClusterIssuer");
+    let issuer = find(
+        &docs,
+        "ClusterIssuer",
+        "",
+        issuer_ref["name"].as_str().expect("name"),
+    )
+    .expect("the ClusterIssuer");
+    let ca_secret = &issuer.value["spec"]["ca"]["secretName"];
+    let ca = docs
+        .iter()
+        .find(|d| {
+            d.kind() == "Certificate"
+                && d.namespace() == "cert-manager"
+                && d.value["spec"]["secretName"] == *ca_secret
+        })
+        .expect("the CA's Certificate, in cert-manager's namespace");
+    assert_eq!(ca.value["spec"]["isCA"], true);
+    let root = &ca.value["spec"]["issuerRef"];
+    let root = find(
+        &docs,
+        "ClusterIssuer",
+        "",
+        root["name"].as_str().expect("name"),
+    )
+    .expect("the CA's issuer");
+    assert!(root.value["spec"]["selfSigned"].is_object());
+
+    let rules: Vec<&Doc> = istio
+        .iter()
+        .filter(|d| d.kind() == "DestinationRule")
+        .collect();
+    let reaching: BTreeSet<&str> = istio
+        .iter()
+        .filter(|d| d.file.ends_with("-service-name.yaml"))
+        .map(Doc::namespace)
+        .collect();
+    let covered: BTreeSet<&str> = rules.iter().map(|d| d.namespace()).collect();
+    assert_eq!(
+        reaching, covered,
+        "a DestinationRule for every namespace that sends Checks"
+    );
+    for rule in rules {
+        let what = format!("{}: DestinationRule {}", rule.file, rule.name());
+        let spec = &rule.value["spec"];
+        assert_eq!(spec["host"], host, "{what}");
+        let tls = &spec["trafficPolicy"]["tls"];
+        assert_eq!(tls["mode"], "MUTUAL", "{what}");
+        assert_eq!(tls["sni"], host, "{what}");
+        assert_eq!(tls["subjectAltNames"], json!([host]), "{what}");
+        // credentialName works at a sidecar only with a workloadSelector,
+        // and only with a secret of the proxy's namespace.
+        let selector = spec["workloadSelector"]["matchLabels"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{what}: workloadSelector"));
+        assert!(
+            pods.iter()
+                .any(|p| p.doc.namespace() == rule.namespace() && p.selected_by(selector)),
+            "{what}: selects no workload"
+        );
+        let client = istio
+            .iter()
+            .find(|d| {
+                d.kind() == "Certificate"
+                    && d.namespace() == rule.namespace()
+                    && d.value["spec"]["secretName"] == tls["credentialName"]
+            })
+            .unwrap_or_else(|| panic!("{what}: no Certificate makes its credential"));
+        assert_eq!(
+            client.value["spec"]["issuerRef"], *issuer_ref,
+            "{what}: same CA"
+        );
+        assert!(
+            client.value["spec"]["usages"]
+                .as_array()
+                .expect("usages")
+                .contains(&json!("client auth")),
+            "{what}"
+        );
+    }
 }
