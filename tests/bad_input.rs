@@ -75,19 +75,22 @@ async fn a_request_without_attributes_passes() {
 }
 
 #[tokio::test]
-async fn ten_thousand_headers_and_huge_values_are_answered() {
+async fn thousands_of_headers_and_huge_values_are_answered_and_ten_thousand_refused() {
     let (sidecar, _p) = start(64 << 20).await;
     let mut client = client(&sidecar).await;
     let names: Vec<(String, String)> = (0..10_000)
         .map(|i| (format!("x-h-{i}"), format!("v{i}")))
         .collect();
-    let mut headers: Vec<(&str, &str)> = names
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    headers.push(("user-id", "many"));
+    let headers = |n: usize| -> Vec<(&str, &str)> {
+        names[..n]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("user-id", "many")])
+            .collect()
+    };
+    // Within the bound on header entries (4,096): decided.
     let resp = client
-        .check(check_request("GET", "/a/b", &headers))
+        .check(check_request("GET", "/a/b", &headers(4_000)))
         .await
         .expect("answer")
         .into_inner();
@@ -96,6 +99,13 @@ async fn ten_thousand_headers_and_huge_values_are_answered() {
         response_header(&resp, "baggage").as_deref(),
         Some("route=/a/{b},user=many")
     );
+    // Beyond it: refused before decoding, which Envoy answers by its
+    // failure_mode_allow, as it does a Check over the byte limit.
+    let refused = client
+        .check(check_request("GET", "/a/b", &headers(10_000)))
+        .await
+        .expect_err("over 4,096 header entries");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
 
     let huge = "u".repeat(1 << 20);
     let bearer = format!("Bearer {}", "e".repeat(1 << 20));
