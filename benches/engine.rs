@@ -125,7 +125,9 @@ fn decisions(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 i = (i + 1) % USERS;
-                let req = wire::CheckRequest::decode(encoded[i].clone()).expect("decodes");
+                // As the server's codec does: entries counted, then decoded.
+                let req = sluice_proto::bounded::decode::<wire::CheckRequest>(encoded[i].clone())
+                    .expect("decodes");
                 let resp = ready(service.decide(Some("ingress"), &req, None)).expect("answered");
                 black_box(resp.encode_to_vec())
             })
