@@ -165,8 +165,8 @@ fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
 /// array.
 fn parse(path: &std::path::Path) -> Value {
     let text = std::fs::read_to_string(path).expect("read");
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     match <[Value; 1]>::try_from(docs) {
         Ok([one]) => one,
         Err(many) => Value::Array(many),
