@@ -678,17 +678,17 @@ fn policy_dir(docs: &[Doc], c: &SluiceContainer<'_>) -> (tempfile::TempDir, Path
     (dir, path)
 }
 
-/// The cert-manager Certificate whose secret is mounted where `files` are,
-/// in the pod of `c`: its certificate, key and CA are that secret's
-/// `tls.crt`, `tls.key` and `ca.crt`. Returns a made-up CA and the files
-/// it issues in their place.
-fn issued_for<'d>(
-    docs: &'d [Doc],
-    c: &SluiceContainer<'_>,
-    files: &ServerTlsFiles,
-) -> (Pki, ServerTlsFiles, &'d Doc) {
+/// The cert-manager Certificate whose secret (a `kubernetes.io/tls` one:
+/// `tls.crt`, `tls.key`, `ca.crt`) is mounted in `c` where `file` is.
+fn certificate_of<'d>(docs: &'d [Doc], c: &SluiceContainer<'_>, file: &Path) -> &'d Doc {
     let what = c.what();
-    let dir = files.identity.cert.parent().expect("dir");
+    let dir = file.parent().expect("dir");
+    assert!(
+        ["tls.crt", "tls.key", "ca.crt"]
+            .contains(&file.file_name().and_then(|n| n.to_str()).unwrap_or("")),
+        "{what}: {} is not a file of a TLS secret",
+        file.display()
+    );
     let mount = c.container["volumeMounts"]
         .as_array()
         .and_then(|m| {
@@ -701,6 +701,27 @@ fn issued_for<'d>(
         .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
         .and_then(|v| v["secret"]["secretName"].as_str())
         .unwrap_or_else(|| panic!("{what}: {} is not a secret", mount["name"]));
+    let namespace = c.pod.doc.namespace();
+    docs.iter()
+        .find(|d| {
+            d.kind() == "Certificate"
+                && d.namespace() == namespace
+                && d.value["spec"]["secretName"] == secret
+        })
+        .unwrap_or_else(|| panic!("{what}: no Certificate makes {namespace}/{secret}"))
+}
+
+/// The cert-manager Certificate whose secret is mounted where `files` are,
+/// in the pod of `c`: its certificate, key and CA are that secret's
+/// `tls.crt`, `tls.key` and `ca.crt`. Returns a made-up CA and the files
+/// it issues in their place.
+fn issued_for<'d>(
+    docs: &'d [Doc],
+    c: &SluiceContainer<'_>,
+    files: &ServerTlsFiles,
+) -> (Pki, ServerTlsFiles, &'d Doc) {
+    let what = c.what();
+    let dir = files.identity.cert.parent().expect("dir");
     let file = |name: &str| dir.join(name);
     assert_eq!(files.identity.cert, file("tls.crt"), "{what}");
     assert_eq!(files.identity.key, file("tls.key"), "{what}");
@@ -709,15 +730,7 @@ fn issued_for<'d>(
         Some(&*file("ca.crt")),
         "{what}: mTLS"
     );
-    let namespace = c.pod.doc.namespace();
-    let certificate = docs
-        .iter()
-        .find(|d| {
-            d.kind() == "Certificate"
-                && d.namespace() == namespace
-                && d.value["spec"]["secretName"] == secret
-        })
-        .unwrap_or_else(|| panic!("{what}: no Certificate makes {namespace}/{secret}"));
+    let certificate = certificate_of(docs, c, &files.identity.cert);
     let pki = Pki::new("sluice-ca").expect("CA");
     let name = certificate.value["spec"]["dnsNames"][0]
         .as_str()
@@ -865,12 +878,21 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
             }
             Run::Controller(args) => {
                 let dead = free_port().expect("port");
+                let config = sluice_controller::cli::config(args, &policy).expect("flags");
+                let (_pki, tls) = match &config.tls {
+                    Some(files) => {
+                        let (pki, issued, _) = issued_for(&docs, c, files);
+                        (Some(pki), Some(issued))
+                    }
+                    None => (None, None),
+                };
                 let config = sluice_controller::ControllerConfig {
                     listen: ([127, 0, 0, 1], 0).into(),
                     admin_listen: ([127, 0, 0, 1], 0).into(),
                     // Never the cluster's Prometheus: nothing leaves loopback.
                     prometheus_url: format!("http://127.0.0.1:{dead}"),
-                    ..sluice_controller::cli::config(args, &policy).expect("flags")
+                    tls,
+                    ..config
                 };
                 let controller = sluice_controller::Controller::start(config)
                     .await
@@ -1411,4 +1433,80 @@ fn the_daemonsets_mutual_tls_chain_holds_together() {
             "{what}"
         );
     }
+}
+
+/// Sidecars and the controller speak mutual TLS with certificates of one
+/// cert-manager CA: the controller's names the host the sidecars'
+/// `--controller` URL uses, each sidecar presents a client certificate of
+/// the same issuer and trusts that issuer's CA, and a sidecar whose pod has
+/// an istio-proxy keeps its TLS to the controller out of the proxy's
+/// capture (the proxy would take it for plain HTTP/2).
+#[test]
+fn sidecars_and_the_controller_speak_mutual_tls_from_one_ca() {
+    let docs = manifests();
+    let pods = pods(&docs);
+    let containers = sluice_containers(&pods);
+    let controller = containers
+        .iter()
+        .find(|c| matches!(c.run, Run::Controller(_)))
+        .expect("the controller");
+    let Run::Controller(args) = &controller.run else {
+        unreachable!()
+    };
+    let config = sluice_controller::cli::config(args, Path::new("/")).expect("flags");
+    let files = config.tls.as_ref().expect("the controller speaks TLS");
+    let (_pki, _, server) = issued_for(&docs, controller, files);
+    let issuer = &server.value["spec"]["issuerRef"];
+    let names = server.value["spec"]["dnsNames"]
+        .as_array()
+        .expect("dnsNames");
+    let mut sidecars = 0;
+    for c in &containers {
+        let Run::Sidecar(args) = &c.run else { continue };
+        let what = c.what();
+        let url = args.controller.as_ref().expect("--controller");
+        assert_eq!(url.scheme_str(), Some("https"), "{what}");
+        assert!(
+            names.contains(&json!(url.host())),
+            "{what}: {url} not in {names:?}"
+        );
+        let (Some(ca), Some(cert), Some(key)) = (
+            &args.controller_ca_file,
+            &args.controller_cert,
+            &args.controller_key,
+        ) else {
+            panic!("{what}: --controller-ca-file, --controller-cert, --controller-key");
+        };
+        let client = certificate_of(&docs, c, cert);
+        for file in [ca, key] {
+            assert_eq!(
+                certificate_of(&docs, c, file).name(),
+                client.name(),
+                "{what}: one secret"
+            );
+        }
+        assert_eq!(client.value["spec"]["issuerRef"], *issuer, "{what}: one CA");
+        assert!(
+            client.value["spec"]["usages"]
+                .as_array()
+                .expect("usages")
+                .contains(&json!("client auth")),
+            "{what}"
+        );
+        let injected = find(&docs, "Namespace", "", c.pod.doc.namespace())
+            .is_some_and(|n| n.value["metadata"]["labels"]["istio-injection"] == "enabled")
+            && c.pod.labels.get("sidecar.istio.io/inject") != Some(&json!("false"));
+        if injected {
+            let port = url.port_u16().expect("port").to_string();
+            let excluded = c.pod.annotations["traffic.sidecar.istio.io/excludeOutboundPorts"]
+                .as_str()
+                .unwrap_or("");
+            assert!(
+                excluded.split(',').any(|p| p.trim() == port),
+                "{what}: port {port} to the controller goes through istio-proxy"
+            );
+        }
+        sidecars += 1;
+    }
+    assert_eq!(sidecars, 2);
 }
