@@ -1311,6 +1311,18 @@ fn every_file_the_docs_name_exists() {
     assert!(checked > 50, "only {checked} references found");
 }
 
+/// `client` is a client certificate from `issuer`.
+fn assert_client_certificate(client: &Doc, issuer: &Value, what: &str) {
+    assert_eq!(client.value["spec"]["issuerRef"], *issuer, "{what}: one CA");
+    assert!(
+        client.value["spec"]["usages"]
+            .as_array()
+            .expect("usages")
+            .contains(&json!("client auth")),
+        "{what}: client auth"
+    );
+}
+
 /// The DaemonSet's mutual TLS holds together: its server certificate names
 /// the Service the proxies reach it by, comes from the same cert-manager CA
 /// as the clients', and every namespace whose proxies reach it (those with
@@ -1421,17 +1433,7 @@ fn the_daemonsets_mutual_tls_chain_holds_together() {
                     && d.value["spec"]["secretName"] == tls["credentialName"]
             })
             .unwrap_or_else(|| panic!("{what}: no Certificate makes its credential"));
-        assert_eq!(
-            client.value["spec"]["issuerRef"], *issuer_ref,
-            "{what}: same CA"
-        );
-        assert!(
-            client.value["spec"]["usages"]
-                .as_array()
-                .expect("usages")
-                .contains(&json!("client auth")),
-            "{what}"
-        );
+        assert_client_certificate(client, issuer_ref, &what);
     }
 }
 
@@ -1485,14 +1487,7 @@ fn sidecars_and_the_controller_speak_mutual_tls_from_one_ca() {
                 "{what}: one secret"
             );
         }
-        assert_eq!(client.value["spec"]["issuerRef"], *issuer, "{what}: one CA");
-        assert!(
-            client.value["spec"]["usages"]
-                .as_array()
-                .expect("usages")
-                .contains(&json!("client auth")),
-            "{what}"
-        );
+        assert_client_certificate(client, issuer, &what);
         let injected = find(&docs, "Namespace", "", c.pod.doc.namespace())
             .is_some_and(|n| n.value["metadata"]["labels"]["istio-injection"] == "enabled")
             && c.pod.labels.get("sidecar.istio.io/inject") != Some(&json!("false"));
