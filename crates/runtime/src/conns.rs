@@ -224,24 +224,21 @@ impl Table {
         });
     }
 
-    /// Closes the connection idle longest, if one has been idle a tick.
+    /// Closes the connection idle longest, if one still open has been idle
+    /// a tick.
     fn close_longest_idle(&mut self) -> bool {
         let victim = self
             .open
             .iter_mut()
             .filter(|e| e.idle_ticks > 0)
-            .max_by_key(|e| e.idle_ticks);
-        let Some(victim) = victim else {
+            .filter_map(|e| Some((e.activity.upgrade()?, e)))
+            .max_by_key(|(_, e)| e.idle_ticks);
+        let Some((activity, entry)) = victim else {
             return false;
         };
-        victim.idle_ticks = 0; // not chosen twice
-        match victim.activity.upgrade() {
-            Some(activity) => {
-                activity.close();
-                true
-            }
-            None => true, // already closing: its place is on its way
-        }
+        entry.idle_ticks = 0; // not chosen twice
+        activity.close();
+        true
     }
 
     /// A place for a new connection, closing the longest-idle one for it
