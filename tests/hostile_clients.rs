@@ -228,9 +228,10 @@ async fn more_connections_than_the_limit_close_idle_ones_and_leave_used_ones_ope
     assert!(descriptors < 200, "{descriptors} descriptors open");
     let health = sluice_testkit::http::get(sidecar.admin, "/healthz", &[]).await;
     assert!(health.is_ok_and(|r| r.status == 200));
-    // Once the hoard has been idle a second, a new client gets the place
-    // of the connection idle longest, while the hoard is still open.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once the hoard has been idle a whole tick (a second, counted from
+    // the first tick that saw it: two at most), a new client gets the
+    // place of the connection idle longest, while the hoard is still open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for _ in 0..5 {
         assert!(a_check_is_answered(&sidecar).await, "a new client");
     }
@@ -369,7 +370,7 @@ async fn exports_of_empty_entries_are_refused_before_they_are_decoded() {
     let sidecar = sluice(&policy.path, &[]).await;
     // Empty attributes of one record, empty records, empty resources: each
     // two bytes that decode into tens.
-    let over = (1 << 20) + 1;
+    let over = (1 << 16) + 1;
     let attributes = field(1, &field(2, &field(2, &empty_entries(6, over))));
     let records = field(1, &field(2, &empty_entries(2, over)));
     let resources = Bytes::from(empty_entries(1, over));

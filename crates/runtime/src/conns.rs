@@ -13,8 +13,11 @@
 //! one when it ends.
 //!
 //! Closing is abrupt (the connection reads end-of-file and hyper drops
-//! it), which loses nothing: only a connection with no request in flight
-//! is closed, and a gRPC client opens a new one for its next call.
+//! it): only a connection that has begun no request since it was last
+//! seen idle is closed, and a gRPC client opens a new one for its next
+//! call. A request that is on its way as the connection closes (sent, not
+//! yet read) is lost: Envoy answers it by its `failure_mode_allow`. (tonic
+//! does not hand out the connection, so there is no GOAWAY to send.)
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -179,8 +182,9 @@ impl Acceptor for UnixListener {
 /// One open connection, as the accept loop sees it.
 struct Entry {
     activity: Weak<Activity>,
-    /// `requests` when last looked at.
-    seen: u64,
+    /// `requests` when last looked at; none before its first tick, so
+    /// that idleness counts whole ticks only.
+    seen: Option<u64>,
     /// Whole ticks it has been idle.
     idle_ticks: u32,
 }
@@ -211,12 +215,12 @@ impl Table {
                 return false;
             };
             let now = activity.requests.load(Ordering::Relaxed);
-            if now == entry.seen && now & IN_FLIGHT == 0 {
+            if entry.seen == Some(now) && now & IN_FLIGHT == 0 {
                 entry.idle_ticks = entry.idle_ticks.saturating_add(1);
             } else {
                 entry.idle_ticks = 0;
             }
-            entry.seen = now;
+            entry.seen = Some(now);
             if entry.idle_ticks >= to_close {
                 activity.close();
             }
@@ -225,13 +229,14 @@ impl Table {
     }
 
     /// Closes the connection idle longest, if one still open has been idle
-    /// a tick.
+    /// a tick and has not begun a request since.
     fn close_longest_idle(&mut self) -> bool {
         let victim = self
             .open
             .iter_mut()
             .filter(|e| e.idle_ticks > 0)
             .filter_map(|e| Some((e.activity.upgrade()?, e)))
+            .filter(|(activity, e)| e.seen == Some(activity.requests.load(Ordering::Relaxed)))
             .max_by_key(|(_, e)| e.idle_ticks);
         let Some((activity, entry)) = victim else {
             return false;
@@ -260,7 +265,7 @@ impl Table {
         let activity = Arc::new(Activity::default());
         self.open.push(Entry {
             activity: Arc::downgrade(&activity),
-            seen: 0,
+            seen: None,
             idle_ticks: 0,
         });
         Watched {
@@ -355,6 +360,17 @@ mod tests {
         let (_table, slot) = waiting.await.unwrap();
         assert!(slot.is_some(), "its place goes to the new connection");
         drop(request);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_began_a_request_since_the_tick_is_not_closed() {
+        let mut table = table(1, Duration::from_secs(3600));
+        let conn = table.place().await.map(|s| table.watch((), s)).unwrap();
+        table.tick(); // first seen
+        table.tick(); // idle a whole tick
+        let _request = conn.activity.begin();
+        assert!(table.place().await.is_none(), "busy now: the new one waits");
+        assert!(!closing(&conn));
     }
 
     #[test]
