@@ -8,8 +8,8 @@
 //! [`count`] walks its wire form (tags and lengths only: nothing is
 //! allocated, and only the fields on the way to a counted one are entered)
 //! and counts the entries of the repeated fields that the decoder would
-//! allocate. A message with more than its type's [`Bounded::MAX_ENTRIES`]
-//! is refused with `RESOURCE_EXHAUSTED`, so decoding memory stays within a
+//! allocate. A message with more than its type allows
+//! ([`Bounded::max_entries`]) is refused with `RESOURCE_EXHAUSTED`, so decoding memory stays within a
 //! small multiple of what a legitimate message needs. A message too short
 //! to hold that many is not walked at all ([`check`]).
 //!
@@ -27,8 +27,8 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// A message whose repeated fields are counted before it is decoded.
 pub trait Bounded: Message + Default {
-    /// Entries a message may hold.
-    const MAX_ENTRIES: usize;
+    /// Entries a message of `len` bytes may hold.
+    fn max_entries(len: usize) -> usize;
     /// What the entries are, for the refusal.
     const ENTRIES: &'static str;
     /// The fields on the way to the counted ones.
@@ -87,15 +87,16 @@ impl From<Refused> for Status {
 }
 
 /// Counts `M`'s entries in `wire`, stopping as soon as there are more than
-/// [`Bounded::MAX_ENTRIES`]. Wire data the count cannot walk is refused
+/// [`Bounded::max_entries`]. Wire data the count cannot walk is refused
 /// too: were it left to the decoder, what follows it would go uncounted.
 pub fn count<M: Bounded>(wire: &[u8]) -> Result<usize, Refused> {
     let mut entries = 0;
-    match walk(wire, M::SHAPE, &mut entries, M::MAX_ENTRIES) {
+    let limit = M::max_entries(wire.len());
+    match walk(wire, M::SHAPE, &mut entries, limit) {
         Ok(()) => Ok(entries),
         Err(Stop::Malformed) => Err(Refused::Malformed("broken field or length".to_owned())),
         Err(Stop::Over) => Err(Refused::TooMany {
-            limit: M::MAX_ENTRIES,
+            limit,
             entries: M::ENTRIES,
         }),
     }
@@ -103,12 +104,12 @@ pub fn count<M: Bounded>(wire: &[u8]) -> Result<usize, Refused> {
 
 /// Whether `wire` may be decoded as `M`: within its bound of entries.
 /// An entry takes two bytes at least (a tag and a length), so a message of
-/// at most twice [`Bounded::MAX_ENTRIES`] bytes cannot go over and is not
+/// at most twice [`Bounded::max_entries`] bytes cannot go over and is not
 /// walked: a Check of 8 KiB or less (Envoy's are one or two) costs nothing
 /// here.
 #[inline]
 pub fn check<M: Bounded>(wire: &[u8]) -> Result<(), Refused> {
-    if wire.len() / 2 <= M::MAX_ENTRIES {
+    if wire.len() / 2 <= M::max_entries(wire.len()) {
         return Ok(());
     }
     count::<M>(wire).map(drop)
@@ -250,7 +251,9 @@ use crate::otlp_logs::ExportLogsServiceRequest;
 /// Header entries (`headers` and `header_map`) and context extensions of a
 /// Check: Envoy sends at most its `max_headers_count` (100 by default).
 impl Bounded for CheckRequest {
-    const MAX_ENTRIES: usize = 4096;
+    fn max_entries(_: usize) -> usize {
+        4096
+    }
     const ENTRIES: &'static str = "header entries and context extensions";
     const SHAPE: Fields = &[(
         1, // attributes
@@ -273,12 +276,15 @@ impl Bounded for CheckRequest {
     )];
 }
 
-/// Resource, scope, record and attribute entries of an Export: Envoy sends
-/// a batch every `buffer_size_bytes` (16 KiB by default: some 50 records
-/// of 15 attributes, 800 entries); this leaves room for batches of a few
-/// MiB, and at most some 5 MB decoded (72 bytes an empty attribute).
+/// Resource, scope, record and attribute entries of an Export: one per 16
+/// bytes of the message, and 4,096 more. A real attribute takes twenty
+/// bytes or more on the wire, so any batch Envoy sends fits, however large
+/// its `buffer_size_bytes`; an empty one takes two and 72 decoded, so an
+/// Export decodes to at most some 4.5 times its size.
 impl Bounded for ExportLogsServiceRequest {
-    const MAX_ENTRIES: usize = 1 << 16;
+    fn max_entries(len: usize) -> usize {
+        len / 16 + 4096
+    }
     const ENTRIES: &'static str = "resource, scope, record and attribute entries";
     const SHAPE: Fields = &[(
         1, // resource_logs
@@ -364,9 +370,13 @@ mod tests {
             count::<ExportLogsServiceRequest>(&export.encode_to_vec()),
             Ok(21)
         );
-        // Empty entries, two bytes each, are counted like any other.
-        let empty = [0x0a, 0x00].repeat((1 << 16) + 1);
-        assert!(count::<ExportLogsServiceRequest>(&empty).is_err());
+        // Empty entries, two bytes each, are counted like any other: a
+        // message of them holds eight times its bound.
+        let empty = [0x0a, 0x00].repeat(1 << 16);
+        assert!(matches!(
+            count::<ExportLogsServiceRequest>(&empty),
+            Err(Refused::TooMany { limit: 12_288, .. })
+        ));
     }
 
     #[test]
