@@ -678,6 +678,23 @@ fn policy_dir(docs: &[Doc], c: &SluiceContainer<'_>) -> (tempfile::TempDir, Path
     (dir, path)
 }
 
+/// The cert-manager Certificate among `docs` that makes the secret
+/// `namespace/secret`.
+fn certificate_making<'d>(docs: &'d [Doc], namespace: &str, secret: &Value) -> Option<&'d Doc> {
+    docs.iter().find(|d| {
+        d.kind() == "Certificate"
+            && d.namespace() == namespace
+            && d.value["spec"]["secretName"] == *secret
+    })
+}
+
+/// The ClusterIssuer an `issuerRef` names.
+fn cluster_issuer<'d>(docs: &'d [Doc], reference: &Value) -> &'d Doc {
+    assert_eq!(reference["kind"], "ClusterIssuer", "{reference}");
+    let name = reference["name"].as_str().expect("name");
+    find(docs, "ClusterIssuer", "", name).unwrap_or_else(|| panic!("no ClusterIssuer {name}"))
+}
+
 /// The cert-manager Certificate whose secret (a `kubernetes.io/tls` one:
 /// `tls.crt`, `tls.key`, `ca.crt`) is mounted in `c` where `file` is.
 fn certificate_of<'d>(docs: &'d [Doc], c: &SluiceContainer<'_>, file: &Path) -> &'d Doc {
@@ -702,24 +719,18 @@ fn certificate_of<'d>(docs: &'d [Doc], c: &SluiceContainer<'_>, file: &Path) -> 
         .and_then(|v| v["secret"]["secretName"].as_str())
         .unwrap_or_else(|| panic!("{what}: {} is not a secret", mount["name"]));
     let namespace = c.pod.doc.namespace();
-    docs.iter()
-        .find(|d| {
-            d.kind() == "Certificate"
-                && d.namespace() == namespace
-                && d.value["spec"]["secretName"] == secret
-        })
+    certificate_making(docs, namespace, &json!(secret))
         .unwrap_or_else(|| panic!("{what}: no Certificate makes {namespace}/{secret}"))
 }
 
 /// The cert-manager Certificate whose secret is mounted where `files` are,
 /// in the pod of `c`: its certificate, key and CA are that secret's
-/// `tls.crt`, `tls.key` and `ca.crt`. Returns a made-up CA and the files
-/// it issues in their place.
-fn issued_for<'d>(
+/// `tls.crt`, `tls.key` and `ca.crt`.
+fn server_certificate<'d>(
     docs: &'d [Doc],
     c: &SluiceContainer<'_>,
     files: &ServerTlsFiles,
-) -> (Pki, ServerTlsFiles, &'d Doc) {
+) -> &'d Doc {
     let what = c.what();
     let dir = files.identity.cert.parent().expect("dir");
     let file = |name: &str| dir.join(name);
@@ -730,7 +741,20 @@ fn issued_for<'d>(
         Some(&*file("ca.crt")),
         "{what}: mTLS"
     );
-    let certificate = certificate_of(docs, c, &files.identity.cert);
+    certificate_of(docs, c, &files.identity.cert)
+}
+
+/// For a listener of `c` serving TLS from `files`: a made-up CA and the
+/// files it issues in place of what cert-manager would put in the secret.
+fn issued_in_place(
+    docs: &[Doc],
+    c: &SluiceContainer<'_>,
+    files: Option<&ServerTlsFiles>,
+) -> (Option<Pki>, Option<ServerTlsFiles>) {
+    let Some(files) = files else {
+        return (None, None);
+    };
+    let certificate = server_certificate(docs, c, files);
     let pki = Pki::new("sluice-ca").expect("CA");
     let name = certificate.value["spec"]["dnsNames"][0]
         .as_str()
@@ -743,7 +767,7 @@ fn issued_for<'d>(
         },
         client_ca: Some(pki.ca_file.clone()),
     };
-    (pki, files, certificate)
+    (Some(pki), Some(files))
 }
 
 /// GETs `path` on `admin`, expecting 200.
@@ -849,14 +873,7 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
         match &c.run {
             Run::Sidecar(args) => {
                 let config = args.config().unwrap_or_else(|e| panic!("{what}: {e:#}"));
-                // The certificates cert-manager would put in the secret.
-                let (_pki, grpc_tls) = match &config.grpc_tls {
-                    Some(files) => {
-                        let (pki, issued, _) = issued_for(&docs, c, files);
-                        (Some(pki), Some(issued))
-                    }
-                    None => (None, None),
-                };
+                let (_pki, grpc_tls) = issued_in_place(&docs, c, config.grpc_tls.as_ref());
                 let config = sluice::server::Config {
                     grpc_listen: sluice_runtime::grpc::Listen::Tcp(([127, 0, 0, 1], 0).into()),
                     admin_listen: ([127, 0, 0, 1], 0).into(),
@@ -879,13 +896,7 @@ async fn container_ports_probes_and_scrapes_match_the_listeners_the_args_open() 
             Run::Controller(args) => {
                 let dead = free_port().expect("port");
                 let config = sluice_controller::cli::config(args, &policy).expect("flags");
-                let (_pki, tls) = match &config.tls {
-                    Some(files) => {
-                        let (pki, issued, _) = issued_for(&docs, c, files);
-                        (Some(pki), Some(issued))
-                    }
-                    None => (None, None),
-                };
+                let (_pki, tls) = issued_in_place(&docs, c, config.tls.as_ref());
                 let config = sluice_controller::ControllerConfig {
                     listen: ([127, 0, 0, 1], 0).into(),
                     admin_listen: ([127, 0, 0, 1], 0).into(),
@@ -1343,7 +1354,7 @@ fn the_daemonsets_mutual_tls_chain_holds_together() {
     };
     let config = args.config().expect("flags");
     let files = config.grpc_tls.as_ref().expect("the DaemonSet speaks TLS");
-    let (_pki, _, server) = issued_for(&docs, daemonset, files);
+    let server = server_certificate(&docs, daemonset, files);
     let host = format!("sluice.{}.svc.cluster.local", daemonset.pod.doc.namespace());
     assert!(
         find(&docs, "Service", daemonset.pod.doc.namespace(), "sluice").is_some(),
@@ -1365,32 +1376,15 @@ fn the_daemonsets_mutual_tls_chain_holds_together() {
 
     // Issuer chain: a CA ClusterIssuer whose CA cert-manager made itself.
     let issuer_ref = &spec["issuerRef"];
-    assert_eq!(issuer_ref["kind"], "ClusterIssuer");
-    let issuer = find(
+    let issuer = cluster_issuer(&docs, issuer_ref);
+    let ca = certificate_making(
         &docs,
-        "ClusterIssuer",
-        "",
-        issuer_ref["name"].as_str().expect("name"),
+        "cert-manager",
+        &issuer.value["spec"]["ca"]["secretName"],
     )
-    .expect("the ClusterIssuer");
-    let ca_secret = &issuer.value["spec"]["ca"]["secretName"];
-    let ca = docs
-        .iter()
-        .find(|d| {
-            d.kind() == "Certificate"
-                && d.namespace() == "cert-manager"
-                && d.value["spec"]["secretName"] == *ca_secret
-        })
-        .expect("the CA's Certificate, in cert-manager's namespace");
+    .expect("the CA's Certificate, in cert-manager's namespace");
     assert_eq!(ca.value["spec"]["isCA"], true);
-    let root = &ca.value["spec"]["issuerRef"];
-    let root = find(
-        &docs,
-        "ClusterIssuer",
-        "",
-        root["name"].as_str().expect("name"),
-    )
-    .expect("the CA's issuer");
+    let root = cluster_issuer(&docs, &ca.value["spec"]["issuerRef"]);
     assert!(root.value["spec"]["selfSigned"].is_object());
 
     let rules: Vec<&Doc> = istio
@@ -1425,13 +1419,7 @@ fn the_daemonsets_mutual_tls_chain_holds_together() {
                 .any(|p| p.doc.namespace() == rule.namespace() && p.selected_by(selector)),
             "{what}: selects no workload"
         );
-        let client = istio
-            .iter()
-            .find(|d| {
-                d.kind() == "Certificate"
-                    && d.namespace() == rule.namespace()
-                    && d.value["spec"]["secretName"] == tls["credentialName"]
-            })
+        let client = certificate_making(&istio, rule.namespace(), &tls["credentialName"])
             .unwrap_or_else(|| panic!("{what}: no Certificate makes its credential"));
         assert_client_certificate(client, issuer_ref, &what);
     }
@@ -1457,7 +1445,7 @@ fn sidecars_and_the_controller_speak_mutual_tls_from_one_ca() {
     };
     let config = sluice_controller::cli::config(args, Path::new("/")).expect("flags");
     let files = config.tls.as_ref().expect("the controller speaks TLS");
-    let (_pki, _, server) = issued_for(&docs, controller, files);
+    let server = server_certificate(&docs, controller, files);
     let issuer = &server.value["spec"]["issuerRef"];
     let names = server.value["spec"]["dnsNames"]
         .as_array()

@@ -200,6 +200,7 @@ pub fn parse_policy(file: &Path, text: &str) -> Result<Policy, PolicyError> {
             message: strip_location(&e.without_snippet().to_string()),
         }
     })?;
+    check_component_count(file, &policy)?;
     check_unique_names(file, &policy)?;
     if let Some(circuit) = &policy.circuit {
         let name = &policy.name.value.0;
@@ -230,10 +231,8 @@ fn strip_location(message: &str) -> String {
 /// `limit_by_label_key`, not one per tenant.
 pub const MAX_COMPONENTS_PER_POLICY: usize = 1_000;
 
-/// Component names are unique within a policy across all kinds: a name
-/// identifies the component in metrics and in `x-sluice-rejected-by`. And
-/// there are at most [`MAX_COMPONENTS_PER_POLICY`].
-fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
+/// A policy has at most [`MAX_COMPONENTS_PER_POLICY`] components.
+fn check_component_count(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
     let components = policy.classifiers.len()
         + policy.samplers.len()
         + policy.rate_limiters.len()
@@ -253,6 +252,12 @@ fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Component names are unique within a policy across all kinds: a name
+/// identifies the component in metrics and in `x-sluice-rejected-by`.
+fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
     type Named<'a> = (String, &'a serde_saphyr::Spanned<super::types::Name>);
     let classifiers = policy.classifiers.iter().enumerate().filter_map(|(i, c)| {
         c.name

@@ -163,12 +163,12 @@ fn walk(mut buf: &[u8], shape: Fields, entries: &mut usize, limit: usize) -> Res
                 let Some((_, field)) = shape.iter().find(|(n, _)| *n == number) else {
                     continue;
                 };
-                let inner = match field {
-                    Field::Entry => None,
-                    Field::EntryOf(inner) => Some(inner),
-                    Field::Into(inner) => Some(inner),
+                let (counted, inner) = match field {
+                    Field::Entry => (true, None),
+                    Field::EntryOf(inner) => (true, Some(inner)),
+                    Field::Into(inner) => (false, Some(inner)),
                 };
-                if !matches!(field, Field::Into(_)) {
+                if counted {
                     *entries += 1;
                     if *entries > limit {
                         return Err(Stop::Over);
