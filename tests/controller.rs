@@ -1,6 +1,8 @@
 //! sluice-controller and sidecars over the real control API: decisions
 //! reach every subscriber, lapse when the controller goes, come back when
-//! it returns; a dead Prometheus makes the controller hold its outputs.
+//! it returns; a dead Prometheus makes the controller hold its outputs; a
+//! circuit tightens a quota scheduler and a concurrency scheduler, and
+//! Checks feel it.
 
 mod common;
 
@@ -307,5 +309,107 @@ async fn decisions_for_another_policy_version_are_ignored() {
     );
     assert_eq!(multiplier(&sidecar), 1.0);
     controller.stop(Duration::from_secs(2)).await;
+    sidecar.stop(Duration::from_secs(2)).await;
+}
+
+/// A quota scheduler and a concurrency scheduler the policy leaves
+/// generous, and a circuit that tightens both: a constant capacity and a
+/// computed fill amount for the one, a computed limit for the other.
+const SCHEDULERS: &str = r#"
+name: sched
+quota_schedulers:
+  - name: quota
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {http.path: /quota}}}]
+    bucket_capacity: 100
+    fill_amount: 100
+    interval: 1s
+    scheduler:
+      default_workload_parameters: {queue_timeout: 50ms}
+concurrency_schedulers:
+  - name: slots
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {http.path: /slots}}}]
+    max_concurrency: 10
+    scheduler:
+      default_workload_parameters: {queue_timeout: 50ms}
+circuit:
+  components:
+    - arithmetic: {out: fill, op: div, lhs: 1, rhs: 1000}
+    - arithmetic: {out: limit, op: sub, lhs: 2, rhs: 1}
+    - actuator: {quota_scheduler: quota, bucket_capacity: 2, fill_amount: fill}
+    - actuator: {concurrency_scheduler: slots, input: limit}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_drives_quota_and_concurrency_schedulers_until_it_goes() {
+    let policy = PolicyFile::new(SCHEDULERS);
+    let controller = Controller::start(config(
+        &policy,
+        "http://127.0.0.1:1",
+        "127.0.0.1:0".parse().expect("addr"),
+    ))
+    .await
+    .expect("controller");
+    let sidecar = sidecar_of(&policy, controller.grpc_addr).await;
+    let series = |name: &str, component: &str| {
+        format!(r#"{name}{{component="{component}",policy_name="sched"}}"#)
+    };
+    let driven = |text: &str| {
+        metric(text, &series("controller_decision_active", "quota")) == 1.0
+            && metric(text, &series("controller_decision_active", "slots")) == 1.0
+    };
+    // Driven, and the sweep (every second) shows the controller's fill
+    // rate: 0.001 tokens per 1 s interval.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let text = metrics_text(&sidecar).await;
+            driven(&text) && metric(&text, &series("token_bucket_fill_rate", "quota")) == 0.001
+        })
+        .await,
+        "{}",
+        metrics_text(&sidecar).await
+    );
+
+    let mut envoy = client(&sidecar).await;
+    let mut check = async |path: &str| {
+        let answer = envoy
+            .check(check_request("GET", path, &[]))
+            .await
+            .expect("check")
+            .into_inner();
+        (
+            http_status(&answer),
+            response_header(&answer, "x-sluice-rejected-by"),
+        )
+    };
+    // The controller's bucket of 2, refilled by a thousandth of a token a
+    // second: two pass, the third waits its 50 ms and is refused (the
+    // policy's bucket of 100 would let all three through).
+    assert_eq!(check("/quota").await, (200, None));
+    assert_eq!(check("/quota").await, (200, None));
+    assert_eq!(check("/quota").await, (503, Some("sched/quota".to_owned())));
+    // The controller's one slot: the first flow holds it (no access log
+    // comes to give it back), the second waits and is refused (the
+    // policy's 10 would admit it).
+    assert_eq!(check("/slots").await, (200, None));
+    assert_eq!(check("/slots").await, (503, Some("sched/slots".to_owned())));
+
+    // The controller goes: at valid_until both are back to their policy's
+    // values, with no restart of anything.
+    controller.stop(Duration::from_secs(2)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let text = metrics_text(&sidecar).await;
+            metric(&text, &series("controller_decision_active", "quota")) == 0.0
+                && metric(&text, &series("controller_decision_active", "slots")) == 0.0
+                && metric(&text, &series("token_bucket_fill_rate", "quota")) == 100.0
+        })
+        .await,
+        "{}",
+        metrics_text(&sidecar).await
+    );
+    for _ in 0..3 {
+        assert_eq!(check("/quota").await, (200, None), "the policy's bucket");
+    }
+    assert_eq!(check("/slots").await, (200, None), "the policy's limit");
     sidecar.stop(Duration::from_secs(2)).await;
 }

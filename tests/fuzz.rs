@@ -256,11 +256,12 @@ proptest! {
         let _ = parse_policy(std::path::Path::new("fuzz.yaml"), &text);
     }
 
-    /// Controller decisions: any numbers; what is applied is in range (and
-    /// holds at most the sidecar's bound, which the engine's tests check).
+    /// Controller decisions: any numbers, every kind; what is applied is in
+    /// range (and holds at most the sidecar's bound, which the engine's
+    /// tests check), and what is out of range is refused as such.
     #[test]
     fn controller_decisions_are_applied_only_in_range(
-        kind in 0u8..4,
+        kind in 0u8..6,
         value in prop_oneof![any::<f64>(), -2.0f64..200.0],
         other in prop::option::of(any::<f64>()),
         valid_ms in 0u64..200_000,
@@ -272,7 +273,9 @@ proptest! {
             0 => Action::LoadMultiplier { component: "protect", value },
             1 => Action::AcceptPercentage { component: "most", value },
             2 => Action::RateLimit { component: "per-user", bucket_capacity: Some(value), fill_amount: other },
-            _ => Action::MaxConcurrency { component: "none", value: value.abs() as u64 },
+            3 => Action::MaxConcurrency { component: "none", value: value.abs() as u64 },
+            4 => Action::QuotaBucket { component: "none", bucket_capacity: other, fill_amount: Some(value) },
+            _ => Action::SchedulerConcurrency { component: "none", value: value.abs() as u64 },
         };
         let decision = ControlDecision {
             policy: "bench",
@@ -283,6 +286,11 @@ proptest! {
         let applied = sidecar.engine.apply(&decision);
         if applied == Applied::Applied {
             prop_assert!(action.invalid().is_none(), "{:?}", action);
+        }
+        // Out of range is refused before the component is looked for:
+        // whatever it names.
+        if valid_ms > 0 && action.invalid().is_some() {
+            prop_assert!(matches!(applied, Applied::Invalid(_)), "{:?}: {:?}", action, applied);
         }
     }
 }

@@ -127,6 +127,15 @@ pub fn apply(
                 component: &m.concurrency_limiter,
                 value: m.max_concurrency,
             },
+            WireAction::QuotaBucket(q) => Action::QuotaBucket {
+                component: &q.quota_scheduler,
+                bucket_capacity: q.bucket_capacity,
+                fill_amount: q.fill_amount,
+            },
+            WireAction::SchedulerConcurrency(c) => Action::SchedulerConcurrency {
+                component: &c.concurrency_scheduler,
+                value: c.max_concurrency,
+            },
         };
         let valid_for =
             Duration::from_millis(d.valid_until_unix_ms.saturating_sub(now).max(0) as u64);

@@ -35,6 +35,10 @@ pub enum Target {
     MaxConcurrency(String),
     /// A rate limiter's bucket.
     RateLimit(String),
+    /// A quota scheduler's bucket.
+    QuotaBucket(String),
+    /// A concurrency scheduler's limit.
+    SchedulerConcurrency(String),
 }
 
 /// One actuator's output this tick.
@@ -42,9 +46,9 @@ pub enum Target {
 pub struct Output {
     /// What it drives.
     pub target: Target,
-    /// The value (for rate limiters: the capacity, if driven).
+    /// The value (for a bucket: the capacity, if driven).
     pub value: Option<f64>,
-    /// A rate limiter's fill amount, if driven.
+    /// A bucket's fill amount, if driven.
     pub fill_amount: Option<f64>,
 }
 
@@ -231,6 +235,10 @@ impl Circuit {
                         Target::AcceptPercentage(n)
                     } else if let Some(n) = name(&a.concurrency_limiter) {
                         Target::MaxConcurrency(n)
+                    } else if let Some(n) = name(&a.quota_scheduler) {
+                        Target::QuotaBucket(n)
+                    } else if let Some(n) = name(&a.concurrency_scheduler) {
+                        Target::SchedulerConcurrency(n)
                     } else {
                         Target::RateLimit(name(&a.rate_limiter).unwrap_or_default())
                     };

@@ -230,6 +230,10 @@ pub fn describe(components: &[ComponentSpec]) -> String {
                     format!("sampler {n} accept_percentage")
                 } else if let Some(n) = &a.concurrency_limiter {
                     format!("concurrency limiter {n} max_concurrency")
+                } else if let Some(n) = &a.concurrency_scheduler {
+                    format!("concurrency scheduler {n} max_concurrency")
+                } else if let Some(n) = &a.quota_scheduler {
+                    format!("quota scheduler {n}")
                 } else {
                     format!(
                         "rate limiter {}",

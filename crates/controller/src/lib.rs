@@ -254,6 +254,17 @@ fn decision(policy: &Running, output: &Output, valid_until: i64) -> Option<wire:
             bucket_capacity: output.value.map(|v| v.max(0.0)),
             fill_amount: output.fill_amount.map(|v| v.max(0.0)),
         }),
+        Target::QuotaBucket(c) => Action::QuotaBucket(wire::QuotaBucket {
+            quota_scheduler: c.clone(),
+            bucket_capacity: output.value.map(|v| v.max(0.0)),
+            fill_amount: output.fill_amount.map(|v| v.max(0.0)),
+        }),
+        Target::SchedulerConcurrency(c) => {
+            Action::SchedulerConcurrency(wire::SchedulerConcurrency {
+                concurrency_scheduler: c.clone(),
+                max_concurrency: output.value?.max(0.0).round() as u64,
+            })
+        }
     };
     Some(wire::Decision {
         policy_name: policy.name.clone(),
@@ -263,12 +274,14 @@ fn decision(policy: &Running, output: &Output, valid_until: i64) -> Option<wire:
     })
 }
 
+/// The component an output drives and the `field` label of its value in
+/// `controller_output` (a bucket's fill amount is `fill_amount`).
 fn describe(target: &Target) -> (&str, &'static str) {
     match target {
         Target::LoadMultiplier(c) => (c, "load_multiplier"),
         Target::AcceptPercentage(c) => (c, "accept_percentage"),
-        Target::MaxConcurrency(c) => (c, "max_concurrency"),
-        Target::RateLimit(c) => (c, "bucket"),
+        Target::MaxConcurrency(c) | Target::SchedulerConcurrency(c) => (c, "max_concurrency"),
+        Target::RateLimit(c) | Target::QuotaBucket(c) => (c, "bucket"),
     }
 }
 
@@ -671,5 +684,81 @@ async fn ticker(
         }
         let set = tick(&state, &prometheus, &metrics, &config, &clock).await;
         publish.send_replace(Arc::new(set));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::decision::Action;
+
+    fn running() -> Running {
+        Running {
+            name: "p".to_owned(),
+            hash: 0xabc,
+            circuit: Circuit::compile(&[], Duration::from_secs(1)),
+            last: Vec::new(),
+            last_fresh: None,
+        }
+    }
+
+    fn output(target: Target, value: Option<f64>, fill_amount: Option<f64>) -> Output {
+        Output {
+            target,
+            value,
+            fill_amount,
+        }
+    }
+
+    #[test]
+    fn scheduler_outputs_go_out_as_their_own_actions() {
+        let r = running();
+        let quota = decision(
+            &r,
+            &output(Target::QuotaBucket("q".into()), None, Some(-2.0)),
+            7,
+        )
+        .expect("a fill amount alone is a decision");
+        assert_eq!(
+            (quota.policy_hash.as_str(), quota.valid_until_unix_ms),
+            ("0000000000000abc", 7)
+        );
+        assert_eq!(
+            quota.action,
+            Some(Action::QuotaBucket(wire::QuotaBucket {
+                quota_scheduler: "q".to_owned(),
+                bucket_capacity: None,
+                // Sidecars refuse a negative bucket; the circuit's
+                // arithmetic may well produce one.
+                fill_amount: Some(0.0),
+            }))
+        );
+        let slots = decision(
+            &r,
+            &output(Target::SchedulerConcurrency("c".into()), Some(2.6), None),
+            7,
+        )
+        .expect("a decision");
+        assert_eq!(
+            slots.action,
+            Some(Action::SchedulerConcurrency(wire::SchedulerConcurrency {
+                concurrency_scheduler: "c".to_owned(),
+                max_concurrency: 3,
+            }))
+        );
+        assert!(
+            decision(
+                &r,
+                &output(Target::SchedulerConcurrency("c".into()), None, None),
+                7
+            )
+            .is_none(),
+            "nothing to send"
+        );
+        assert_eq!(describe(&Target::QuotaBucket("q".into())), ("q", "bucket"));
+        assert_eq!(
+            describe(&Target::SchedulerConcurrency("c".into())),
+            ("c", "max_concurrency")
+        );
     }
 }

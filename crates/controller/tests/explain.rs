@@ -42,7 +42,7 @@ circuit:
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("circuit: components[0]: no load scheduler of that name"),
+        err.contains(r#"circuit: components[0]: no load scheduler "nope" in this policy"#),
         "{err}"
     );
 }

@@ -53,6 +53,25 @@ pub enum Action<'a> {
         /// The limit.
         value: u64,
     },
+    /// A quota scheduler's bucket, as [`Action::RateLimit`] is a rate
+    /// limiter's.
+    QuotaBucket {
+        /// The quota scheduler.
+        component: &'a str,
+        /// Its capacity, if set.
+        bucket_capacity: Option<f64>,
+        /// Its fill amount, if set.
+        fill_amount: Option<f64>,
+    },
+    /// A concurrency scheduler's limit. Not [`Action::MaxConcurrency`]:
+    /// every action names the kind of component it drives, and a limiter
+    /// rejects its excess where a scheduler queues it.
+    SchedulerConcurrency {
+        /// The concurrency scheduler.
+        component: &'a str,
+        /// The limit.
+        value: u64,
+    },
 }
 
 impl Action<'_> {
@@ -65,6 +84,11 @@ impl Action<'_> {
                 Some("a load multiplier outside [0, 1]")
             }
             Action::RateLimit {
+                bucket_capacity,
+                fill_amount,
+                ..
+            }
+            | Action::QuotaBucket {
                 bucket_capacity,
                 fill_amount,
                 ..
@@ -84,7 +108,9 @@ impl Action<'_> {
             Action::LoadMultiplier { component, .. }
             | Action::RateLimit { component, .. }
             | Action::AcceptPercentage { component, .. }
-            | Action::MaxConcurrency { component, .. } => component,
+            | Action::MaxConcurrency { component, .. }
+            | Action::QuotaBucket { component, .. }
+            | Action::SchedulerConcurrency { component, .. } => component,
         }
     }
 }

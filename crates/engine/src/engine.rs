@@ -476,6 +476,20 @@ impl Engine {
                 .iter()
                 .find(|c| &*c.name == name)
                 .map(|c| c.set_max_concurrency(*value, until)),
+            Action::QuotaBucket {
+                bucket_capacity,
+                fill_amount,
+                ..
+            } => policy
+                .quota_schedulers
+                .iter()
+                .find(|q| &*q.scheduler.name == name)
+                .map(|q| q.set_bucket(*bucket_capacity, *fill_amount, until)),
+            Action::SchedulerConcurrency { value, .. } => policy
+                .concurrency_schedulers
+                .iter()
+                .find(|c| &*c.scheduler.name == name)
+                .map(|c| c.set_max_concurrency(*value, until)),
         };
         match found {
             Some(()) => Applied::Applied,
@@ -571,10 +585,18 @@ impl Engine {
                     lapsed(&policy.name, &c.name, "limit");
                 }
             }
+            // Lapsed first, so that the gauges the sweep updates show the
+            // policy's values at once.
             for q in &policy.quota_schedulers {
+                if q.revert_if_lapsed(now) {
+                    lapsed(&policy.name, &q.scheduler.name, "bucket");
+                }
                 q.sweep(now);
             }
             for c in &policy.concurrency_schedulers {
+                if c.revert_if_lapsed(now) {
+                    lapsed(&policy.name, &c.scheduler.name, "limit");
+                }
                 c.sweep(now);
             }
             for l in &policy.load_schedulers {

@@ -1231,3 +1231,270 @@ load_schedulers:
     engine.sweep();
     assert_eq!(check(&engine, &[]).0, None, "lapsed at the bound");
 }
+
+/// A quota scheduler and a concurrency scheduler for the controller to
+/// drive; nothing else in the policy, so a flow meets both.
+const DRIVEN_SCHEDULERS: &str = r#"
+name: drive
+quota_schedulers:
+  - name: quota
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {kind: quota}}}]
+    bucket_capacity: 2
+    fill_amount: 10
+    interval: 1s
+concurrency_schedulers:
+  - name: slots
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {kind: slots}}}]
+    max_concurrency: 3
+    scheduler:
+      default_workload_parameters: {queue_timeout: 10s}
+      max_queued_requests: 1
+"#;
+
+/// The value of `series` (`name{labels}`, labels as the encoder orders
+/// them) in `text`; a missing series fails the test.
+fn series_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Whether a flow of `kind` is admitted without waiting.
+fn admitted_at_once(engine: &Engine, kind: &str) -> bool {
+    let (_, accepted, waits) = decide_real(engine, &[("kind", kind)]);
+    accepted && waits.is_none()
+}
+
+/// A decision for policy `drive` as `engine` runs it, valid for 5 s.
+fn drive(engine: &Engine, action: control::Action<'_>) -> control::Applied {
+    engine.apply(&control::ControlDecision {
+        policy: "drive",
+        policy_hash: engine.plan().policies[0].hash,
+        valid_for: Duration::from_secs(5),
+        action,
+    })
+}
+
+#[test]
+fn a_driven_quota_scheduler_fills_at_the_controllers_rate_until_it_lapses() {
+    let (engine, time) = engine(&[DRIVEN_SCHEDULERS]);
+    let slower = control::Action::QuotaBucket {
+        component: "quota",
+        bucket_capacity: None,
+        fill_amount: Some(1.0),
+    };
+    assert_eq!(drive(&engine, slower), control::Applied::Applied);
+    let gauges = |engine: &Engine| {
+        let text = engine.metrics().encode_text();
+        let series = |name: &str| {
+            series_value(
+                &text,
+                &format!(r#"{name}{{component="quota",policy_name="drive"}}"#),
+            )
+        };
+        (
+            series("token_bucket_fill_rate"),
+            series("controller_decision_active"),
+        )
+    };
+    assert!(admitted_at_once(&engine, "quota") && admitted_at_once(&engine, "quota"));
+    assert!(!admitted_at_once(&engine, "quota"), "the bucket is empty");
+    time.advance(Duration::from_millis(200));
+    assert!(
+        !admitted_at_once(&engine, "quota"),
+        "the policy's 10 a second would have put 2 tokens back; the controller's 1 puts 0.2"
+    );
+    time.advance(Duration::from_millis(800));
+    assert!(admitted_at_once(&engine, "quota"), "one token a second");
+    assert!(!admitted_at_once(&engine, "quota"));
+    engine.sweep();
+    assert_eq!(
+        gauges(&engine),
+        (1.0, 1.0),
+        "the gauges show the driven rate"
+    );
+
+    // A reload that leaves the scheduler unchanged keeps it, driven, and
+    // the decision still lapses when it was due to.
+    engine
+        .install(&policies(&[&format!("{DRIVEN_SCHEDULERS}# edited\n")]))
+        .expect("reloads");
+    assert_eq!(
+        engine.plan().policies[0].quota_schedulers[0]
+            .params()
+            .fill_amount,
+        1.0
+    );
+    time.advance(Duration::from_millis(3_999));
+    engine.sweep();
+    assert_eq!(gauges(&engine), (1.0, 1.0), "still driven at 4.999 s");
+    time.advance(Duration::from_millis(1));
+    engine.sweep();
+    assert_eq!(gauges(&engine), (10.0, 0.0), "back to the policy's");
+    let params = engine.plan().policies[0].quota_schedulers[0].params();
+    assert_eq!((params.capacity, params.fill_amount), (2.0, 10.0));
+    // Refilled meanwhile; emptied, it has a token back in 100 ms at the
+    // policy's rate.
+    assert!(admitted_at_once(&engine, "quota") && admitted_at_once(&engine, "quota"));
+    assert!(!admitted_at_once(&engine, "quota"));
+    time.advance(Duration::from_millis(100));
+    assert!(admitted_at_once(&engine, "quota"), "10 a second again");
+
+    // A capacity alone keeps the fill amount, and a larger bucket holds
+    // more: five flows at once after a second of refilling.
+    let bigger = control::Action::QuotaBucket {
+        component: "quota",
+        bucket_capacity: Some(5.0),
+        fill_amount: None,
+    };
+    assert_eq!(drive(&engine, bigger), control::Applied::Applied);
+    time.advance(Duration::from_secs(1));
+    for i in 0..5 {
+        assert!(admitted_at_once(&engine, "quota"), "flow {i}");
+    }
+    assert!(!admitted_at_once(&engine, "quota"));
+    let params = engine.plan().policies[0].quota_schedulers[0].params();
+    assert_eq!((params.capacity, params.fill_amount), (5.0, 10.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_driven_concurrency_scheduler_queues_at_the_controllers_limit_until_it_lapses() {
+    let (engine, time) = paused_engine(&[DRIVEN_SCHEDULERS]);
+    let lower = control::Action::SchedulerConcurrency {
+        component: "slots",
+        value: 1,
+    };
+    assert_eq!(drive(&engine, lower), control::Applied::Applied);
+    assert_eq!(
+        engine.plan().policies[0].concurrency_schedulers[0].max_concurrency(),
+        1
+    );
+    assert!(admitted_at_once(&engine, "slots"), "the one slot");
+    // The policy's 3 would admit the second at once; it waits.
+    let (_, _, second) = decide_real(&engine, &[("kind", "slots")]);
+    let second = second.expect("waits for a slot");
+    let e = engine.clone();
+    let second = tokio::spawn(async move { second.run(&e, None).await });
+    settle(|| queued(&engine) == 1).await;
+    // The queue (of one) is full: a third is refused at once.
+    let (_, _, third) = decide_real(&engine, &[("kind", "slots")]);
+    let refusal = third
+        .expect("goes to wait")
+        .run(&engine, None)
+        .await
+        .expect_err("queue full");
+    assert_eq!(refusal.reason, RejectReason::QueueFull);
+    assert!(!second.is_finished(), "still waiting");
+
+    // At valid_until the policy's limit is back, and the waiting flow is
+    // admitted with it: no slot came back, the limit went up.
+    time.advance(Duration::from_millis(4_999));
+    engine.sweep();
+    tokio::task::yield_now().await;
+    assert!(!second.is_finished(), "still driven at 4.999 s");
+    time.advance(Duration::from_millis(1));
+    engine.sweep();
+    settle(|| second.is_finished()).await;
+    assert_eq!(second.await.expect("task"), Ok(()));
+    assert_eq!(engine.inflight_flows(), 2);
+    assert_eq!(
+        engine.plan().policies[0].concurrency_schedulers[0].max_concurrency(),
+        3
+    );
+    let text = engine.metrics().encode_text();
+    assert!(
+        text.contains(r#"controller_decision_active{component="slots",policy_name="drive"} 0"#),
+        "{text}"
+    );
+
+    // Raised by the controller, a limit admits the queue at once too.
+    assert!(admitted_at_once(&engine, "slots"), "the third slot");
+    let (_, _, fourth) = decide_real(&engine, &[("kind", "slots")]);
+    let fourth = fourth.expect("waits: three in flight");
+    let e = engine.clone();
+    let fourth = tokio::spawn(async move { fourth.run(&e, None).await });
+    settle(|| queued(&engine) == 1).await;
+    let raise = control::Action::SchedulerConcurrency {
+        component: "slots",
+        value: 4,
+    };
+    assert_eq!(drive(&engine, raise), control::Applied::Applied);
+    settle(|| fourth.is_finished()).await;
+    assert_eq!(fourth.await.expect("task"), Ok(()));
+}
+
+#[test]
+fn scheduler_decisions_out_of_range_or_for_another_kind_are_refused() {
+    use control::{Action, Applied};
+    let (engine, _time) = engine(&[DRIVEN_SCHEDULERS]);
+    let bucket = |bucket_capacity, fill_amount| Action::QuotaBucket {
+        component: "quota",
+        bucket_capacity,
+        fill_amount,
+    };
+    for action in [
+        bucket(Some(-1.0), None),
+        bucket(None, Some(-0.5)),
+        bucket(Some(f64::NAN), Some(1.0)),
+        bucket(Some(1.0), Some(f64::INFINITY)),
+    ] {
+        assert!(
+            matches!(drive(&engine, action.clone()), Applied::Invalid(_)),
+            "{action:?}"
+        );
+    }
+    let params = engine.plan().policies[0].quota_schedulers[0].params();
+    assert_eq!(
+        (params.capacity, params.fill_amount),
+        (2.0, 10.0),
+        "untouched"
+    );
+    // Each action drives its own kind only: a limiter's action never
+    // reaches a scheduler of that name, nor a quota bucket a concurrency
+    // scheduler.
+    for action in [
+        Action::QuotaBucket {
+            component: "slots",
+            bucket_capacity: Some(1.0),
+            fill_amount: None,
+        },
+        Action::SchedulerConcurrency {
+            component: "quota",
+            value: 1,
+        },
+        Action::MaxConcurrency {
+            component: "slots",
+            value: 1,
+        },
+        Action::RateLimit {
+            component: "quota",
+            bucket_capacity: Some(1.0),
+            fill_amount: None,
+        },
+        Action::SchedulerConcurrency {
+            component: "nope",
+            value: 1,
+        },
+    ] {
+        assert_eq!(
+            drive(&engine, action.clone()),
+            Applied::UnknownComponent,
+            "{action:?}"
+        );
+    }
+    let plan = engine.plan();
+    assert_eq!(
+        plan.policies[0].concurrency_schedulers[0].max_concurrency(),
+        3
+    );
+    let text = engine.metrics().encode_text();
+    for component in ["quota", "slots"] {
+        assert!(
+            text.contains(&format!(
+                r#"controller_decision_active{{component="{component}",policy_name="drive"}} 0"#
+            )),
+            "{text}"
+        );
+    }
+}

@@ -281,13 +281,22 @@ pub struct ActuatorSpec {
     /// are sent (not `input`).
     #[serde(default)]
     pub rate_limiter: Option<Name>,
-    /// The value sent to a load scheduler, sampler or concurrency limiter.
+    /// A quota scheduler of this policy: `bucket_capacity` and/or
+    /// `fill_amount` are sent (not `input`), as to a rate limiter.
+    #[serde(default)]
+    pub quota_scheduler: Option<Name>,
+    /// A concurrency scheduler of this policy: `input` is its max
+    /// concurrency.
+    #[serde(default)]
+    pub concurrency_scheduler: Option<Name>,
+    /// The value sent to a load scheduler, sampler, concurrency limiter or
+    /// concurrency scheduler.
     #[serde(default)]
     pub input: Option<Operand>,
-    /// The bucket capacity sent to a rate limiter.
+    /// The bucket capacity sent to a rate limiter or quota scheduler.
     #[serde(default)]
     pub bucket_capacity: Option<Operand>,
-    /// The fill amount sent to a rate limiter.
+    /// The fill amount sent to a rate limiter or quota scheduler.
     #[serde(default)]
     pub fill_amount: Option<Operand>,
 }
@@ -534,6 +543,8 @@ fn average_latency(
             sampler: None,
             concurrency_limiter: None,
             rate_limiter: None,
+            quota_scheduler: None,
+            concurrency_scheduler: None,
             input: Some(signal("load_multiplier")),
             bucket_capacity: None,
             fill_amount: None,
@@ -582,71 +593,223 @@ pub fn validate(components: &[ComponentSpec], policy: &super::Policy) -> Result<
 }
 
 fn validate_actuator(a: &ActuatorSpec, policy: &super::Policy) -> Result<(), String> {
-    let names = |list: Vec<&super::types::Name>, want: &super::types::Name| list.contains(&want);
-    let targets = [
-        a.load_scheduler.is_some(),
-        a.sampler.is_some(),
-        a.concurrency_limiter.is_some(),
-        a.rate_limiter.is_some(),
+    /// One kind of component an actuator can drive.
+    struct Kind<'a> {
+        /// The actuator's field naming it.
+        field: &'static str,
+        /// What errors call it.
+        kind: &'static str,
+        /// The component this actuator names, if of this kind.
+        named: Option<&'a Name>,
+        /// Takes `bucket_capacity` and/or `fill_amount`, not `input`.
+        bucket: bool,
+        /// The policy's components of this kind.
+        exist: Vec<&'a Name>,
+    }
+    let kinds = [
+        Kind {
+            field: "load_scheduler",
+            kind: "load scheduler",
+            named: a.load_scheduler.as_ref(),
+            bucket: false,
+            exist: policy
+                .load_schedulers
+                .iter()
+                .map(|x| &x.name.value)
+                .collect(),
+        },
+        Kind {
+            field: "sampler",
+            kind: "sampler",
+            named: a.sampler.as_ref(),
+            bucket: false,
+            exist: policy.samplers.iter().map(|x| &x.name.value).collect(),
+        },
+        Kind {
+            field: "concurrency_limiter",
+            kind: "concurrency limiter",
+            named: a.concurrency_limiter.as_ref(),
+            bucket: false,
+            exist: policy
+                .concurrency_limiters
+                .iter()
+                .map(|x| &x.name.value)
+                .collect(),
+        },
+        Kind {
+            field: "rate_limiter",
+            kind: "rate limiter",
+            named: a.rate_limiter.as_ref(),
+            bucket: true,
+            exist: policy.rate_limiters.iter().map(|x| &x.name.value).collect(),
+        },
+        Kind {
+            field: "quota_scheduler",
+            kind: "quota scheduler",
+            named: a.quota_scheduler.as_ref(),
+            bucket: true,
+            exist: policy
+                .quota_schedulers
+                .iter()
+                .map(|x| &x.name.value)
+                .collect(),
+        },
+        Kind {
+            field: "concurrency_scheduler",
+            kind: "concurrency scheduler",
+            named: a.concurrency_scheduler.as_ref(),
+            bucket: false,
+            exist: policy
+                .concurrency_schedulers
+                .iter()
+                .map(|x| &x.name.value)
+                .collect(),
+        },
     ];
-    if targets.iter().filter(|t| **t).count() != 1 {
-        return Err("an actuator names exactly one of load_scheduler, sampler, concurrency_limiter, rate_limiter".to_owned());
-    }
-    if let Some(r) = &a.rate_limiter {
+    let mut targets = kinds.iter().filter(|k| k.named.is_some());
+    let (Some(target), None) = (targets.next(), targets.next()) else {
+        let fields: Vec<&str> = kinds.iter().map(|k| k.field).collect();
+        return Err(format!(
+            "an actuator names exactly one of {}",
+            fields.join(", ")
+        ));
+    };
+    if target.bucket {
         if a.input.is_some() || (a.bucket_capacity.is_none() && a.fill_amount.is_none()) {
-            return Err(
-                "a rate_limiter actuator takes bucket_capacity and/or fill_amount, not input"
-                    .to_owned(),
-            );
+            return Err(format!(
+                "a {} actuator takes bucket_capacity and/or fill_amount, not input",
+                target.field
+            ));
         }
-        if !names(
-            policy.rate_limiters.iter().map(|x| &x.name.value).collect(),
-            r,
-        ) {
-            return Err(format!("no rate limiter {:?} in this policy", r.0));
-        }
-        return Ok(());
-    }
-    if a.input.is_none() || a.bucket_capacity.is_some() || a.fill_amount.is_some() {
+    } else if a.input.is_none() || a.bucket_capacity.is_some() || a.fill_amount.is_some() {
         return Err(
-            "this actuator takes `input` (bucket_capacity and fill_amount are for rate limiters)"
+            "this actuator takes `input` (bucket_capacity and fill_amount are for rate limiters and quota schedulers)"
                 .to_owned(),
         );
     }
-    let (kind, found) = if let Some(n) = &a.load_scheduler {
-        (
-            "load scheduler",
-            names(
-                policy
-                    .load_schedulers
-                    .iter()
-                    .map(|x| &x.name.value)
-                    .collect(),
-                n,
-            ),
-        )
-    } else if let Some(n) = &a.sampler {
-        (
-            "sampler",
-            names(policy.samplers.iter().map(|x| &x.name.value).collect(), n),
-        )
-    } else if let Some(n) = &a.concurrency_limiter {
-        (
-            "concurrency limiter",
-            names(
-                policy
-                    .concurrency_limiters
-                    .iter()
-                    .map(|x| &x.name.value)
-                    .collect(),
-                n,
-            ),
-        )
-    } else {
-        return Err("an actuator needs a target".to_owned());
-    };
-    if !found {
-        return Err(format!("no {kind} of that name in this policy"));
+    match target.named {
+        Some(name) if !target.exist.contains(&name) => {
+            Err(format!("no {} {:?} in this policy", target.kind, name.0))
+        }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::load::parse_policy;
+
+    /// A policy with one component of every kind an actuator can drive
+    /// (and a concurrency limiter and rate limiter named like nothing
+    /// else, to catch a target looked up among the wrong kind).
+    const COMPONENTS: &str = r#"
+name: p
+rate_limiters:
+  - {name: rl, selectors: [{control_point: ingress}], bucket_capacity: 1, fill_amount: 1, interval: 1s}
+concurrency_limiters:
+  - {name: cl, selectors: [{control_point: ingress}], max_concurrency: 1}
+quota_schedulers:
+  - {name: quota, selectors: [{control_point: ingress}], bucket_capacity: 10, fill_amount: 10, interval: 1s}
+concurrency_schedulers:
+  - {name: slots, selectors: [{control_point: ingress}], max_concurrency: 4}
+circuit:
+  components:
+    - promql: {out: x, query: q}
+"#;
+
+    /// Loads [`COMPONENTS`] with `actuator` as the circuit's second
+    /// component; the error's message if it is refused (by the circuit's
+    /// validation: the error is the `circuit` field's).
+    fn actuator(actuator: &str) -> Result<(), String> {
+        let text = format!("{COMPONENTS}    - actuator: {actuator}\n");
+        parse_policy(Path::new("p.yaml"), &text)
+            .map(drop)
+            .map_err(|e| {
+                assert_eq!(e.field, "circuit", "{e}");
+                e.message
+            })
+    }
+
+    #[test]
+    fn a_quota_scheduler_takes_a_bucket_capacity_and_or_a_fill_amount() {
+        for ok in [
+            "{quota_scheduler: quota, fill_amount: x}",
+            "{quota_scheduler: quota, bucket_capacity: 5}",
+            "{quota_scheduler: quota, bucket_capacity: x, fill_amount: 1}",
+        ] {
+            assert_eq!(actuator(ok), Ok(()), "{ok}");
+        }
+        let not_input = "components[1]: a quota_scheduler actuator takes bucket_capacity and/or fill_amount, not input";
+        for wrong in [
+            "{quota_scheduler: quota, input: x}",
+            "{quota_scheduler: quota, input: x, fill_amount: 1}",
+            "{quota_scheduler: quota}",
+        ] {
+            assert_eq!(actuator(wrong), Err(not_input.to_owned()), "{wrong}");
+        }
+        // A rate limiter is not a quota scheduler, however alike.
+        for name in ["nope", "rl"] {
+            assert_eq!(
+                actuator(&format!("{{quota_scheduler: {name}, fill_amount: 1}}")),
+                Err(format!(
+                    "components[1]: no quota scheduler {name:?} in this policy"
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn a_concurrency_scheduler_takes_an_input() {
+        assert_eq!(actuator("{concurrency_scheduler: slots, input: x}"), Ok(()));
+        assert_eq!(actuator("{concurrency_scheduler: slots, input: 2}"), Ok(()));
+        let input_only = "components[1]: this actuator takes `input` (bucket_capacity and fill_amount are for rate limiters and quota schedulers)";
+        for wrong in [
+            "{concurrency_scheduler: slots, fill_amount: x}",
+            "{concurrency_scheduler: slots, input: x, bucket_capacity: 1}",
+            "{concurrency_scheduler: slots}",
+        ] {
+            assert_eq!(actuator(wrong), Err(input_only.to_owned()), "{wrong}");
+        }
+        // A concurrency limiter is not a concurrency scheduler.
+        for name in ["nope", "cl"] {
+            assert_eq!(
+                actuator(&format!("{{concurrency_scheduler: {name}, input: 1}}")),
+                Err(format!(
+                    "components[1]: no concurrency scheduler {name:?} in this policy"
+                ))
+            );
+        }
+        // Nor the other way round.
+        assert_eq!(
+            actuator("{concurrency_limiter: slots, input: 1}"),
+            Err(r#"components[1]: no concurrency limiter "slots" in this policy"#.to_owned())
+        );
+    }
+
+    #[test]
+    fn an_actuator_names_exactly_one_target() {
+        let one = "components[1]: an actuator names exactly one of load_scheduler, sampler, concurrency_limiter, rate_limiter, quota_scheduler, concurrency_scheduler";
+        for wrong in [
+            "{input: 1}",
+            "{quota_scheduler: quota, concurrency_scheduler: slots, input: 1}",
+            "{quota_scheduler: quota, rate_limiter: rl, fill_amount: 1}",
+            "{concurrency_scheduler: slots, concurrency_limiter: cl, input: 1}",
+        ] {
+            assert_eq!(actuator(wrong), Err(one.to_owned()), "{wrong}");
+        }
+    }
+
+    #[test]
+    fn a_limits_own_field_name_is_not_an_actuator_field() {
+        // `max_concurrency` is the scheduler's field, not the actuator's:
+        // refused by name, where it is written.
+        let text = format!(
+            "{COMPONENTS}    - actuator: {{concurrency_scheduler: slots, max_concurrency: 1}}\n"
+        );
+        let e = parse_policy(Path::new("p.yaml"), &text).expect_err("refused");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e.field.ends_with("max_concurrency"), "{e}");
+    }
 }

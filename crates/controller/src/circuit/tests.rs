@@ -221,6 +221,45 @@ fn actuators_send_present_values_only() {
     assert!(c.tick(&HashMap::from([(0, None)])).is_empty());
 }
 
+#[test]
+fn schedulers_are_driven_like_the_limiters_of_their_kind() {
+    // A quota scheduler takes a bucket (a constant capacity, a computed
+    // fill amount), a concurrency scheduler an input.
+    let mut c = circuit(
+        "- promql: {out: x, query: q}\n\
+         - arithmetic: {out: fill, op: mul, lhs: x, rhs: 2}\n\
+         - arithmetic: {out: slots, op: add, lhs: x, rhs: 1}\n\
+         - actuator: {quota_scheduler: quota, bucket_capacity: 5, fill_amount: fill}\n\
+         - actuator: {concurrency_scheduler: gate, input: slots}\n",
+    );
+    let outputs = c.tick(&HashMap::from([(0, Some(3.0))]));
+    assert_eq!(
+        outputs,
+        vec![
+            Output {
+                target: Target::QuotaBucket("quota".into()),
+                value: Some(5.0),
+                fill_amount: Some(6.0)
+            },
+            Output {
+                target: Target::SchedulerConcurrency("gate".into()),
+                value: Some(4.0),
+                fill_amount: None
+            },
+        ]
+    );
+    // Without data the computed values are missing: the quota scheduler
+    // still gets its constant capacity, the concurrency scheduler nothing.
+    assert_eq!(
+        c.tick(&HashMap::from([(0, None)])),
+        vec![Output {
+            target: Target::QuotaBucket("quota".into()),
+            value: Some(5.0),
+            fill_amount: None
+        }]
+    );
+}
+
 /// The average-latency blueprint (tolerance 1.1, baseline over 10 ticks,
 /// recovery 0.25 per tick) run over (latency, observed multiplier) pairs;
 /// `None` as observed feeds back the multiplier it sent. Returns the

@@ -1,10 +1,11 @@
 //! A controller's value in force until a deadline, lock-free.
 //!
 //! Components the controller can drive (rate limiters, samplers,
-//! concurrency limiters) keep their policy's value as the default; a
-//! [`Lease`] records until when the controller's value holds, and shows it
-//! in `controller_decision_active`. The engine's sweep (every second)
-//! returns lapsed components to their default.
+//! concurrency limiters, quota and concurrency schedulers) keep their
+//! policy's value as the default; a [`Lease`] records until when the
+//! controller's value holds, and shows it in `controller_decision_active`.
+//! The engine's sweep (every second) returns lapsed components to their
+//! default.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -14,6 +14,15 @@
 //! While the store's count is full, the queue asks again every
 //! [`FULL_RETRY`] (slots freed by other sidecars are not announced). A
 //! slot taken for a queue that emptied meanwhile goes straight back.
+//!
+//! The controller can drive `max_concurrency` (a `concurrency_scheduler`
+//! actuator) until its decision's `valid_until`, as it drives a concurrency
+//! limiter's; then the policy's limit is back. Lowered below the flows in
+//! flight, it admits nobody until enough of them end; raised, it wakes the
+//! queue. With `scope: global` the limit in force is what this sidecar
+//! takes its slots in the store against: the store's count is shared and
+//! each take carries the limit, so every sidecar running the policy (all
+//! of them get the same decisions) admits against the controller's.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,6 +36,7 @@ use tokio::sync::Notify;
 
 use super::scheduler::{Config, Pool, Scheduler};
 use super::wfq;
+use crate::components::lease::Lease;
 use crate::components::selector::Selector;
 use crate::label_table::Digest;
 use crate::metrics::{Metrics, Series};
@@ -42,7 +52,8 @@ const UNUSED_SLOT: Nanos = 1_000_000_000;
 /// Slots in use out of `max`.
 #[derive(Debug)]
 pub struct SlotPool {
-    /// Most in flight.
+    /// Most in flight: the policy's, or the controller's while its
+    /// decision holds.
     pub max: u64,
     /// In flight now (with `scope: global`, those admitted by the
     /// fallback).
@@ -274,8 +285,12 @@ pub struct ConcurrencyScheduler {
     pub key: Box<str>,
     /// When a flow's slot is given back if its log never arrives.
     pub max_inflight: Nanos,
+    /// Until when the controller's limit holds; shared with the scheduler
+    /// it was granted for, which a reload may keep.
+    lease: Arc<Lease>,
     /// What it was compiled from, to keep it across reloads that leave it
-    /// unchanged.
+    /// unchanged; its `max_concurrency` is what a lapsed decision returns
+    /// to.
     spec: ConcurrencySchedulerSpec,
 }
 
@@ -306,12 +321,14 @@ impl ConcurrencyScheduler {
                 scheduler: old.scheduler.clone(),
                 key: old.key.clone(),
                 max_inflight: old.max_inflight,
+                lease: old.lease.clone(),
                 spec: spec.clone(),
             };
         }
         let name: Arc<str> = spec.name.value.0.as_str().into();
         let max_inflight = nanos(spec.max_inflight_duration.0);
         let mut series = Series::default();
+        let lease = Arc::new(Lease::new(metrics, &mut series, policy, &name));
         let global = match (spec.scope, store) {
             (Scope::Global, Some(store)) => Some(GlobalCount {
                 store: store.clone(),
@@ -346,8 +363,34 @@ impl ConcurrencyScheduler {
                 },
             )),
             max_inflight,
+            lease,
             spec: spec.clone(),
         }
+    }
+
+    /// Sets the controller's limit until `until`, and wakes the queue: a
+    /// raised limit admits waiting requests now, not when a slot comes
+    /// back.
+    pub fn set_max_concurrency(&self, max: u64, until: Nanos) {
+        self.scheduler.with_pool(|s| s.max = max);
+        self.lease.grant(until);
+        self.scheduler.poke();
+    }
+
+    /// Returns to the policy's limit when the controller's lease lapsed.
+    pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
+        let lapsed = self.lease.lapse(now);
+        if lapsed {
+            self.scheduler
+                .with_pool(|s| s.max = self.spec.max_concurrency);
+            self.scheduler.poke();
+        }
+        lapsed
+    }
+
+    /// The limit in force.
+    pub fn max_concurrency(&self) -> u64 {
+        self.scheduler.with_pool(|s| s.max)
     }
 
     /// Flows in flight now, admitted here.

@@ -12,6 +12,16 @@
 //! each sidecar exactly as with a local bucket. While the store cannot be
 //! asked, `on_store_unavailable` decides: the local bucket (`local`),
 //! admit everything (`accept`) or refuse at once (`reject`).
+//!
+//! The controller can drive the bucket's capacity and fill amount (a
+//! `quota_scheduler` actuator) until its decision's `valid_until`, as it
+//! drives a rate limiter's; then the policy's values are back. The values
+//! in force are what every bucket of the scheduler refills by, and, with
+//! `scope: global`, what this sidecar sends with each lease it asks for:
+//! the store's bucket refills by the parameters of the call (a sidecar
+//! whose decision lapsed sends the policy's again) and leases are sized
+//! from the capacity in force. Every sidecar running the policy gets the
+//! same decisions, so the shared bucket follows the controller.
 
 use std::sync::Arc;
 
@@ -22,6 +32,7 @@ use tokio::sync::Notify;
 
 use super::scheduler::{Config, Pool, Scheduler};
 use super::wfq;
+use crate::components::lease::Lease;
 use crate::components::selector::Selector;
 use crate::label_table::{Digest, LabelTable, TableMetrics, always};
 use crate::labels::LabelRef;
@@ -32,7 +43,9 @@ use crate::token_bucket::{BucketParams, TokenBucket};
 
 /// The buckets of a quota scheduler.
 pub struct Buckets {
-    /// Bucket parameters.
+    /// Bucket parameters in force: the policy's, or the controller's while
+    /// its decision holds. Under the scheduler's lock like the buckets, so
+    /// a queue never sees half of a change.
     pub params: BucketParams,
     /// The bucket, without `limit_by_label_key` (with `scope: global`, the
     /// fallback's).
@@ -222,8 +235,12 @@ pub struct QuotaScheduler {
     pub key: Box<str>,
     /// One bucket per value of this label, if set.
     pub limit_by: Option<LabelRef>,
-    /// A bucket idle this long is full again, so forgetting it loses nothing.
-    idle: Nanos,
+    /// The policy's bucket parameters, which a lapsed controller decision
+    /// returns to.
+    default_params: BucketParams,
+    /// Until when the controller's parameters hold; shared with the
+    /// scheduler it was granted for, which a reload may keep.
+    lease: Arc<Lease>,
     /// With `scope: global`: the pool's leases, reached without its lock.
     leases: Option<Arc<Leases>>,
     /// `token_bucket_fill_rate`.
@@ -264,7 +281,8 @@ impl QuotaScheduler {
                 scheduler: old.scheduler.clone(),
                 key: old.key.clone(),
                 limit_by: old.limit_by.clone(),
-                idle: old.idle,
+                default_params: old.default_params,
+                lease: old.lease.clone(),
                 leases: old.leases.clone(),
                 fill_rate: old.fill_rate.clone(),
                 available_tokens: old.available_tokens.clone(),
@@ -278,11 +296,6 @@ impl QuotaScheduler {
             interval: nanos(spec.interval.0).max(1),
             continuous: spec.continuous_fill,
         };
-        let refill = if params.fill_amount > 0.0 {
-            (params.capacity / params.fill_amount).ceil() * params.interval as f64
-        } else {
-            f64::MAX
-        };
         let limit_by = spec
             .limit_by_label_key
             .as_ref()
@@ -295,6 +308,7 @@ impl QuotaScheduler {
                 .series(&mut series, &[policy, &name])
         });
         let table_metrics = TableMetrics::of_component(metrics, &mut series, policy, &name);
+        let lease = Arc::new(Lease::new(metrics, &mut series, policy, &name));
         let global = match (spec.scope, store) {
             (Scope::Global, Some(store)) => Some(GlobalQuota {
                 leases: Arc::new(Leases::new(
@@ -331,7 +345,8 @@ impl QuotaScheduler {
                 buckets,
             )),
             limit_by,
-            idle: (refill as Nanos).saturating_add(1_000_000_000),
+            default_params: params,
+            lease,
             leases,
             fill_rate,
             available_tokens,
@@ -340,12 +355,14 @@ impl QuotaScheduler {
     }
 
     /// Forgets per-label buckets idle long enough to be full again, and
-    /// updates the bucket gauges.
+    /// updates the bucket gauges (with the parameters in force: the
+    /// controller's, while driven).
     pub fn sweep(&self, now: Nanos) {
         self.scheduler.with_pool(|b| {
-            b.per_label.sweep(now, self.idle);
+            let idle = full_again_after(&b.params);
+            b.per_label.sweep(now, idle);
             if let Some(global) = &b.global {
-                global.leases.sweep(now, self.idle);
+                global.leases.sweep(now, idle);
             }
             let rate = b.params.fill_amount / (b.params.interval as f64 / 1e9);
             self.fill_rate.set(rate);
@@ -359,7 +376,52 @@ impl QuotaScheduler {
     }
 }
 
+/// How long an empty bucket takes to be full again, plus a second: a
+/// bucket idle this long is full, so forgetting it loses nothing. From the
+/// parameters in force, so that a bucket the controller refills slowly is
+/// not forgotten (and found full) early.
+fn full_again_after(p: &BucketParams) -> Nanos {
+    let refill = if p.fill_amount > 0.0 {
+        (p.capacity / p.fill_amount).ceil() * p.interval as f64
+    } else {
+        f64::MAX
+    };
+    (refill as Nanos).saturating_add(1_000_000_000)
+}
+
 impl QuotaScheduler {
+    /// Sets the controller's capacity and/or fill amount until `until`; a
+    /// value not given keeps the one in force. Wakes the queue, which plans
+    /// again with the new bucket: the pump slept until the tokens the old
+    /// one promised.
+    pub fn set_bucket(&self, capacity: Option<f64>, fill_amount: Option<f64>, until: Nanos) {
+        self.scheduler.with_pool(|b| {
+            if let Some(c) = capacity.filter(|c| c.is_finite() && *c >= 0.0) {
+                b.params.capacity = c;
+            }
+            if let Some(f) = fill_amount.filter(|f| f.is_finite() && *f >= 0.0) {
+                b.params.fill_amount = f;
+            }
+        });
+        self.lease.grant(until);
+        self.scheduler.poke();
+    }
+
+    /// Returns to the policy's bucket when the controller's lease lapsed.
+    pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
+        let lapsed = self.lease.lapse(now);
+        if lapsed {
+            self.scheduler.with_pool(|b| b.params = self.default_params);
+            self.scheduler.poke();
+        }
+        lapsed
+    }
+
+    /// The bucket parameters in force.
+    pub fn params(&self) -> BucketParams {
+        self.scheduler.with_pool(|b| b.params)
+    }
+
     /// Readies `key`'s lease for a flow whose label value is `value`: a
     /// global scheduler's queue knows keys, but the store names buckets by
     /// value.
