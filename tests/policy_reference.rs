@@ -19,7 +19,10 @@
 //! policy file: `.` for the top level, `a.b` for a field inside a field,
 //! `[]` after a list (optional), `<label>` for a map's values and `*` for
 //! any field (`*.selectors[]`: the selectors of every component); several
-//! places may be given, separated by commas. The first cell of a row holds
+//! places may be given, separated by commas. Where one place holds one of
+//! several types with a `title` (a blueprint's `circuit.parameters`),
+//! `PLACE of TITLE` is the fields of that one only (`circuit.parameters of
+//! load_scheduling.aimd`). The first cell of a row holds
 //! the field's name (or a dotted path below the table's place) in
 //! backticks; several names may share a row. The default cell says
 //! `required` for a required field; otherwise, when the code has a default
@@ -76,6 +79,9 @@ struct Field {
     /// The object schema declaring it, and its name there: a type used in
     /// several places (selectors...) declares its fields once.
     identity: (String, String),
+    /// The `title` of the innermost titled type it is in (the blueprint of
+    /// a blueprint's parameters).
+    of: Option<String>,
     required: bool,
     /// The object declaring it is one of an enum's variants: `{promql: ...}`.
     variant: bool,
@@ -87,6 +93,8 @@ struct Walk<'a> {
     root: &'a Value,
     /// `$ref`s being expanded, to stop at recursive types (expressions).
     expanding: Vec<String>,
+    /// The titles of the types being expanded that have one.
+    titles: Vec<String>,
     fields: Vec<Field>,
 }
 
@@ -100,9 +108,14 @@ impl Walk<'_> {
                 .root
                 .pointer(target.trim_start_matches('#'))
                 .unwrap_or_else(|| panic!("dangling {target}"));
+            let title = def.get("title").and_then(Value::as_str);
+            self.titles.extend(title.map(str::to_owned));
             self.expanding.push(target.to_owned());
             self.walk(def, target.to_owned(), shown, key);
             self.expanding.pop();
+            if title.is_some() {
+                self.titles.pop();
+            }
             return;
         }
         for combinator in ["allOf", "anyOf", "oneOf"] {
@@ -165,6 +178,7 @@ impl Walk<'_> {
                 shown: shown.clone(),
                 key: key.clone(),
                 identity: (pointer.clone(), name.clone()),
+                of: self.titles.last().cloned(),
                 required: required.contains(name.as_str()),
                 variant,
                 default: sub.get("default").cloned(),
@@ -192,6 +206,7 @@ fn schema_fields(schema: &Value) -> Vec<Field> {
     let mut walk = Walk {
         root: schema,
         expanding: Vec::new(),
+        titles: Vec::new(),
         fields: Vec::new(),
     };
     walk.walk(schema, "#".to_owned(), "", &[]);
@@ -209,6 +224,8 @@ struct Row {
     /// Where, as written: `rate_limiters[].max_idle_time`.
     shown: String,
     key: Vec<String>,
+    /// `PLACE of TITLE`: only the fields of the type titled so.
+    of: Option<String>,
     default: String,
 }
 
@@ -304,8 +321,12 @@ fn doc_rows(
             continue;
         };
         // The places, each matched against the schema (`*`: any field).
-        let mut prefixes: Vec<(String, Vec<String>)> = Vec::new();
+        let mut prefixes: Vec<(String, Vec<String>, Option<String>)> = Vec::new();
         for place in listed.split(',').map(str::trim) {
+            let (place, of) = match place.split_once(" of ") {
+                Some((place, of)) => (place.trim(), Some(of.trim().to_owned())),
+                None => (place, None),
+            };
             let pattern = path_key(place);
             let matches: Vec<(Vec<String>, String)> = if pattern.is_empty() {
                 vec![(pattern, String::new())]
@@ -325,7 +346,7 @@ fn doc_rows(
                 ));
             }
             for (key, shown) in matches {
-                prefixes.push((shown, key));
+                prefixes.push((shown, key, of.clone()));
             }
         }
         while i < lines.len() && lines[i].1.trim().is_empty() {
@@ -363,11 +384,12 @@ fn doc_rows(
                 .cloned()
                 .unwrap_or_default();
             for name in names {
-                for (shown_prefix, prefix) in &prefixes {
+                for (shown_prefix, prefix, of) in &prefixes {
                     rows.push(Row {
                         at: format!("{file}:{n}"),
                         shown: dotted(shown_prefix, &name),
                         key: [prefix.clone(), path_key(&name)].concat(),
+                        of: of.clone(),
                         default: default.clone(),
                     });
                 }
@@ -470,19 +492,35 @@ fn the_reference_documents_every_field_and_only_fields_that_exist() {
 
     let mut documented: BTreeSet<&(String, String)> = BTreeSet::new();
     for row in &rows {
-        let Some(found) = by_key.get(row.key.as_slice()) else {
+        // `PLACE of TITLE`: the fields of that type only.
+        let found: Vec<&Field> = by_key
+            .get(row.key.as_slice())
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|f| row.of.is_none() || f.of == row.of)
+            .collect();
+        if found.is_empty() {
             problems.push(format!(
-                "{}: documents `{}`, which is not a field of the policy schema \
+                "{}: documents `{}`{}, which is not a field of the policy schema \
                  (renamed or removed in crates/policy/src/? `sluice schema` prints the fields)",
-                row.at, row.shown
+                row.at,
+                row.shown,
+                row.of
+                    .as_ref()
+                    .map(|of| format!(" of {of}"))
+                    .unwrap_or_default()
             ));
             continue;
-        };
+        }
         // A documented field documents the fields it is inside, too.
-        for len in 1..=row.key.len() {
+        for len in 1..row.key.len() {
             for f in by_key.get(&row.key[..len]).into_iter().flatten() {
                 documented.insert(&f.identity);
             }
+        }
+        for f in &found {
+            documented.insert(&f.identity);
         }
         for f in found {
             let says_required = row.default.to_lowercase().starts_with("required");
@@ -515,8 +553,11 @@ fn the_reference_documents_every_field_and_only_fields_that_exist() {
     for f in &fields {
         if !documented.contains(&f.identity) && reported.insert(&f.identity) {
             problems.push(format!(
-                "`{}` is not documented: add a row for it to the field table of its place in {}",
+                "`{}`{} is not documented: add a row for it to the field table of its place in {}",
                 f.shown,
+                f.of.as_ref()
+                    .map(|of| format!(" (of {of})"))
+                    .unwrap_or_default(),
                 if f.key[0] == "circuit" {
                     "docs/controller.md"
                 } else {

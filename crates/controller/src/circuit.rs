@@ -11,6 +11,11 @@
 //!
 //! Nothing here does I/O: PromQL results are handed in, actuator outputs
 //! handed out, so circuits are tested on synthetic series.
+//!
+//! Aperture's load schedulers (`aimd_load_scheduler`,
+//! `aiad_load_scheduler`, `range_driven_load_scheduler`) are components
+//! that write their multiplier (and whether the service is overloaded) and
+//! also hand it out, as an actuator of their load scheduler does.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -118,6 +123,99 @@ enum Component {
         input: Option<Op>,
         fill: Option<Op>,
     },
+    /// One of Aperture's load schedulers.
+    LoadScheduler {
+        out: usize,
+        is_overload: Option<usize>,
+        /// The load scheduler it drives.
+        target: String,
+        signal: Op,
+        confirmation: Option<Op>,
+        strategy: Strategy,
+        /// Ticks between steps of its sum.
+        every: u64,
+        /// Aperture's integrator: AIMD's recovery sum, AIAD's multiplier.
+        sum: f64,
+    },
+}
+
+/// How one of Aperture's load schedulers computes its multiplier.
+#[derive(Debug)]
+enum Strategy {
+    Aimd {
+        setpoint: Op,
+        observed: Op,
+        slope: f64,
+        min_gradient: Option<f64>,
+        max_gradient: Option<f64>,
+        increment: f64,
+        max: f64,
+    },
+    Aiad {
+        setpoint: Op,
+        condition: Comparison,
+        increment: f64,
+        decrement: f64,
+        max: f64,
+        min: f64,
+    },
+    Range {
+        /// (signal value, load multiplier) at the low and high thresholds.
+        low: (f64, f64),
+        high: (f64, f64),
+        degree: f64,
+    },
+}
+
+/// Aperture's gradient controller: `observed × clamp((signal /
+/// setpoint)^slope, min, max)`; missing when an input is, when the setpoint
+/// is 0 or the gradient is not a number.
+fn gradient(
+    signal: Option<f64>,
+    setpoint: Option<f64>,
+    observed: Option<f64>,
+    slope: f64,
+    min: Option<f64>,
+    max: Option<f64>,
+) -> Option<f64> {
+    let (s, sp, o) = (signal?, setpoint?, observed?);
+    if sp == 0.0 {
+        return None;
+    }
+    let mut g = (s / sp).powf(slope);
+    if let Some(lo) = min
+        && g < lo
+    {
+        g = lo;
+    }
+    if let Some(hi) = max
+        && g > hi
+    {
+        g = hi;
+    }
+    (!g.is_nan()).then_some(o * g)
+}
+
+/// Aperture's polynomial range function from `low` to `high` (`(signal,
+/// multiplier)` points), clamped outside it to 1 on the side that does not
+/// throttle and to the other end's multiplier on the side that does.
+fn range_curve(x: f64, low: (f64, f64), high: (f64, f64), degree: f64) -> f64 {
+    let ((x0, y0), (x1, y1)) = (low, high);
+    let (pre_start, post_end) = if y0 >= y1 { (1.0, y1) } else { (y0, 1.0) };
+    let t = if x1 != x0 {
+        (x - x0) / (x1 - x0)
+    } else if x <= x0 {
+        0.0
+    } else {
+        1.0
+    };
+    if t < 0.0 {
+        pre_start
+    } else if t > 1.0 {
+        post_end
+    } else {
+        y0 + t.powf(degree) * (y1 - y0)
+    }
 }
 
 /// A compiled circuit and its state.
@@ -145,7 +243,8 @@ impl Circuit {
     pub fn compile(specs: &[ComponentSpec], tick: Duration) -> Circuit {
         let names: Vec<String> = specs
             .iter()
-            .filter_map(|c| c.out().map(str::to_owned))
+            .flat_map(ComponentSpec::outs)
+            .map(str::to_owned)
             .collect();
         let index: HashMap<&str, usize> = names
             .iter()
@@ -249,6 +348,61 @@ impl Circuit {
                         fill: a.fill_amount.as_ref().map(op),
                     }
                 }
+                ComponentSpec::AimdLoadScheduler(a) => Component::LoadScheduler {
+                    out: out(&a.out),
+                    is_overload: a.out_is_overload.as_deref().map(out),
+                    target: a.load_scheduler.0.clone(),
+                    signal: op(&a.signal),
+                    confirmation: a.overload_confirmation.as_ref().map(op),
+                    strategy: Strategy::Aimd {
+                        setpoint: op(&a.setpoint),
+                        observed: op(&a.observed_load_multiplier),
+                        slope: a.gradient.slope,
+                        min_gradient: a.gradient.min_gradient,
+                        max_gradient: a.gradient.max_gradient,
+                        increment: a.load_multiplier_linear_increment,
+                        max: a.max_load_multiplier,
+                    },
+                    every: ticks(a.step_interval.0, tick).max(1),
+                    sum: a.max_load_multiplier,
+                },
+                ComponentSpec::AiadLoadScheduler(a) => Component::LoadScheduler {
+                    out: out(&a.out),
+                    is_overload: a.out_is_overload.as_deref().map(out),
+                    target: a.load_scheduler.0.clone(),
+                    signal: op(&a.signal),
+                    confirmation: a.overload_confirmation.as_ref().map(op),
+                    strategy: Strategy::Aiad {
+                        setpoint: op(&a.setpoint),
+                        condition: a.overload_condition,
+                        increment: a.load_multiplier_linear_increment,
+                        decrement: a.load_multiplier_linear_decrement,
+                        max: a.max_load_multiplier,
+                        min: a.min_load_multiplier,
+                    },
+                    every: ticks(a.step_interval.0, tick).max(1),
+                    sum: a.max_load_multiplier,
+                },
+                ComponentSpec::RangeDrivenLoadScheduler(r) => Component::LoadScheduler {
+                    out: out(&r.out),
+                    is_overload: r.out_is_overload.as_deref().map(out),
+                    target: r.load_scheduler.0.clone(),
+                    signal: op(&r.signal),
+                    confirmation: r.overload_confirmation.as_ref().map(op),
+                    strategy: Strategy::Range {
+                        low: (
+                            r.low_throttle_threshold.signal_value,
+                            r.low_throttle_threshold.load_multiplier,
+                        ),
+                        high: (
+                            r.high_throttle_threshold.signal_value,
+                            r.high_throttle_threshold.load_multiplier,
+                        ),
+                        degree: r.degree,
+                    },
+                    every: 1,
+                    sum: 0.0,
+                },
             })
             .collect();
         let n = names.len();
@@ -292,6 +446,10 @@ impl Circuit {
         self.computed.iter_mut().for_each(|c| *c = false);
         let mut outputs = Vec::new();
         for i in 0..self.components.len() {
+            if matches!(self.components[i], Component::LoadScheduler { .. }) {
+                outputs.push(self.load_scheduler(i));
+                continue;
+            }
             let (out, value) = self.evaluate(i, results);
             if let Some(out) = out {
                 self.current[out] = value.filter(|v| v.is_finite());
@@ -371,10 +529,7 @@ impl Circuit {
                 let out = *out;
                 // Missing data is no evidence: the comparison does not hold.
                 let holds = match (read(lhs), read(rhs)) {
-                    (Some(a), Some(b)) => match op {
-                        Comparison::Gt => a > b,
-                        Comparison::Lt => a < b,
-                    },
+                    (Some(a), Some(b)) => op.holds(a, b),
                     _ => false,
                 };
                 let Component::Decider {
@@ -474,7 +629,116 @@ impl Circuit {
                 };
                 (Some(*out), value)
             }
-            Component::Actuator { .. } => (None, None),
+            Component::Actuator { .. } | Component::LoadScheduler { .. } => (None, None),
+        }
+    }
+
+    /// Runs load scheduler `i` (Aperture's nested circuit for its kind):
+    /// writes its signals and returns the multiplier it sends, in [0, 1]:
+    /// 1 where Aperture's desired multiplier is NaN (pass-through: at or
+    /// above `max_load_multiplier`, or a missing input).
+    fn load_scheduler(&mut self, i: usize) -> Output {
+        let Component::LoadScheduler {
+            out,
+            is_overload,
+            target,
+            signal,
+            confirmation,
+            strategy,
+            every,
+            sum,
+        } = &self.components[i]
+        else {
+            unreachable!("called for load schedulers only")
+        };
+        let read = |op: &Op| self.get(*op);
+        let s = read(signal);
+        // Aperture's FirstValid(confirmation, 1): missing confirms.
+        let confirmed = confirmation
+            .as_ref()
+            .and_then(read)
+            .is_none_or(|c| c != 0.0);
+        // Aperture's integrator runs one tick after each multiple of its
+        // interval: first at the second tick, then every `every` ticks.
+        let step = self.ticks >= 1 && (self.ticks - 1).is_multiple_of(*every);
+        let mut sum = *sum;
+        let (overload, desired) = match strategy {
+            Strategy::Aimd {
+                setpoint,
+                observed,
+                slope,
+                min_gradient,
+                max_gradient,
+                increment,
+                max,
+            } => {
+                let (sp, o) = (read(setpoint), read(observed));
+                // The slope's sign says which side of the setpoint is
+                // overload; missing data is not.
+                let beyond = match (s, sp) {
+                    (Some(s), Some(sp)) if *slope <= 0.0 => s > sp,
+                    (Some(s), Some(sp)) => s < sp,
+                    _ => false,
+                };
+                let overload = beyond && confirmed;
+                if step {
+                    sum = if overload {
+                        0.0
+                    } else {
+                        (sum + increment).min(*max)
+                    };
+                }
+                let lm = if overload {
+                    gradient(s, sp, o, *slope, *min_gradient, *max_gradient)
+                } else {
+                    o.map(|o| o + sum)
+                };
+                (overload, lm.filter(|lm| lm < max))
+            }
+            Strategy::Aiad {
+                setpoint,
+                condition,
+                increment,
+                decrement,
+                max,
+                min,
+            } => {
+                let beyond =
+                    matches!((s, read(setpoint)), (Some(s), Some(sp)) if condition.holds(s, sp));
+                let overload = beyond && confirmed;
+                if step {
+                    let (delta, high) = if overload {
+                        (-decrement, 1.0 - decrement)
+                    } else {
+                        (*increment, *max)
+                    };
+                    sum = (sum + delta).min(high).max(*min);
+                }
+                (overload, Some(sum).filter(|lm| lm < max))
+            }
+            Strategy::Range { low, high, degree } => {
+                let lm = s.map(|s| range_curve(s, *low, *high, *degree));
+                let overload = confirmed && lm.is_some_and(|lm| lm < 1.0);
+                (overload, lm.filter(|_| overload))
+            }
+        };
+        let sent = desired
+            .filter(|d| d.is_finite())
+            .map_or(1.0, |d| d.clamp(0.0, 1.0));
+        let (out, is_overload, target) = (*out, *is_overload, target.clone());
+        self.current[out] = Some(sent);
+        self.computed[out] = true;
+        if let Some(o) = is_overload {
+            self.current[o] = Some(f64::from(u8::from(overload)));
+            self.computed[o] = true;
+        }
+        if let Component::LoadScheduler { sum: state, .. } = &mut self.components[i] {
+            *state = sum;
+        }
+        Output {
+            target: Target::LoadMultiplier(target),
+            value: Some(sent),
+            fill_amount: None,
         }
     }
 

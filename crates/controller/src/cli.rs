@@ -141,7 +141,7 @@ pub fn describe(components: &[ComponentSpec]) -> String {
     let mut out = String::new();
     let width = components
         .iter()
-        .filter_map(ComponentSpec::out)
+        .flat_map(ComponentSpec::outs)
         .map(str::len)
         .max()
         .unwrap_or(0);
@@ -151,7 +151,9 @@ pub fn describe(components: &[ComponentSpec]) -> String {
         for input in c.inputs() {
             // Written later in the list (or by itself): last tick's value.
             if let Operand::Signal(s) = input
-                && !components[..i].iter().any(|p| p.out() == Some(s.as_str()))
+                && !components[..i]
+                    .iter()
+                    .any(|p| p.outs().contains(&s.as_str()))
             {
                 delayed
                     .entry(s.as_str())
@@ -160,7 +162,13 @@ pub fn describe(components: &[ComponentSpec]) -> String {
             }
         }
         let line = match c {
-            ComponentSpec::Promql(p) => format!("promql {}", p.query),
+            ComponentSpec::Promql(p) => format!(
+                "promql {}{}",
+                p.query,
+                p.evaluation_interval
+                    .map(|d| format!(" (every {})", humantime::format_duration(d.0)))
+                    .unwrap_or_default()
+            ),
             ComponentSpec::Ema(e) => format!(
                 "ema of {} over {}{}",
                 operand(&e.input),
@@ -182,11 +190,7 @@ pub fn describe(components: &[ComponentSpec]) -> String {
             ComponentSpec::Decider(d) => format!(
                 "1 when {} {} {} (for {}), 0 when not (for {})",
                 operand(&d.lhs),
-                if d.op == policy::circuit::Comparison::Gt {
-                    ">"
-                } else {
-                    "<"
-                },
+                d.op.symbol(),
                 operand(&d.rhs),
                 humantime::format_duration(d.true_for.0),
                 humantime::format_duration(d.false_for.0)
@@ -256,6 +260,12 @@ pub fn describe(components: &[ComponentSpec]) -> String {
                 let _ = writeln!(out, "  {:>width$} -> {target}", value);
                 continue;
             }
+            ComponentSpec::AimdLoadScheduler(_)
+            | ComponentSpec::AiadLoadScheduler(_)
+            | ComponentSpec::RangeDrivenLoadScheduler(_) => {
+                describe_load_scheduler(&mut out, c, width);
+                continue;
+            }
         };
         let _ = writeln!(out, "  {:>width$} = {line}", c.out().unwrap_or(""));
     }
@@ -267,6 +277,91 @@ pub fn describe(components: &[ComponentSpec]) -> String {
         let _ = writeln!(out, "  (from the previous tick: {})", delayed.join("; "));
     }
     out
+}
+
+/// `while <overload> and <confirmation>`.
+fn overloaded_while(condition: String, confirmation: Option<&Operand>) -> String {
+    match confirmation {
+        Some(c) => format!("while {condition} and {}", operand(c)),
+        None => format!("while {condition}"),
+    }
+}
+
+/// The lines of one of Aperture's load schedulers: what it writes, and
+/// what it sends.
+fn describe_load_scheduler(out: &mut String, c: &ComponentSpec, width: usize) {
+    let every = |d: &policy::types::PositiveDuration| humantime::format_duration(d.0).to_string();
+    let (line, is_overload) = match c {
+        ComponentSpec::AimdLoadScheduler(a) => {
+            let g = &a.gradient;
+            let op = if g.slope <= 0.0 { ">" } else { "<" };
+            let (signal, setpoint) = (operand(&a.signal), operand(&a.setpoint));
+            (
+                format!(
+                    "aimd_load_scheduler: {} * clamp(({signal} / {setpoint})^{}, {}, {}) {}; else {} + {} per {} since the last overload; pass-through from {}; at most 1",
+                    operand(&a.observed_load_multiplier),
+                    g.slope,
+                    g.min_gradient.map_or("-inf".to_owned(), |v| v.to_string()),
+                    g.max_gradient.map_or("inf".to_owned(), |v| v.to_string()),
+                    overloaded_while(
+                        format!("{signal} {op} {setpoint}"),
+                        a.overload_confirmation.as_ref()
+                    ),
+                    operand(&a.observed_load_multiplier),
+                    a.load_multiplier_linear_increment,
+                    every(&a.step_interval),
+                    a.max_load_multiplier,
+                ),
+                a.out_is_overload.as_deref(),
+            )
+        }
+        ComponentSpec::AiadLoadScheduler(a) => (
+            format!(
+                "aiad_load_scheduler: from {max}, - {} per {} down to {} {}; else + {} per {}; pass-through from {max}; at most 1",
+                a.load_multiplier_linear_decrement,
+                every(&a.step_interval),
+                a.min_load_multiplier,
+                overloaded_while(
+                    format!(
+                        "{} {} {}",
+                        operand(&a.signal),
+                        a.overload_condition.symbol(),
+                        operand(&a.setpoint)
+                    ),
+                    a.overload_confirmation.as_ref()
+                ),
+                a.load_multiplier_linear_increment,
+                every(&a.step_interval),
+                max = a.max_load_multiplier,
+            ),
+            a.out_is_overload.as_deref(),
+        ),
+        ComponentSpec::RangeDrivenLoadScheduler(r) => {
+            let (low, high) = (&r.low_throttle_threshold, &r.high_throttle_threshold);
+            (
+                format!(
+                    "range_driven_load_scheduler: {signal} on the curve from ({}, {}) to ({}, {}), degree {}, {}; else pass-through",
+                    low.signal_value,
+                    low.load_multiplier,
+                    high.signal_value,
+                    high.load_multiplier,
+                    r.degree,
+                    overloaded_while("below 1".to_owned(), r.overload_confirmation.as_ref()),
+                    signal = operand(&r.signal),
+                ),
+                r.out_is_overload.as_deref(),
+            )
+        }
+        _ => return,
+    };
+    let name = c.out().unwrap_or("");
+    let _ = writeln!(out, "  {name:>width$} = {line}");
+    if let Some(o) = is_overload {
+        let _ = writeln!(out, "  {o:>width$} = 1 while overloaded (as above), else 0");
+    }
+    if let Some(ls) = c.drives() {
+        let _ = writeln!(out, "  {name:>width$} -> load scheduler {ls} multiplier");
+    }
 }
 
 /// `sluice-controller explain`: prints the expanded circuits.

@@ -237,9 +237,10 @@ impl State {
 fn decision(policy: &Running, output: &Output, valid_until: i64) -> Option<wire::Decision> {
     use wire::decision::Action;
     let action = match &output.target {
+        // Sidecars refuse a multiplier above 1; at 1 they pass everything.
         Target::LoadMultiplier(c) => Action::LoadMultiplier(wire::LoadMultiplier {
             load_scheduler: c.clone(),
-            multiplier: output.value?.max(0.0),
+            multiplier: output.value?.clamp(0.0, 1.0),
         }),
         Target::AcceptPercentage(c) => Action::AcceptPercentage(wire::AcceptPercentage {
             sampler: c.clone(),
@@ -707,6 +708,29 @@ mod tests {
             target,
             value,
             fill_amount,
+        }
+    }
+
+    #[test]
+    fn load_multipliers_go_out_within_zero_and_one() {
+        // Sidecars refuse a multiplier outside [0, 1] (and keep the last
+        // one); at 1 they pass everything.
+        let r = running();
+        for (value, sent) in [(1.7, 1.0), (0.4, 0.4), (-0.2, 0.0)] {
+            let d = decision(
+                &r,
+                &output(Target::LoadMultiplier("ls".into()), Some(value), None),
+                7,
+            )
+            .expect("a decision");
+            assert_eq!(
+                d.action,
+                Some(Action::LoadMultiplier(wire::LoadMultiplier {
+                    load_scheduler: "ls".to_owned(),
+                    multiplier: sent,
+                })),
+                "{value}"
+            );
         }
     }
 

@@ -10,26 +10,50 @@
 //! explain` prints it).
 
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::types::{DurationSpec, Name};
+
+pub mod load_scheduling;
+
+pub use load_scheduling::{
+    AiadLoadSchedulerSpec, AimdLoadSchedulerSpec, AimdParameters, BlueprintGradient, Datapoint,
+    GradientParameters, OverloadConfirmation, PromqlParameters, RangeDrivenLoadSchedulerSpec,
+};
 
 /// `circuit:`.
 #[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitSpec {
-    /// A blueprint to expand: `load_scheduling.average_latency`, the only one
-    /// so far. Its components run before `components`. Default none.
+    /// A blueprint to expand: `load_scheduling.average_latency`,
+    /// `load_scheduling.aimd` or `load_scheduling.promql`. Its components run
+    /// before `components`. Default none.
     #[serde(default)]
     pub blueprint: Option<String>,
     /// The blueprint's parameters; required with `blueprint`, refused without
-    /// it.
+    /// it. Read as they are written and checked against the blueprint's
+    /// parameters when it is expanded.
     #[serde(default)]
-    pub parameters: Option<AverageLatencyParameters>,
+    #[schemars(with = "Option<BlueprintParameters>")]
+    pub parameters: Option<serde_json::Value>,
     /// Components, run in this order every tick, after the blueprint's (if
     /// any). Default none.
     #[serde(default)]
     pub components: Vec<ComponentSpec>,
+}
+
+// For the JSON Schema only: the loader reads `parameters` as any value, and
+// `CircuitSpec::expand` deserializes it into the named blueprint's type.
+/// The parameters of the blueprint `blueprint` names: one of these, each
+/// titled with its blueprint.
+#[derive(JsonSchema)]
+#[schemars(untagged)]
+#[allow(dead_code)]
+enum BlueprintParameters {
+    AverageLatency(AverageLatencyParameters),
+    Aimd(AimdParameters),
+    Promql(PromqlParameters),
 }
 
 /// A constant or a signal.
@@ -66,6 +90,12 @@ pub enum ComponentSpec {
     Max(ExtremumSpec),
     /// Sends a signal to a sidecar component.
     Actuator(ActuatorSpec),
+    /// Aperture's AIMD load scheduler: drives a load scheduler.
+    AimdLoadScheduler(AimdLoadSchedulerSpec),
+    /// Aperture's AIAD load scheduler: drives a load scheduler.
+    AiadLoadScheduler(AiadLoadSchedulerSpec),
+    /// Aperture's range-driven load scheduler: drives a load scheduler.
+    RangeDrivenLoadScheduler(RangeDrivenLoadSchedulerSpec),
 }
 
 /// `promql`: its value is the query's result (the sum when it returns
@@ -132,14 +162,61 @@ pub struct ArithmeticSpec {
     pub rhs: Operand,
 }
 
-/// Comparisons of `decider`.
-#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
+/// Comparisons of `decider` (and of the load schedulers' overload
+/// conditions).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Comparison {
     /// `lhs > rhs`
     Gt,
     /// `lhs < rhs`
     Lt,
+    /// `lhs >= rhs`
+    Gte,
+    /// `lhs <= rhs`
+    Lte,
+    /// `lhs == rhs`
+    Eq,
+    /// `lhs != rhs`
+    Neq,
+}
+
+impl Comparison {
+    /// Whether `lhs op rhs` holds.
+    pub fn holds(self, lhs: f64, rhs: f64) -> bool {
+        match self {
+            Comparison::Gt => lhs > rhs,
+            Comparison::Lt => lhs < rhs,
+            Comparison::Gte => lhs >= rhs,
+            Comparison::Lte => lhs <= rhs,
+            Comparison::Eq => lhs == rhs,
+            Comparison::Neq => lhs != rhs,
+        }
+    }
+
+    /// How policies write it: `gt`...
+    pub fn name(self) -> &'static str {
+        match self {
+            Comparison::Gt => "gt",
+            Comparison::Lt => "lt",
+            Comparison::Gte => "gte",
+            Comparison::Lte => "lte",
+            Comparison::Eq => "eq",
+            Comparison::Neq => "neq",
+        }
+    }
+
+    /// The operator's symbol: `>`...
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Comparison::Gt => ">",
+            Comparison::Lt => "<",
+            Comparison::Gte => ">=",
+            Comparison::Lte => "<=",
+            Comparison::Eq => "==",
+            Comparison::Neq => "!=",
+        }
+    }
 }
 
 /// `decider`: 1 once `lhs op rhs` has held for `true_for`, 0 once it has
@@ -151,7 +228,8 @@ pub struct DeciderSpec {
     /// The signal it writes: a name no other component of the circuit writes.
     #[schemars(length(min = 1))]
     pub out: String,
-    /// The comparison: `gt` (lhs > rhs) or `lt` (lhs < rhs).
+    /// The comparison: `gt` (lhs > rhs), `lt` (lhs < rhs), `gte` (>=), `lte`
+    /// (<=), `eq` (==) or `neq` (!=).
     pub op: Comparison,
     /// Left operand: a number or a signal.
     pub lhs: Operand,
@@ -304,6 +382,7 @@ pub struct ActuatorSpec {
 /// Parameters of `load_scheduling.average_latency`.
 #[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "load_scheduling.average_latency")]
 pub struct AverageLatencyParameters {
     /// The flux meter of this policy measuring the service's latency.
     pub flux_meter: Name,
@@ -351,11 +430,11 @@ fn floor() -> f64 {
     0.05
 }
 
-/// The blueprints `circuit.blueprint` may name.
+/// `load_scheduling.average_latency`.
 pub const AVERAGE_LATENCY: &str = "load_scheduling.average_latency";
 
 impl ComponentSpec {
-    /// The signal it writes (actuators write none).
+    /// The signal it writes, its `out` (actuators write none).
     pub fn out(&self) -> Option<&str> {
         Some(match self {
             ComponentSpec::Promql(c) => &c.out,
@@ -366,8 +445,34 @@ impl ComponentSpec {
             ComponentSpec::Integrator(c) => &c.out,
             ComponentSpec::Switcher(c) => &c.out,
             ComponentSpec::Min(c) | ComponentSpec::Max(c) => &c.out,
+            ComponentSpec::AimdLoadScheduler(c) => &c.out,
+            ComponentSpec::AiadLoadScheduler(c) => &c.out,
+            ComponentSpec::RangeDrivenLoadScheduler(c) => &c.out,
             ComponentSpec::Actuator(_) => return None,
         })
+    }
+
+    /// Every signal it writes: its `out`, then any other (a load
+    /// scheduler's `out_is_overload`).
+    pub fn outs(&self) -> Vec<&str> {
+        let is_overload = match self {
+            ComponentSpec::AimdLoadScheduler(c) => c.out_is_overload.as_deref(),
+            ComponentSpec::AiadLoadScheduler(c) => c.out_is_overload.as_deref(),
+            ComponentSpec::RangeDrivenLoadScheduler(c) => c.out_is_overload.as_deref(),
+            _ => None,
+        };
+        self.out().into_iter().chain(is_overload).collect()
+    }
+
+    /// The load scheduler it drives, when it is one of Aperture's load
+    /// schedulers (actuators say what they drive themselves).
+    pub fn drives(&self) -> Option<&Name> {
+        match self {
+            ComponentSpec::AimdLoadScheduler(c) => Some(&c.load_scheduler),
+            ComponentSpec::AiadLoadScheduler(c) => Some(&c.load_scheduler),
+            ComponentSpec::RangeDrivenLoadScheduler(c) => Some(&c.load_scheduler),
+            _ => None,
+        }
     }
 
     /// The operands it reads.
@@ -397,6 +502,47 @@ impl ComponentSpec {
             .into_iter()
             .flatten()
             .collect(),
+            ComponentSpec::AimdLoadScheduler(c) => [
+                Some(&c.signal),
+                Some(&c.setpoint),
+                c.overload_confirmation.as_ref(),
+                Some(&c.observed_load_multiplier),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            ComponentSpec::AiadLoadScheduler(c) => [
+                Some(&c.signal),
+                Some(&c.setpoint),
+                c.overload_confirmation.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            ComponentSpec::RangeDrivenLoadScheduler(c) => {
+                [Some(&c.signal), c.overload_confirmation.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+        }
+    }
+
+    /// Its parameters' ranges, for the components that have rules beyond
+    /// their types.
+    fn check(&self) -> Result<(), String> {
+        match self {
+            ComponentSpec::Promql(p) if p.query.trim().is_empty() => Err("empty query".to_owned()),
+            ComponentSpec::AimdLoadScheduler(c) => {
+                c.check().map_err(|e| format!("aimd_load_scheduler: {e}"))
+            }
+            ComponentSpec::AiadLoadScheduler(c) => {
+                c.check().map_err(|e| format!("aiad_load_scheduler: {e}"))
+            }
+            ComponentSpec::RangeDrivenLoadScheduler(c) => c
+                .check()
+                .map_err(|e| format!("range_driven_load_scheduler: {e}")),
+            _ => Ok(()),
         }
     }
 }
@@ -409,19 +555,55 @@ fn seconds(d: &DurationSpec) -> String {
     format!("{}s", d.0.as_secs().max(1))
 }
 
+/// The blueprints `circuit.blueprint` may name.
+pub const BLUEPRINTS: [&str; 3] = [
+    AVERAGE_LATENCY,
+    load_scheduling::AIMD,
+    load_scheduling::PROMQL,
+];
+
+/// `parameters` read as a blueprint's type `P`: an unknown or missing field
+/// is an error naming the field (and [`CircuitSpec::expand`] the
+/// blueprint).
+fn parameters<P: DeserializeOwned>(value: &serde_json::Value) -> Result<P, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        match path.as_str() {
+            "." => format!("parameters: {e}"),
+            path => format!("parameters.{path}: {e}"),
+        }
+    })
+}
+
 impl CircuitSpec {
     /// The components to run: the blueprint's, then `components`.
+    ///
+    /// A blueprint is a function from its parameters (a type deriving
+    /// `Deserialize` with `deny_unknown_fields`, and `JsonSchema`: add it to
+    /// `BlueprintParameters` too) to components; adding one is a name in
+    /// [`BLUEPRINTS`] and an arm here.
     pub fn expand(&self, policy: &str) -> Result<Vec<ComponentSpec>, String> {
         let mut out = match (&self.blueprint, &self.parameters) {
             (None, None) => Vec::new(),
             (None, Some(_)) => return Err("`parameters` without a `blueprint`".to_owned()),
             (Some(b), None) => return Err(format!("blueprint {b:?} needs `parameters`")),
-            (Some(b), Some(p)) if b == AVERAGE_LATENCY => average_latency(policy, p)?,
-            (Some(b), _) => {
-                return Err(format!(
-                    "unknown blueprint {b:?} (known: {AVERAGE_LATENCY})"
-                ));
+            (Some(b), Some(p)) => match b.as_str() {
+                AVERAGE_LATENCY => parameters(p).and_then(|p| average_latency(policy, &p)),
+                load_scheduling::AIMD => {
+                    parameters(p).and_then(|p| load_scheduling::aimd(policy, &p))
+                }
+                load_scheduling::PROMQL => {
+                    parameters(p).and_then(|p| load_scheduling::promql_blueprint(policy, &p))
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown blueprint {b:?} (known: {})",
+                        BLUEPRINTS.join(", ")
+                    ));
+                }
             }
+            .map_err(|e| format!("blueprint {b}: {e}"))?,
         };
         out.extend(self.components.iter().cloned());
         Ok(out)
@@ -558,7 +740,7 @@ fn average_latency(
 pub fn validate(components: &[ComponentSpec], policy: &super::Policy) -> Result<(), String> {
     let mut outs: Vec<&str> = Vec::new();
     for (i, c) in components.iter().enumerate() {
-        if let Some(out) = c.out() {
+        for out in c.outs() {
             if out.is_empty() {
                 return Err(format!("components[{i}]: `out` must not be empty"));
             }
@@ -580,10 +762,25 @@ pub fn validate(components: &[ComponentSpec], policy: &super::Policy) -> Result<
                 _ => {}
             }
         }
-        if let ComponentSpec::Promql(p) = c
-            && p.query.trim().is_empty()
-        {
-            return Err(format!("components[{i}]: empty query"));
+        c.check().map_err(|e| format!("components[{i}]: {e}"))?;
+        if let Some(ls) = c.drives() {
+            if !policy.load_schedulers.iter().any(|l| &l.name.value == ls) {
+                return Err(format!(
+                    "components[{i}]: no load scheduler {:?} in this policy",
+                    ls.0
+                ));
+            }
+            // Two multipliers for one scheduler would take turns.
+            let driving = |o: &ComponentSpec| match o {
+                ComponentSpec::Actuator(a) => a.load_scheduler.as_ref() == Some(ls),
+                o => o.drives() == Some(ls),
+            };
+            if let Some(j) = (0..components.len()).find(|&j| j != i && driving(&components[j])) {
+                return Err(format!(
+                    "components[{i}]: load scheduler {:?} is driven by components[{j}] too",
+                    ls.0
+                ));
+            }
         }
         if let ComponentSpec::Actuator(a) = c {
             validate_actuator(a, policy).map_err(|e| format!("components[{i}]: {e}"))?;

@@ -346,3 +346,530 @@ fn the_average_latency_blueprint_never_raises_the_multiplier_while_overloaded() 
         vec![1.0, 1.0, 0.28, 0.28, 0.28, 0.53]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Aperture's load schedulers.
+
+/// Runs one tick, answering each due query by its text from `data` (a
+/// query not in `data`, or `None` there, has no data), and returns the
+/// multiplier sent to load scheduler `protect`.
+fn sent(c: &mut Circuit, data: &[(&str, Option<f64>)]) -> f64 {
+    let results = c
+        .due_queries()
+        .into_iter()
+        .map(|(i, q)| {
+            let v = data.iter().find(|(k, _)| *k == q).and_then(|(_, v)| *v);
+            (i, v)
+        })
+        .collect();
+    let outputs = c.tick(&results);
+    let to_protect: Vec<&Output> = outputs
+        .iter()
+        .filter(|o| o.target == Target::LoadMultiplier("protect".into()))
+        .collect();
+    assert_eq!(to_protect.len(), 1, "one multiplier a tick: {outputs:?}");
+    let v = to_protect[0].value.expect("always a value");
+    assert!((0.0..=1.0).contains(&v), "never outside [0, 1]: {v}");
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Signal `name` after the last tick.
+fn value(c: &Circuit, name: &str) -> Option<f64> {
+    c.signals().find(|(n, _)| *n == name).and_then(|(_, v)| v)
+}
+
+/// (latency, observed multiplier) each tick → (sent, is_overload).
+fn aimd_run(c: &mut Circuit, ticks: &[(Option<f64>, Option<f64>)]) -> Vec<(f64, f64)> {
+    ticks
+        .iter()
+        .map(|&(latency, observed)| {
+            let lm = sent(c, &[("latency", latency), ("observed", observed)]);
+            let out = value(c, "lm").map(|v| (v * 1000.0).round() / 1000.0);
+            assert_eq!(out, Some(lm), "`out` is what is sent");
+            (lm, value(c, "over").expect("is_overload is always written"))
+        })
+        .collect()
+}
+
+const AIMD: &str = r#"
+- promql: {out: latency, query: latency}
+- promql: {out: observed, query: observed}
+- aimd_load_scheduler:
+    out: lm
+    out_is_overload: over
+    load_scheduler: protect
+    signal: latency
+    setpoint: 100
+    observed_load_multiplier: observed
+    gradient: {slope: -1, min_gradient: 0.1, max_gradient: 1}
+    load_multiplier_linear_increment: 0.25
+"#;
+
+#[test]
+fn aimd_cuts_by_the_gradient_of_the_observed_multiplier_and_rises_linearly() {
+    let mut c = circuit(AIMD);
+    let got = aimd_run(
+        &mut c,
+        &[
+            // Starts in pass-through: its sum starts at max (2).
+            (Some(100.0), Some(1.0)),
+            // Overload: observed × (100 / latency), at least × 0.1.
+            (Some(200.0), Some(1.0)),
+            (Some(400.0), Some(0.5)),
+            (Some(2000.0), Some(0.125)),
+            // Recovery: observed + 0.25 per step (the sum was reset)...
+            (Some(50.0), Some(0.2)),
+            (Some(50.0), Some(0.45)),
+            // ...sent at most 1 (Aperture's 1.65 and 2.0: the latter is
+            // its pass-through)...
+            (Some(50.0), Some(0.9)),
+            (Some(50.0), Some(1.0)),
+            // ...until the next overload, cut from what was admitted.
+            (Some(125.0), Some(0.8)),
+        ],
+    );
+    assert_eq!(
+        got,
+        vec![
+            (1.0, 0.0),
+            (0.5, 1.0),
+            (0.125, 1.0),
+            (0.013, 1.0),
+            (0.45, 0.0),
+            (0.95, 0.0),
+            (1.0, 0.0),
+            (1.0, 0.0),
+            (0.64, 1.0),
+        ]
+    );
+}
+
+#[test]
+fn aimd_passes_through_once_at_its_max_multiplier() {
+    // max 0.8 (below 1, so that the pass-through shows): observed 0.1
+    // plus 0.25 a step reaches 0.85 >= 0.8 at the third step.
+    let mut c = circuit(&format!("{AIMD}    max_load_multiplier: 0.8\n"));
+    let lm: Vec<f64> = aimd_run(
+        &mut c,
+        &[
+            (Some(100.0), Some(0.1)),
+            (Some(1000.0), Some(1.0)),
+            (Some(50.0), Some(0.1)),
+            (Some(50.0), Some(0.1)),
+            (Some(50.0), Some(0.1)),
+            (Some(50.0), Some(0.1)),
+            (Some(200.0), Some(1.0)),
+        ],
+    )
+    .into_iter()
+    .map(|(lm, _)| lm)
+    .collect();
+    // Pass-through at start; cut; 0.35, 0.6; then 0.85 (the sum is capped
+    // at 0.8 too: 0.9) is at or above max: pass-through; overload again
+    // ends it.
+    assert_eq!(lm, vec![1.0, 0.1, 0.35, 0.6, 1.0, 1.0, 0.5]);
+}
+
+#[test]
+fn aimd_needs_a_confirmed_overload_to_cut() {
+    let mut c = circuit(&format!(
+        "- promql: {{out: confirm, query: confirm}}\n{AIMD}    overload_confirmation: confirm\n"
+    ));
+    let run = |c: &mut Circuit, confirm: Option<f64>| {
+        let lm = sent(
+            c,
+            &[
+                ("latency", Some(200.0)),
+                ("observed", Some(0.4)),
+                ("confirm", confirm),
+            ],
+        );
+        (lm, value(c, "over"))
+    };
+    // Not confirmed: no cut (the sum, at max, passes everything).
+    assert_eq!(run(&mut c, Some(0.0)), (1.0, Some(0.0)));
+    // Missing confirmation confirms (Aperture: FirstValid(confirmation, 1)).
+    assert_eq!(run(&mut c, None), (0.2, Some(1.0)));
+    // Not confirmed: the recovery path (the sum was reset at the cut).
+    assert_eq!(run(&mut c, Some(0.0)), (0.65, Some(0.0)));
+    // Any non-zero value confirms.
+    assert_eq!(run(&mut c, Some(0.5)), (0.2, Some(1.0)));
+}
+
+#[test]
+fn aimd_with_missing_signals() {
+    let mut c = circuit(
+        r#"
+- promql: {out: latency, query: latency}
+- promql: {out: setpoint, query: setpoint}
+- promql: {out: observed, query: observed}
+- aimd_load_scheduler:
+    out: lm
+    out_is_overload: over
+    load_scheduler: protect
+    signal: latency
+    setpoint: setpoint
+    observed_load_multiplier: observed
+    gradient: {slope: -1}
+    load_multiplier_linear_increment: 0.25
+"#,
+    );
+    let mut run = |latency, setpoint, observed| {
+        let lm = sent(
+            &mut c,
+            &[
+                ("latency", latency),
+                ("setpoint", setpoint),
+                ("observed", observed),
+            ],
+        );
+        (lm, value(&c, "over"))
+    };
+    // A cut, to leave pass-through (unbounded gradient: 0.5 × 1/4).
+    run(Some(100.0), Some(100.0), Some(1.0));
+    assert_eq!(run(Some(400.0), Some(100.0), Some(0.5)), (0.125, Some(1.0)));
+    // No signal, or no setpoint: not overloaded, so observed + the sum.
+    assert_eq!(run(None, Some(100.0), Some(0.25)), (0.5, Some(0.0)));
+    assert_eq!(run(Some(400.0), None, Some(0.25)), (0.75, Some(0.0)));
+    // No observed multiplier: Aperture's multiplier is NaN, pass-through,
+    // overloaded or not.
+    assert_eq!(run(Some(100.0), Some(100.0), None), (1.0, Some(0.0)));
+    assert_eq!(run(Some(400.0), Some(100.0), None), (1.0, Some(1.0)));
+    // A setpoint of 0 under overload: no gradient, pass-through.
+    assert_eq!(run(Some(400.0), Some(0.0), Some(0.5)), (1.0, Some(1.0)));
+}
+
+#[test]
+fn aimd_with_a_positive_slope_is_overloaded_below_its_setpoint() {
+    let mut c = circuit(
+        r#"
+- promql: {out: headroom, query: headroom}
+- aimd_load_scheduler:
+    out: lm
+    load_scheduler: protect
+    signal: headroom
+    setpoint: 100
+    observed_load_multiplier: 1
+    gradient: {slope: 1, min_gradient: 0.1, max_gradient: 1}
+"#,
+    );
+    assert_eq!(sent(&mut c, &[("headroom", Some(150.0))]), 1.0);
+    // (50 / 100)^1 × 1.
+    assert_eq!(sent(&mut c, &[("headroom", Some(50.0))]), 0.5);
+}
+
+#[test]
+fn aimd_steps_every_step_interval_whatever_the_tick() {
+    // 30 s steps at 10 s ticks: the sum moves at the second tick, then
+    // every third; an overload between steps cuts but does not reset it
+    // (Aperture's integrator).
+    let mut c = circuit(&format!("{AIMD}    step_interval: 30s\n"));
+    let lm: Vec<f64> = aimd_run(
+        &mut c,
+        &[
+            (Some(100.0), Some(0.5)),
+            (Some(200.0), Some(0.5)), // a step: reset to 0
+            (Some(50.0), Some(0.5)),
+            (Some(50.0), Some(0.5)),
+            (Some(50.0), Some(0.5)), // a step: 0.25
+            (Some(200.0), Some(0.5)),
+            (Some(50.0), Some(0.5)),
+            (Some(50.0), Some(0.5)), // a step: 0.5
+        ],
+    )
+    .into_iter()
+    .map(|(lm, _)| lm)
+    .collect();
+    assert_eq!(lm, vec![1.0, 0.25, 0.5, 0.5, 0.75, 0.25, 0.75, 1.0]);
+}
+
+const AIAD: &str = r#"
+- promql: {out: signal, query: signal}
+- aiad_load_scheduler:
+    out: lm
+    out_is_overload: over
+    load_scheduler: protect
+    signal: signal
+    setpoint: 70
+    load_multiplier_linear_increment: 0.4
+    load_multiplier_linear_decrement: 0.2
+    max_load_multiplier: 1.2
+    min_load_multiplier: 0.3
+"#;
+
+#[test]
+fn aiad_decrements_and_increments_within_its_bounds() {
+    let mut c = circuit(AIAD);
+    let signals = [
+        Some(80.0),
+        Some(80.0),
+        Some(80.0),
+        Some(80.0),
+        Some(80.0),
+        Some(60.0),
+        None,
+        Some(60.0),
+        Some(60.0),
+        Some(80.0),
+    ];
+    let got: Vec<(f64, Option<f64>)> = signals
+        .iter()
+        .map(|s| {
+            let lm = sent(&mut c, &[("signal", *s)]);
+            (lm, value(&c, "over"))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            // It starts at max: pass-through (overloaded, but no step yet).
+            (1.0, Some(1.0)),
+            // The first step under overload: at most 1 − decrement.
+            (0.8, Some(1.0)),
+            (0.6, Some(1.0)),
+            (0.4, Some(1.0)),
+            // Not below min.
+            (0.3, Some(1.0)),
+            // Up 0.4 a step; a missing signal is no overload.
+            (0.7, Some(0.0)),
+            (1.0, Some(0.0)),
+            // 1.1 is sent as 1; at max (1.2), pass-through.
+            (1.0, Some(0.0)),
+            (1.0, Some(0.0)),
+            // From max back to 1 − decrement at once.
+            (0.8, Some(1.0)),
+        ]
+    );
+}
+
+#[test]
+fn aiad_overload_conditions() {
+    for (condition, signal, overloaded) in [
+        ("gt", 70.0, false),
+        ("gte", 70.0, true),
+        ("lt", 69.0, true),
+        ("lte", 70.0, true),
+        ("lt", 70.0, false),
+    ] {
+        let mut c = circuit(&format!("{AIAD}    overload_condition: {condition}\n"));
+        sent(&mut c, &[("signal", Some(signal))]);
+        assert_eq!(
+            sent(&mut c, &[("signal", Some(signal))]),
+            if overloaded { 0.8 } else { 1.0 },
+            "{signal} {condition} 70"
+        );
+    }
+}
+
+#[test]
+fn aiad_is_held_by_a_missing_confirmation_only_when_it_says_no() {
+    let mut c = circuit(&format!(
+        "- promql: {{out: confirm, query: confirm}}\n{AIAD}    overload_confirmation: confirm\n"
+    ));
+    let mut run = |confirm| sent(&mut c, &[("signal", Some(80.0)), ("confirm", confirm)]);
+    assert_eq!(run(Some(1.0)), 1.0);
+    assert_eq!(run(Some(0.0)), 1.0, "not confirmed: rises (stays at max)");
+    assert_eq!(run(None), 0.8, "missing: confirmed");
+    assert_eq!(run(Some(0.0)), 1.0, "0.8 + 0.4, sent as 1");
+}
+
+#[test]
+fn aiad_steps_every_10s_at_a_1s_tick() {
+    let specs: Vec<ComponentSpec> = serde_saphyr::from_str(AIAD).expect("valid components");
+    let mut c = Circuit::compile(&specs, Duration::from_secs(1));
+    let lm: Vec<f64> = (0..23)
+        .map(|_| sent(&mut c, &[("signal", Some(80.0))]))
+        .collect();
+    // Steps at the 2nd tick, then every 10th: ticks 1, 11, 21.
+    let mut want = vec![1.0];
+    want.extend([0.8; 10]);
+    want.extend([0.6; 10]);
+    want.extend([0.4; 2]);
+    assert_eq!(lm, want);
+}
+
+const RANGE: &str = r#"
+- promql: {out: cpu, query: cpu}
+- range_driven_load_scheduler:
+    out: lm
+    out_is_overload: over
+    load_scheduler: protect
+    signal: cpu
+    low_throttle_threshold: {signal_value: 50, load_multiplier: 1}
+    high_throttle_threshold: {signal_value: 100, load_multiplier: 0.1}
+    degree: 2
+"#;
+
+#[test]
+fn range_driven_interpolates_and_passes_through_outside_its_range() {
+    let mut c = circuit(RANGE);
+    let got: Vec<(f64, Option<f64>)> = [
+        Some(40.0),
+        Some(50.0),
+        Some(75.0),
+        Some(90.0),
+        Some(100.0),
+        Some(150.0),
+        None,
+    ]
+    .iter()
+    .map(|x| {
+        let lm = sent(&mut c, &[("cpu", *x)]);
+        (lm, value(&c, "over"))
+    })
+    .collect();
+    assert_eq!(
+        got,
+        vec![
+            // Below the range: 1, pass-through.
+            (1.0, Some(0.0)),
+            // At the low point: 1, pass-through.
+            (1.0, Some(0.0)),
+            // 1 + 0.5² × (0.1 − 1) and 1 + 0.8² × (0.1 − 1).
+            (0.775, Some(1.0)),
+            (0.424, Some(1.0)),
+            (0.1, Some(1.0)),
+            // Above it: the high point's multiplier.
+            (0.1, Some(1.0)),
+            // No signal: pass-through.
+            (1.0, Some(0.0)),
+        ]
+    );
+}
+
+#[test]
+fn range_driven_curves_the_other_way_and_at_a_point() {
+    // The low point throttles more: below it, its multiplier; above the
+    // high one, 1.
+    let mut c = circuit(
+        r#"
+- promql: {out: free, query: free}
+- range_driven_load_scheduler:
+    out: lm
+    load_scheduler: protect
+    signal: free
+    low_throttle_threshold: {signal_value: 10, load_multiplier: 0.2}
+    high_throttle_threshold: {signal_value: 50, load_multiplier: 1}
+    degree: 1
+"#,
+    );
+    let lm: Vec<f64> = [5.0, 30.0, 60.0]
+        .iter()
+        .map(|x| sent(&mut c, &[("free", Some(*x))]))
+        .collect();
+    assert_eq!(lm, vec![0.2, 0.6, 1.0]);
+    // Both points at one signal value: the low one up to it, the high one
+    // above.
+    let mut c = circuit(&RANGE.replace("signal_value: 100", "signal_value: 50"));
+    let lm: Vec<f64> = [50.0, 51.0]
+        .iter()
+        .map(|x| sent(&mut c, &[("cpu", Some(*x))]))
+        .collect();
+    assert_eq!(lm, vec![1.0, 0.1]);
+}
+
+#[test]
+fn range_driven_throttles_only_when_confirmed() {
+    let mut c = circuit(&format!(
+        "- promql: {{out: confirm, query: confirm}}\n{RANGE}    overload_confirmation: confirm\n"
+    ));
+    let mut run = |confirm| {
+        let lm = sent(&mut c, &[("cpu", Some(75.0)), ("confirm", confirm)]);
+        (lm, value(&c, "over"))
+    };
+    assert_eq!(run(Some(0.0)), (1.0, Some(0.0)));
+    assert_eq!(run(None), (0.775, Some(1.0)));
+    assert_eq!(run(Some(1.0)), (0.775, Some(1.0)));
+}
+
+#[test]
+fn decider_compares_with_every_operator() {
+    for (op, want) in [
+        ("gt", [0, 0, 1]),
+        ("lt", [1, 0, 0]),
+        ("gte", [0, 1, 1]),
+        ("lte", [1, 1, 0]),
+        ("eq", [0, 1, 0]),
+        ("neq", [1, 0, 1]),
+    ] {
+        let mut c = circuit(&format!(
+            "- promql: {{out: x, query: q}}\n- decider: {{out: d, op: {op}, lhs: x, rhs: 5}}\n"
+        ));
+        let d: Vec<u8> = run(&mut c, &[Some(4.0), Some(5.0), Some(6.0)], "d")
+            .into_iter()
+            .map(|v| v.expect("a decider always answers") as u8)
+            .collect();
+        assert_eq!(d, want, "{op}");
+    }
+}
+
+/// A policy with `circuit`, compiled at 10 s ticks.
+fn blueprint(circuit_yaml: &str) -> Circuit {
+    let text = format!(
+        "name: svc\nflux_meters: [{{name: latency, selectors: [{{control_point: ingress}}]}}]\nload_schedulers: [{{name: protect, selectors: [{{control_point: ingress}}]}}]\ncircuit:\n{circuit_yaml}"
+    );
+    let policy =
+        sluice_policy::load::parse_policy(std::path::Path::new("p.yaml"), &text).expect("valid");
+    let specs = policy
+        .circuit
+        .as_ref()
+        .expect("circuit")
+        .value
+        .expand("svc")
+        .expect("expands");
+    Circuit::compile(&specs, TICK)
+}
+
+/// Answers the due queries of `c` by the first needle each contains.
+fn answer(c: &mut Circuit, data: &[(&str, Option<f64>)]) -> f64 {
+    let results = c
+        .due_queries()
+        .into_iter()
+        .map(|(i, q)| {
+            let v = data
+                .iter()
+                .find(|(needle, _)| q.contains(needle))
+                .and_then(|(_, v)| *v);
+            (i, v)
+        })
+        .collect();
+    let out = c.tick(&results);
+    assert_eq!(out.len(), 1, "{out:?}");
+    (out[0].value.expect("a value") * 1000.0).round() / 1000.0
+}
+
+#[test]
+fn the_aimd_blueprint_cuts_against_the_long_term_latency_when_confirmed() {
+    let mut c = blueprint(
+        "  blueprint: load_scheduling.aimd\n  parameters:\n    flux_meter: latency\n    load_scheduler: protect\n    overload_confirmations:\n      - {query_string: cpu_ratio, threshold: 0.8, operator: gte}\n",
+    );
+    let mut run = |latency, cpu| {
+        answer(
+            &mut c,
+            &[
+                ("[30s])) / sum(increase(flux_meter_count", Some(latency)),
+                ("[1800s]", Some(100.0)),
+                ("accepted_tokens_total", Some(0.8)),
+                ("cpu_ratio", cpu),
+            ],
+        )
+    };
+    // Setpoint 100 × 1.25: 200 is overload, cut to 0.8 × 125 / 200 once
+    // the CPU confirms; missing CPU data does not confirm.
+    assert_eq!(run(200.0, Some(0.5)), 1.0);
+    assert_eq!(run(200.0, None), 1.0);
+    assert_eq!(run(200.0, Some(0.9)), 0.5);
+    assert_eq!(run(100.0, Some(0.9)), 0.825, "0.8 + 0.025");
+}
+
+#[test]
+fn the_promql_blueprint_drives_an_aiad_scheduler() {
+    let mut c = blueprint(
+        "  blueprint: load_scheduling.promql\n  parameters:\n    promql_query: backends_used\n    setpoint: 70\n    overload_condition: gt\n    load_scheduler: protect\n",
+    );
+    let lm: Vec<f64> = [80.0, 80.0, 80.0, 60.0]
+        .iter()
+        .map(|v| answer(&mut c, &[("backends_used", Some(*v))]))
+        .collect();
+    assert_eq!(lm, vec![1.0, 0.95, 0.9, 0.925]);
+}
