@@ -27,7 +27,8 @@ pub use load_scheduling::{
 #[serde(deny_unknown_fields)]
 pub struct CircuitSpec {
     /// A blueprint to expand: `load_scheduling.average_latency`,
-    /// `load_scheduling.aimd` or `load_scheduling.promql`. Its components run
+    /// `load_scheduling.aimd`, `load_scheduling.promql` or
+    /// `load_scheduling.capacity`. Its components run
     /// before `components`. Default none.
     #[serde(default)]
     pub blueprint: Option<String>,
@@ -54,6 +55,7 @@ enum BlueprintParameters {
     AverageLatency(AverageLatencyParameters),
     Aimd(AimdParameters),
     Promql(PromqlParameters),
+    Capacity(CapacityParameters),
 }
 
 /// A constant or a signal.
@@ -343,7 +345,7 @@ pub struct ExtremumSpec {
 /// `actuator`: sends its input(s) to one sidecar component of this policy.
 /// Nothing is sent for a missing input; the sidecars' last decision lapses
 /// at its `valid_until` and they return to the policy's own value.
-#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ActuatorSpec {
     /// A load scheduler of this policy: `input` is its load multiplier.
@@ -430,8 +432,90 @@ fn floor() -> f64 {
     0.05
 }
 
+/// Parameters of `load_scheduling.capacity`: admit what the service has
+/// shown it can serve (see [`capacity`] for the loop).
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "load_scheduling.capacity")]
+pub struct CapacityParameters {
+    /// The flux meter of this policy measuring the service's latency.
+    pub flux_meter: Name,
+    /// The load scheduler of this policy protecting the service.
+    pub load_scheduler: Name,
+    /// The latency (ms) the service should keep to. Default none: the
+    /// long-term average latency × `latency_tolerance_multiplier`, learned
+    /// as `load_scheduling.average_latency` learns it.
+    #[serde(default)]
+    pub latency_setpoint_ms: Option<f64>,
+    /// Without a setpoint: overload is latency above the long-term average
+    /// × this (>= 1). Default `1.5`.
+    #[serde(default = "one_and_a_half")]
+    #[schemars(range(min = 1.0))]
+    pub latency_tolerance_multiplier: f64,
+    /// Without a setpoint: the span of the long-term average. Default `30m`.
+    #[serde(default = "thirty_minutes")]
+    pub baseline_window: DurationSpec,
+    /// Which quantile of the flux meter is the latency signal, in (0, 1).
+    /// The median drops as soon as a backlog has drained, where a mean
+    /// stays high until the window has forgotten it. Default `0.5`.
+    #[serde(default = "half")]
+    pub latency_quantile: f64,
+    /// The window of every rate and quantile: at least twice the sidecars'
+    /// remote-write interval. Default `30s`.
+    #[serde(default = "thirty_seconds")]
+    pub signal_window: DurationSpec,
+    /// The service is taking in more than it completes when the accepted
+    /// rate is above the served rate × this (> 1). Default `1.25`.
+    #[serde(default = "one_and_a_quarter")]
+    pub piling_tolerance: f64,
+    /// After a cut, the share of the measured capacity admitted at once,
+    /// 0 to 1. Default `0.9`.
+    #[serde(default = "nine_tenths")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub capacity_share: f64,
+    /// Above `capacity_share` of its measured capacity, how much more than
+    /// it serves the service is offered per tick (> 0): slowly, because a
+    /// service that queues gives no warning before its cliff. Default
+    /// `0.01`.
+    #[serde(default = "hundredth")]
+    pub capacity_probe: f64,
+    /// The largest factor by which the admitted rate rises in one tick
+    /// below the measured capacity (> 1). Default `1.2`.
+    #[serde(default = "six_fifths")]
+    pub max_gradient: f64,
+    /// The smallest factor it is cut by in one tick, 0 to 1. Default `0.1`.
+    #[serde(default = "tenth")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_gradient: f64,
+    /// The smallest multiplier sent, 0 to 1. Default `0.05`.
+    #[serde(default = "floor")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_load_multiplier: f64,
+}
+
+fn one_and_a_half() -> f64 {
+    1.5
+}
+fn half() -> f64 {
+    0.5
+}
+fn one_and_a_quarter() -> f64 {
+    1.25
+}
+fn nine_tenths() -> f64 {
+    0.9
+}
+fn hundredth() -> f64 {
+    0.01
+}
+fn six_fifths() -> f64 {
+    1.2
+}
+
 /// `load_scheduling.average_latency`.
 pub const AVERAGE_LATENCY: &str = "load_scheduling.average_latency";
+/// `load_scheduling.capacity`.
+pub const CAPACITY: &str = "load_scheduling.capacity";
 
 impl ComponentSpec {
     /// The signal it writes, its `out` (actuators write none).
@@ -556,10 +640,11 @@ fn seconds(d: &DurationSpec) -> String {
 }
 
 /// The blueprints `circuit.blueprint` may name.
-pub const BLUEPRINTS: [&str; 3] = [
+pub const BLUEPRINTS: [&str; 4] = [
     AVERAGE_LATENCY,
     load_scheduling::AIMD,
     load_scheduling::PROMQL,
+    CAPACITY,
 ];
 
 /// `parameters` read as a blueprint's type `P`: an unknown or missing field
@@ -593,6 +678,7 @@ impl CircuitSpec {
                 load_scheduling::AIMD => {
                     parameters(p).and_then(|p| load_scheduling::aimd(policy, &p))
                 }
+                CAPACITY => parameters(p).and_then(|p| capacity(policy, &p)),
                 load_scheduling::PROMQL => {
                     parameters(p).and_then(|p| load_scheduling::promql_blueprint(policy, &p))
                 }
@@ -732,6 +818,273 @@ fn average_latency(
             fill_amount: None,
         }),
     ])
+}
+
+/// `load_scheduling.capacity`: admit what the service has shown it can
+/// serve, and find out how much that is from its own answers.
+///
+/// Each tick it reads, over `signal_window`: the latency (a quantile of the
+/// flux meter), the served rate (requests the flux meter saw answered OK),
+/// and the load scheduler's accepted and incoming rates. Then:
+///
+/// - **piling up**: the accepted rate is above the served rate ×
+///   `piling_tolerance`: the service takes in more than it completes, so it
+///   is at capacity, and what it serves now *is* its capacity (an EMA of
+///   it over 3 ticks is kept while it piles up). This sees a service
+///   that queues (whose latency stays flat until its workers are all busy,
+///   then climbs by a whole queue a second) a tick or two before its
+///   latency does.
+/// - **overloaded** (latency above the setpoint) or piling up: the
+///   admitted rate is cut to the served rate × (setpoint ÷ latency),
+///   clamped to [`min_gradient`, `max_gradient`], and no higher than 0.9 ×
+///   the served rate while piling up: a backlog drains, not just stops
+///   growing.
+/// - **otherwise** it rises to the served rate × (setpoint ÷ latency) up
+///   to `max_gradient` a tick, but no further than `capacity_share` × the
+///   measured capacity (when one was measured), then by `capacity_probe`
+///   of what is served a tick (a service that got faster is found, one at
+///   its cliff is approached slowly); and never lower than `capacity_share`
+///   × the measured capacity, so that a cut ends as soon as latency is
+///   back, not after a slow climb.
+///
+/// The multiplier sent is that rate ÷ the incoming rate, within
+/// [`min_load_multiplier`, 1]: once demand falls below what the service
+/// serves, it is 1 (pass-through) at once, whatever it was.
+///
+/// Working from rates rather than from the last multiplier is what keeps
+/// it from the swings of `load_scheduling.average_latency`: a multiplier
+/// computed from a lagging latency compounds its own lag (each tick cuts
+/// again what the last already cut), a rate computed from what the service
+/// served does not.
+fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, String> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+    if p.latency_setpoint_ms.is_some_and(|s| !positive(s)) {
+        return Err("latency_setpoint_ms must be a number > 0".to_owned());
+    }
+    if !(p.latency_tolerance_multiplier.is_finite() && p.latency_tolerance_multiplier >= 1.0) {
+        return Err("latency_tolerance_multiplier must be a number >= 1".to_owned());
+    }
+    if !(positive(p.latency_quantile) && p.latency_quantile < 1.0) {
+        return Err("latency_quantile must be between 0 and 1".to_owned());
+    }
+    if !(p.piling_tolerance.is_finite() && p.piling_tolerance > 1.0) {
+        return Err("piling_tolerance must be a number > 1".to_owned());
+    }
+    if !(p.max_gradient.is_finite() && p.max_gradient > 1.0) {
+        return Err("max_gradient must be a number > 1".to_owned());
+    }
+    if !positive(p.capacity_probe) {
+        return Err("capacity_probe must be a number > 0".to_owned());
+    }
+    for (name, v) in [
+        ("capacity_share", p.capacity_share),
+        ("min_gradient", p.min_gradient),
+        ("min_load_multiplier", p.min_load_multiplier),
+    ] {
+        if !share(v) {
+            return Err(format!("{name} must be between 0 and 1"));
+        }
+    }
+    let (fm, ls, w) = (
+        &p.flux_meter.0,
+        &p.load_scheduler.0,
+        seconds(&p.signal_window),
+    );
+    let flows = format!(
+        r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
+    );
+    let tokens = format!(r#"policy_name="{policy}",component="{ls}""#);
+    let promql = |out: &str, query: String| {
+        ComponentSpec::Promql(PromqlSpec {
+            out: out.to_owned(),
+            query,
+            evaluation_interval: None,
+        })
+    };
+    let arithmetic = |out: &str, op, lhs: Operand, rhs: Operand| {
+        ComponentSpec::Arithmetic(ArithmeticSpec {
+            out: out.to_owned(),
+            op,
+            lhs,
+            rhs,
+        })
+    };
+    let extremum = |max: bool, out: &str, inputs: Vec<Operand>| {
+        let spec = ExtremumSpec {
+            out: out.to_owned(),
+            inputs,
+        };
+        if max {
+            ComponentSpec::Max(spec)
+        } else {
+            ComponentSpec::Min(spec)
+        }
+    };
+    let switcher = |out: &str, switch: &str, on_true: &str, on_false: &str| {
+        ComponentSpec::Switcher(SwitcherSpec {
+            out: out.to_owned(),
+            switch: signal(switch),
+            on_true: signal(on_true),
+            on_false: signal(on_false),
+        })
+    };
+    let decider = |out: &str, lhs: &str, rhs: &str| {
+        ComponentSpec::Decider(DeciderSpec {
+            out: out.to_owned(),
+            op: Comparison::Gt,
+            lhs: signal(lhs),
+            rhs: signal(rhs),
+            true_for: zero(),
+            false_for: zero(),
+        })
+    };
+    let c = Operand::Constant;
+    let mut out = vec![
+        promql(
+            "latency",
+            format!(
+                "histogram_quantile({}, sum by (le) (rate(flux_meter_bucket{{{flows}}}[{w}])))",
+                p.latency_quantile
+            ),
+        ),
+        promql(
+            "served_rate",
+            format!("sum(rate(flux_meter_count{{{flows}}}[{w}]))"),
+        ),
+        promql(
+            "accepted_rate",
+            format!("sum(rate(accepted_tokens_total{{{tokens}}}[{w}]))"),
+        ),
+        promql(
+            "incoming_rate",
+            format!("sum(rate(incoming_tokens_total{{{tokens}}}[{w}]))"),
+        ),
+    ];
+    match p.latency_setpoint_ms {
+        Some(ms) => out.push(arithmetic("setpoint", ArithmeticOp::Mul, c(ms), c(1.0))),
+        // As `load_scheduling.average_latency` learns it: the long-term
+        // average, frozen while overloaded (judged against the previous
+        // tick's setpoint, so it freezes before it sees an overloaded
+        // sample), times the tolerance.
+        None => out.extend([
+            decider("overloaded", "latency", "setpoint"),
+            ComponentSpec::Ema(EmaSpec {
+                out: "baseline_latency".to_owned(),
+                input: signal("latency"),
+                window: p.baseline_window,
+                freeze: Some(signal("overloaded")),
+            }),
+            arithmetic(
+                "setpoint",
+                ArithmeticOp::Mul,
+                signal("baseline_latency"),
+                c(p.latency_tolerance_multiplier),
+            ),
+        ]),
+    }
+    if p.latency_setpoint_ms.is_some() {
+        out.push(decider("overloaded", "latency", "setpoint"));
+    }
+    out.extend([
+        arithmetic(
+            "piling_threshold",
+            ArithmeticOp::Mul,
+            signal("served_rate"),
+            c(p.piling_tolerance),
+        ),
+        decider("piling_up", "accepted_rate", "piling_threshold"),
+        // Missing unless piling up (a division by zero is missing), so the
+        // EMA holds the capacity measured the last time the service was
+        // at it.
+        arithmetic(
+            "saturated_rate",
+            ArithmeticOp::Div,
+            signal("served_rate"),
+            signal("piling_up"),
+        ),
+        ComponentSpec::Ema(EmaSpec {
+            out: "capacity".to_owned(),
+            input: signal("saturated_rate"),
+            window: DurationSpec(std::time::Duration::from_secs(3)),
+            freeze: None,
+        }),
+        ComponentSpec::GradientController(GradientSpec {
+            out: "gradient_rate".to_owned(),
+            signal: signal("latency"),
+            setpoint: signal("setpoint"),
+            control_variable: signal("served_rate"),
+            slope: -1.0,
+            min_gradient: p.min_gradient,
+            max_gradient: p.max_gradient,
+        }),
+        arithmetic(
+            "draining_rate",
+            ArithmeticOp::Mul,
+            signal("served_rate"),
+            c(0.9),
+        ),
+        extremum(
+            false,
+            "piling_rate",
+            vec![signal("gradient_rate"), signal("draining_rate")],
+        ),
+        switcher("cut_rate", "piling_up", "piling_rate", "gradient_rate"),
+        arithmetic(
+            "capacity_floor",
+            ArithmeticOp::Mul,
+            signal("capacity"),
+            c(p.capacity_share),
+        ),
+        extremum(
+            false,
+            "rising_rate",
+            vec![signal("gradient_rate"), signal("capacity_floor")],
+        ),
+        arithmetic(
+            "probing_rate",
+            ArithmeticOp::Mul,
+            signal("served_rate"),
+            c(1.0 + p.capacity_probe),
+        ),
+        extremum(
+            true,
+            "calm_rate",
+            vec![
+                signal("rising_rate"),
+                signal("probing_rate"),
+                signal("capacity_floor"),
+            ],
+        ),
+        extremum(
+            true,
+            "cutting",
+            vec![signal("overloaded"), signal("piling_up")],
+        ),
+        switcher("admitted_rate", "cutting", "cut_rate", "calm_rate"),
+        arithmetic(
+            "desired_load_multiplier",
+            ArithmeticOp::Div,
+            signal("admitted_rate"),
+            signal("incoming_rate"),
+        ),
+        extremum(
+            false,
+            "capped_load_multiplier",
+            vec![signal("desired_load_multiplier"), c(1.0)],
+        ),
+        extremum(
+            true,
+            "load_multiplier",
+            vec![signal("capped_load_multiplier"), c(p.min_load_multiplier)],
+        ),
+        ComponentSpec::Actuator(ActuatorSpec {
+            load_scheduler: Some(p.load_scheduler.clone()),
+            input: Some(signal("load_multiplier")),
+            ..ActuatorSpec::default()
+        }),
+    ]);
+    Ok(out)
 }
 
 /// Checks an expanded circuit against its policy: every signal written
@@ -1008,5 +1361,61 @@ circuit:
         let e = parse_policy(Path::new("p.yaml"), &text).expect_err("refused");
         assert!(e.message.contains("unknown field"), "{e}");
         assert!(e.field.ends_with("max_concurrency"), "{e}");
+    }
+
+    /// A policy with a flux meter and a load scheduler, and the capacity
+    /// blueprint with `parameters`; the error's message if refused.
+    fn capacity(parameters: &str) -> Result<usize, String> {
+        let text = format!(
+            "name: p\nflux_meters: [{{name: latency, selectors: [{{control_point: ingress}}]}}]\nload_schedulers: [{{name: ls, selectors: [{{control_point: ingress}}]}}]\ncircuit:\n  blueprint: load_scheduling.capacity\n  parameters: {parameters}\n"
+        );
+        let policy = parse_policy(Path::new("p.yaml"), &text).map_err(|e| e.message)?;
+        let circuit = policy.circuit.expect("a circuit");
+        Ok(circuit.value.expand("p").expect("validated").len())
+    }
+
+    #[test]
+    fn the_capacity_blueprint_learns_its_setpoint_unless_given_one() {
+        let learned = capacity("{flux_meter: latency, load_scheduler: ls}").expect("valid");
+        let given = capacity("{flux_meter: latency, load_scheduler: ls, latency_setpoint_ms: 30}")
+            .expect("valid");
+        // The learned setpoint takes a baseline EMA and a product more.
+        assert_eq!(learned, given + 1);
+        for (bad, why) in [
+            (
+                "latency_setpoint_ms: 0",
+                "latency_setpoint_ms must be a number > 0",
+            ),
+            (
+                "latency_quantile: 1",
+                "latency_quantile must be between 0 and 1",
+            ),
+            (
+                "piling_tolerance: 1",
+                "piling_tolerance must be a number > 1",
+            ),
+            (
+                "capacity_share: 1.5",
+                "capacity_share must be between 0 and 1",
+            ),
+            ("max_gradient: 0.9", "max_gradient must be a number > 1"),
+            ("capacity_probe: 0", "capacity_probe must be a number > 0"),
+        ] {
+            let err = capacity(&format!(
+                "{{flux_meter: latency, load_scheduler: ls, {bad}}}"
+            ))
+            .expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        // Another blueprint's field is not this one's.
+        let err = capacity("{flux_meter: latency, load_scheduler: ls, recovery_step: 0.1}")
+            .expect_err("unknown field");
+        assert!(
+            err.contains("load_scheduling.capacity") && err.contains("recovery_step"),
+            "{err}"
+        );
+        let err =
+            capacity("{flux_meter: latency, load_scheduler: nope}").expect_err("no such scheduler");
+        assert!(err.contains("no load scheduler"), "{err}");
     }
 }

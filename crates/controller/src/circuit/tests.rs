@@ -873,3 +873,114 @@ fn the_promql_blueprint_drives_an_aiad_scheduler() {
         .collect();
     assert_eq!(lm, vec![1.0, 0.95, 0.9, 0.925]);
 }
+
+/// One tick of the capacity blueprint's inputs: latency (ms), served,
+/// accepted and incoming rates (requests/s); `None` for no data.
+type CapacityTick = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
+
+/// The capacity blueprint with a 30 ms setpoint, run over `ticks`; the
+/// multiplier sent after each, to two decimals.
+fn capacity(ticks: &[CapacityTick]) -> Vec<f64> {
+    use sluice_policy::load::parse_policy;
+    let policy = parse_policy(
+        std::path::Path::new("p.yaml"),
+        r#"
+name: svc
+flux_meters: [{name: latency, selectors: [{control_point: ingress}]}]
+load_schedulers: [{name: protect, selectors: [{control_point: ingress}]}]
+circuit:
+  blueprint: load_scheduling.capacity
+  parameters:
+    flux_meter: latency
+    load_scheduler: protect
+    latency_setpoint_ms: 30
+"#,
+    )
+    .expect("valid policy");
+    let specs = policy
+        .circuit
+        .as_ref()
+        .expect("circuit")
+        .value
+        .expand("svc")
+        .expect("expands");
+    let mut c = Circuit::compile(&specs, TICK);
+    let query = |needle: &str| {
+        c.due_queries()
+            .into_iter()
+            .find(|(_, q)| q.contains(needle))
+            .expect("query")
+            .0
+    };
+    let queries = [
+        query("histogram_quantile"),
+        query("flux_meter_count"),
+        query("accepted_tokens"),
+        query("incoming_tokens"),
+    ];
+    ticks
+        .iter()
+        .map(|&(latency, served, accepted, incoming)| {
+            let values = [latency, served, accepted, incoming];
+            let out = c.tick(&queries.iter().copied().zip(values).collect());
+            let sent = out
+                .first()
+                .and_then(|o| o.value)
+                .expect("the actuator sends every tick");
+            (sent * 100.0).round() / 100.0
+        })
+        .collect()
+}
+
+#[test]
+fn the_capacity_blueprint_admits_what_the_service_served_and_passes_when_demand_falls() {
+    let tick = |l: f64, s: f64, a: f64, i: f64| (Some(l), Some(s), Some(a), Some(i));
+    let sent = capacity(&[
+        // Calm: 100/s in, 100/s served in 20 ms: pass-through.
+        tick(20.0, 100.0, 100.0, 100.0),
+        // Twice the capacity arrives and is admitted; 200/s are served:
+        // it piles up, so 200/s is its capacity; 0.9 of it is admitted
+        // (180 of 400).
+        tick(20.0, 200.0, 400.0, 400.0),
+        // The backlog shows in latency (1 s): cut to served × 0.1 = 20,
+        // at most; 20 / 400 = 0.05.
+        tick(1000.0, 200.0, 180.0, 400.0),
+        // Drained: back to 0.9 of the capacity measured, at once.
+        tick(20.0, 20.0, 20.0, 400.0),
+        // Below the setpoint, above 0.9 of the capacity it rises only by 1 %
+        // of what is served a tick (181.8 of 400) ...
+        tick(21.0, 180.0, 180.0, 400.0),
+        // ... and goes on doing so past it (202 of 400).
+        tick(21.0, 200.0, 200.0, 400.0),
+        // Demand falls to 80/s: what is served is more than that, so the
+        // multiplier is 1 at once.
+        tick(21.0, 200.0, 200.0, 80.0),
+    ]);
+    assert_eq!(sent, vec![1.0, 0.45, 0.05, 0.45, 0.45, 0.51, 1.0]);
+}
+
+#[test]
+fn the_capacity_blueprint_follows_latency_where_nothing_piles_up() {
+    // A service that slows down with load but serves everything it
+    // takes: the rate follows served × setpoint / latency.
+    let tick = |l: f64, s: f64, i: f64| (Some(l), Some(s), Some(s), Some(i));
+    let sent = capacity(&[
+        tick(90.0, 400.0, 400.0), // 400 × 30/90 = 133 → 0.33
+        tick(24.0, 133.0, 400.0), // 133 × 1.2 (at most) = 160 → 0.4
+        tick(25.0, 160.0, 400.0), // 160 × 1.2 = 192 → 0.48
+        tick(30.0, 192.0, 400.0), // at the setpoint: 1 % above what it serves → 0.48
+        tick(60.0, 192.0, 400.0), // twice it: halved → 0.24
+    ]);
+    assert_eq!(sent, vec![0.33, 0.4, 0.48, 0.48, 0.24]);
+}
+
+#[test]
+fn the_capacity_blueprint_passes_everything_without_data() {
+    // No traffic, no data: nothing to protect, pass-through.
+    let sent = capacity(&[
+        (None, None, None, None),
+        (Some(20.0), None, None, None),
+        (None, Some(100.0), Some(100.0), None),
+    ]);
+    assert_eq!(sent, vec![1.0, 1.0, 1.0]);
+}
