@@ -96,16 +96,20 @@ pub enum Loop {
     /// `load_scheduling.average_latency` as the demo has it (tolerance 1.5
     /// over a learned baseline, 5 s signal window, recovery 0.1 per tick).
     AverageLatency,
+    /// `load_scheduling.capacity` with the objective as its setpoint and a
+    /// 2 s signal window (the sidecar remote-writes every second).
+    Capacity,
 }
 
 impl Loop {
     /// Every loop, in the order the bench runs them.
-    pub const ALL: [Loop; 1] = [Loop::AverageLatency];
+    pub const ALL: [Loop; 2] = [Loop::AverageLatency, Loop::Capacity];
 
     /// Its name on the command line and in the table.
     pub fn name(self) -> &'static str {
         match self {
             Loop::AverageLatency => "average_latency",
+            Loop::Capacity => "capacity",
         }
     }
 
@@ -123,6 +127,17 @@ impl Loop {
     recovery_step: 0.1
 "
             .to_owned(),
+            Loop::Capacity => format!(
+                "circuit:
+  blueprint: load_scheduling.capacity
+  parameters:
+    flux_meter: latency
+    load_scheduler: service
+    latency_setpoint_ms: {}
+    signal_window: 2s
+",
+                OBJECTIVE.as_millis()
+            ),
         }
     }
 }
@@ -213,6 +228,8 @@ pub struct Outcome {
 /// The parts on loopback, stopped by [`Stack::stop`].
 struct Stack {
     upstream: Upstream,
+    /// When the upstream's clock started.
+    upstream_started: Instant,
     prometheus: Prometheus,
     controller: Controller,
     sidecar: Sidecar,
@@ -221,13 +238,16 @@ struct Stack {
 }
 
 impl Stack {
+    /// Starts everything, the upstream last (on a port reserved for it):
+    /// its clock, which decides when a [`Profile::Halving`] upstream loses
+    /// workers, starts right before the traffic.
     async fn start(capacity: Capacity, lp: Loop) -> anyhow::Result<Stack> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-overload")
             .tempdir()?;
         let policy = dir.path().join("overload.yaml");
         std::fs::write(&policy, self::policy(lp))?;
-        let upstream = Upstream::start_with(0, capacity).await?;
+        let upstream_port = sluice_testkit::free_port()?;
         let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
         let loopback = "127.0.0.1:0".parse()?;
         let controller = Controller::start(ControllerConfig {
@@ -258,11 +278,14 @@ impl Stack {
         .await?;
         let envoy = Envoy::start(
             "envoy-configs/quickstart.yaml",
-            EnvoyPorts::free(upstream.addr.port(), sidecar.grpc_addr.port())?,
+            EnvoyPorts::free(upstream_port, sidecar.grpc_addr.port())?,
         )
         .await?;
+        let upstream_started = Instant::now();
+        let upstream = Upstream::start_with(upstream_port, capacity).await?;
         Ok(Stack {
             upstream,
+            upstream_started,
             prometheus,
             controller,
             sidecar,
@@ -308,13 +331,11 @@ struct Shot {
 
 /// Runs `lp` against `profile` for `plan` and scores it.
 pub async fn run(profile: Profile, lp: Loop, plan: Plan) -> anyhow::Result<Outcome> {
-    // The upstream's clock starts with it; the traffic a moment later.
     let halved_after = plan.calm + plan.overload / 2;
-    let upstream_started = Instant::now();
     let stack = Stack::start(profile.capacity(plan.scale, halved_after), lp)
         .await
         .context("start the overload stack")?;
-    let outcome = drive(&stack, profile, lp, plan, upstream_started, halved_after).await;
+    let outcome = drive(&stack, profile, lp, plan, halved_after).await;
     stack.stop().await;
     outcome
 }
@@ -324,7 +345,6 @@ async fn drive(
     profile: Profile,
     lp: Loop,
     plan: Plan,
-    upstream_started: Instant,
     halved_after: Duration,
 ) -> anyhow::Result<Outcome> {
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
@@ -342,7 +362,7 @@ async fn drive(
 
     let start = Instant::now();
     // The capacity as the figures see it: its clock from the traffic's start.
-    let offset = start.duration_since(upstream_started);
+    let offset = start.duration_since(stack.upstream_started);
     let capacity = profile.capacity(plan.scale, halved_after.saturating_sub(offset));
     let full = capacity.rate_within(OBJECTIVE, Duration::ZERO);
     let shots: Arc<Mutex<Vec<Shot>>> = Arc::new(Mutex::new(Vec::new()));
@@ -365,10 +385,13 @@ async fn drive(
 
     // Open loop: request n of a phase at `phase start + n / rate`, each on
     // its own task, whatever the others are doing.
+    // Calm is 40 % of the capacity at the time (a halved upstream's after
+    // the overload), overload twice the capacity it started with.
+    let last = capacity.rate_within(OBJECTIVE, total);
     let phases = [
         (plan.calm, full * 0.4),
         (plan.overload, full * 2.0),
-        (plan.after, full * 0.4),
+        (plan.after, last * 0.4),
     ];
     let sender = async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -430,11 +453,10 @@ async fn drive(
         OBJECTIVE.as_millis() as u64,
     );
     let figures = Figures::of(&seconds, overload, &capacity, OBJECTIVE);
-    let halved = capacity.rate_within(OBJECTIVE, total);
     Ok(Outcome {
         profile,
         control: lp,
-        capacity: (full, halved),
+        capacity: (full, last),
         overload,
         seconds,
         figures,

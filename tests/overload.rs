@@ -20,7 +20,7 @@ use overload::{Loop, Plan, Profile};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_loop_protects_a_fixed_capacity_upstream_and_recovers() {
-    let outcome = overload::run(Profile::Workers, Loop::AverageLatency, Plan::short())
+    let outcome = overload::run(Profile::Workers, Loop::Capacity, Plan::short())
         .await
         .expect("the overload run");
     println!("{}", overload::summary(&outcome));
