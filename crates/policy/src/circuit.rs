@@ -830,7 +830,7 @@ fn average_latency(
 /// - **piling up**: the accepted rate is above the served rate ×
 ///   `piling_tolerance`: the service takes in more than it completes, so it
 ///   is at capacity, and what it serves now *is* its capacity (an EMA of
-///   it over 3 ticks is kept while it piles up). This sees a service
+///   it over `signal_window` is kept while it piles up, and held between). This sees a service
 ///   that queues (whose latency stays flat until its workers are all busy,
 ///   then climbs by a whole queue a second) a tick or two before its
 ///   latency does.
@@ -849,7 +849,9 @@ fn average_latency(
 ///
 /// The multiplier sent is that rate ÷ the incoming rate, within
 /// [`min_load_multiplier`, 1]: once demand falls below what the service
-/// serves, it is 1 (pass-through) at once, whatever it was.
+/// serves, it is 1 (pass-through) at once, whatever it was. Without the
+/// data for it nothing is sent: the sidecars hold the last decision until
+/// its `valid_until`, then pass everything.
 ///
 /// Working from rates rather than from the last multiplier is what keeps
 /// it from the swings of `load_scheduling.average_latency`: a multiplier
@@ -1006,7 +1008,7 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
         ComponentSpec::Ema(EmaSpec {
             out: "capacity".to_owned(),
             input: signal("saturated_rate"),
-            window: DurationSpec(std::time::Duration::from_secs(3)),
+            window: p.signal_window,
             freeze: None,
         }),
         ComponentSpec::GradientController(GradientSpec {
@@ -1075,8 +1077,18 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
         ),
         extremum(
             true,
-            "load_multiplier",
+            "bounded_load_multiplier",
             vec![signal("capped_load_multiplier"), c(p.min_load_multiplier)],
+        ),
+        // Missing whenever the desired multiplier is (a switcher whose
+        // switch is missing is): without data nothing is sent, and the
+        // sidecars hold the last decision until it lapses, rather than
+        // pass everything for a tick because one query came back empty.
+        switcher(
+            "load_multiplier",
+            "desired_load_multiplier",
+            "bounded_load_multiplier",
+            "bounded_load_multiplier",
         ),
         ComponentSpec::Actuator(ActuatorSpec {
             load_scheduler: Some(p.load_scheduler.clone()),

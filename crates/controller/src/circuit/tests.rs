@@ -879,8 +879,8 @@ fn the_promql_blueprint_drives_an_aiad_scheduler() {
 type CapacityTick = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
 
 /// The capacity blueprint with a 30 ms setpoint, run over `ticks`; the
-/// multiplier sent after each, to two decimals.
-fn capacity(ticks: &[CapacityTick]) -> Vec<f64> {
+/// multiplier sent after each, to two decimals (`None`: nothing sent).
+fn capacity_sent(ticks: &[CapacityTick]) -> Vec<Option<f64>> {
     use sluice_policy::load::parse_policy;
     let policy = parse_policy(
         std::path::Path::new("p.yaml"),
@@ -923,12 +923,18 @@ circuit:
         .map(|&(latency, served, accepted, incoming)| {
             let values = [latency, served, accepted, incoming];
             let out = c.tick(&queries.iter().copied().zip(values).collect());
-            let sent = out
-                .first()
+            out.first()
                 .and_then(|o| o.value)
-                .expect("the actuator sends every tick");
-            (sent * 100.0).round() / 100.0
+                .map(|sent| (sent * 100.0).round() / 100.0)
         })
+        .collect()
+}
+
+/// [`capacity_sent`] where every tick sends.
+fn capacity(ticks: &[CapacityTick]) -> Vec<f64> {
+    capacity_sent(ticks)
+        .into_iter()
+        .map(|s| s.expect("the actuator sends every tick"))
         .collect()
 }
 
@@ -975,12 +981,18 @@ fn the_capacity_blueprint_follows_latency_where_nothing_piles_up() {
 }
 
 #[test]
-fn the_capacity_blueprint_passes_everything_without_data() {
-    // No traffic, no data: nothing to protect, pass-through.
-    let sent = capacity(&[
+fn the_capacity_blueprint_sends_nothing_without_data() {
+    // Without the incoming rate (no traffic, or a query that came back
+    // empty) nothing is sent: the sidecars hold the last decision until it
+    // lapses, then pass everything. A cut is never lifted for a tick by a
+    // gap in the data.
+    let tick = |l: f64, s: f64, a: f64, i: f64| (Some(l), Some(s), Some(a), Some(i));
+    let sent = capacity_sent(&[
         (None, None, None, None),
-        (Some(20.0), None, None, None),
+        tick(20.0, 200.0, 400.0, 400.0),
+        (Some(20.0), Some(200.0), Some(400.0), None),
         (None, Some(100.0), Some(100.0), None),
+        tick(20.0, 20.0, 20.0, 400.0),
     ]);
-    assert_eq!(sent, vec![1.0, 1.0, 1.0]);
+    assert_eq!(sent, vec![None, Some(0.45), None, None, Some(0.45)]);
 }
