@@ -261,6 +261,16 @@ async fn the_short_demo_shows_the_whole_loop() {
         subscribers > guests,
         "admitted: subscribers {subscribers:.2}, guests {guests:.2}"
     );
+    // The run is scored as the overload bench scores one: against the
+    // setpoint the controller held, with the crowd as the overload.
+    let objective = summary.objective_ms.expect("a setpoint during the crowd");
+    assert!(objective > 0.0, "objective {objective}");
+    let goodput = summary.figures.goodput.expect("goodput during the crowd");
+    assert!(
+        goodput > 0.0,
+        "nothing served within {objective:.0} ms: {:?}",
+        summary.figures
+    );
     // Nothing was turned away by the load scheduler before the crowd came.
     let early_503 = summary
         .seconds

@@ -59,6 +59,11 @@ pub enum Row {
         by: String,
         /// Whether it carried `retry-after`.
         retry_after: bool,
+        /// How long the answer took, as k6 saw it (ms).
+        duration_ms: f64,
+        /// The upstream's own time (Envoy's `x-envoy-upstream-service-time`),
+        /// when the request reached it.
+        upstream_ms: Option<f64>,
     },
     /// Requests k6 did not send, having no virtual user free.
     Dropped {
@@ -270,6 +275,8 @@ impl CsvTail {
                     code: tag("code")?.parse().ok()?,
                     by: tag("by").unwrap_or("").to_owned(),
                     retry_after: tag("retry_after") == Some("yes"),
+                    duration_ms: value,
+                    upstream_ms: tag("upstream_ms").and_then(|v| v.parse().ok()),
                 })
             }
             "dropped_iterations" => Some(Row::Dropped {

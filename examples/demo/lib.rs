@@ -27,8 +27,11 @@ use sluice::server::{Config, Sidecar};
 use sluice::telemetry::remote_write::RemoteWriteConfig;
 use sluice_controller::{Controller, ControllerConfig};
 use sluice_store::RedisConfig;
+use sluice_testkit::overload::{self, Figures};
 use sluice_testkit::redis::Redis;
-use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape};
+use sluice_testkit::{
+    Capacity, Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http, repo_root, scrape,
+};
 use tokio::sync::watch;
 
 /// A source of traffic: who, where, how often. `traffic.js` makes one k6
@@ -148,6 +151,13 @@ pub const SOURCES: [Source; 8] = [
         note: "the crowd: 100 guests",
     },
 ];
+
+/// The demo's upstream: 15 ms per request, 10 ms more per other request
+/// in flight: fine for the calm phase, overloaded by the crowd.
+pub const UPSTREAM: Latency = Latency {
+    base: Duration::from_millis(15),
+    per_inflight: Duration::from_millis(10),
+};
 
 /// The load scheduler's workloads in `examples/demo.yaml`, by
 /// `workload_index`.
@@ -356,6 +366,12 @@ pub struct Summary {
     pub dropped: BTreeMap<String, u64>,
     /// The lowest load multiplier seen.
     pub lowest_lm: Option<f64>,
+    /// The latency objective the figures are judged against: the
+    /// setpoint the controller held during the crowd (ms).
+    pub objective_ms: Option<f64>,
+    /// The overload bench's figures of the crowd (`loadtests/overload.rs`):
+    /// goodput, time to protect, stability, recovery, priority.
+    pub figures: Figures,
     /// Erin's requests admitted through each Envoy (`a`, `b`): one user
     /// sending through both pairs, held to one global limit.
     pub erin_admitted: BTreeMap<String, u64>,
@@ -384,16 +400,7 @@ struct Parts {
 
 impl Parts {
     async fn start(policy: &Path) -> anyhow::Result<Parts> {
-        // 15 ms per request, 10 ms more per other request in flight: fine
-        // for the calm phase, overloaded by the crowd.
-        let upstream = Upstream::start_with(
-            0,
-            Latency {
-                base: Duration::from_millis(15),
-                per_inflight: Duration::from_millis(10),
-            },
-        )
-        .await?;
+        let upstream = Upstream::start_with(0, UPSTREAM).await?;
         let prometheus = Prometheus::start(&[], Duration::from_secs(1)).await?;
         let redis = Redis::start(&[]).await?;
         let loopback = "127.0.0.1:0".parse()?;
@@ -475,7 +482,7 @@ impl Parts {
 
 /// The loop at one moment, read from the controller's and Sluice's
 /// `/metrics` as a user would.
-struct Figures {
+struct Readings {
     latency: Option<f64>,
     setpoint: Option<f64>,
     lm: Option<f64>,
@@ -484,8 +491,8 @@ struct Figures {
     workloads: BTreeMap<String, Decisions>,
 }
 
-impl Figures {
-    async fn read(controller: SocketAddr, sidecar: SocketAddr) -> Figures {
+impl Readings {
+    async fn read(controller: SocketAddr, sidecar: SocketAddr) -> Readings {
         let text = |addr| async move {
             let get = http::request(
                 addr,
@@ -519,7 +526,7 @@ impl Figures {
             })
             .collect::<Option<_>>()
             .unwrap_or_default();
-        Figures {
+        Readings {
             latency: signal("latency"),
             setpoint: signal("setpoint"),
             lm: scrape(
@@ -554,6 +561,12 @@ fn describe(counts: Option<&BTreeMap<u16, u64>>) -> String {
 struct Record {
     phases: Phases,
     seconds: Vec<Second>,
+    /// The same seconds as the overload bench scores them: subscribers
+    /// (workload 0, high priority) and guests (1), the upstream's time.
+    scored: Vec<overload::Second>,
+    /// Per second: the upstream's time of each admitted request, and the
+    /// client's time of them summed (ms).
+    times: Vec<(Vec<f64>, f64)>,
     /// (source, code, by) → (count, with retry-after).
     totals: BTreeMap<(String, u16, String), (u64, u64)>,
     dropped: BTreeMap<String, u64>,
@@ -587,7 +600,10 @@ impl Record {
                     code,
                     by,
                     retry_after,
+                    duration_ms,
+                    upstream_ms,
                 } => {
+                    self.score(at_ms / 1000, &source, code, duration_ms, upstream_ms);
                     let second = self.second(at_ms / 1000);
                     *second
                         .answers
@@ -605,6 +621,83 @@ impl Record {
             }
         }
     }
+
+    /// Counts one answer in the scored second `t`.
+    fn score(
+        &mut self,
+        t: u64,
+        source: &str,
+        code: u16,
+        duration_ms: f64,
+        upstream_ms: Option<f64>,
+    ) {
+        let t = t.min(self.phases.duration.saturating_sub(1)) as usize;
+        while self.scored.len() <= t {
+            self.scored.push(overload::Second {
+                t: self.scored.len() as u64,
+                ..overload::Second::default()
+            });
+            self.times.push((Vec::new(), 0.0));
+        }
+        let subscriber = SOURCES
+            .iter()
+            .any(|s| s.name == source && s.user_type == Some("subscriber"));
+        let workload = usize::from(!subscriber);
+        let second = &mut self.scored[t];
+        second.offered[workload] += 1;
+        match code {
+            200 => {
+                second.admitted[workload] += 1;
+                let (upstream, e2e) = &mut self.times[t];
+                upstream.push(upstream_ms.unwrap_or(duration_ms));
+                *e2e += duration_ms;
+                let n = upstream.len() as f64;
+                second.latency_ms = Some(upstream.iter().sum::<f64>() / n);
+                second.e2e_ms = Some(*e2e / n);
+            }
+            429 | 503 => second.rejected[workload] += 1,
+            _ => second.failed += 1,
+        }
+    }
+
+    /// The bench's figures of the run: the crowd is the overload, the
+    /// objective the setpoint the controller held meanwhile.
+    fn figures(&mut self) -> (Option<f64>, Figures) {
+        let crowd: Vec<f64> = self
+            .seconds
+            .iter()
+            .filter(|s| s.phase == Phase::Crowd)
+            .filter_map(|s| s.setpoint_ms)
+            .collect();
+        let objective_ms = median(crowd);
+        for (scored, second) in self.scored.iter_mut().zip(&self.seconds) {
+            scored.lm = second.lm;
+        }
+        let Some(objective) = objective_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)) else {
+            return (None, Figures::default());
+        };
+        let limit = objective.as_secs_f64() * 1000.0;
+        for (s, (upstream, _)) in self.scored.iter_mut().zip(&self.times) {
+            s.within_objective = upstream.iter().filter(|&&ms| ms <= limit).count() as u64;
+        }
+        let overload = overload::Overload {
+            start: self.phases.crowd_start,
+            end: self.phases.crowd_end,
+        };
+        let figures = Figures::of(
+            &self.scored,
+            overload,
+            &Capacity::Growing(UPSTREAM),
+            objective,
+        );
+        (objective_ms, figures)
+    }
+}
+
+/// The median of `values`, when there are any.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// Runs the demo until its traffic ends or `stop` completes (then it stops
@@ -722,6 +815,8 @@ pub async fn run(
     let mut record = Record {
         phases,
         seconds: Vec::new(),
+        scored: Vec::new(),
+        times: Vec::new(),
         totals: BTreeMap::new(),
         dropped: BTreeMap::new(),
     };
@@ -739,16 +834,16 @@ pub async fn run(
             () = tokio::time::sleep(wait) => {}
             _ = stopped.wait_for(|&s| s) => { interrupted = true; break; }
         }
-        let figures = Figures::read(controller_admin, sidecar_admin).await;
+        let readings = Readings::read(controller_admin, sidecar_admin).await;
         record.add(k6.poll());
-        if let Some(lm) = figures.lm {
+        if let Some(lm) = readings.lm {
             lowest = Some(lowest.map_or(lm, |l: f64| l.min(lm)));
         }
         let second = record.second(t);
-        second.latency_ms = figures.latency;
-        second.setpoint_ms = figures.setpoint;
-        second.lm = figures.lm;
-        for (name, now) in &figures.workloads {
+        second.latency_ms = readings.latency;
+        second.setpoint_ms = readings.setpoint;
+        second.lm = readings.lm;
+        for (name, now) in &readings.workloads {
             let before = last_counts.get(name).copied().unwrap_or_default();
             let delta = Decisions {
                 accepted: now.accepted.saturating_sub(before.accepted),
@@ -811,6 +906,14 @@ pub async fn run(
     if let Some(lm) = lowest {
         println!("The controller lowered the load multiplier to {lm:.2} at the lowest.");
     }
+    let (objective_ms, figures) = record.figures();
+    if let Some(objective) = objective_ms {
+        println!();
+        println!(
+            "How well the loop kept the upstream busy and fast during the crowd (the overload bench's figures, objective = the setpoint, {objective:.0} ms):"
+        );
+        println!("  {}", figures.line());
+    }
 
     // Let the last access logs arrive and a remote-write carrying them go
     // out, then show what Prometheus received.
@@ -831,6 +934,8 @@ pub async fn run(
         answers,
         dropped: record.dropped,
         lowest_lm: lowest,
+        objective_ms,
+        figures,
         erin_admitted,
         prometheus,
         started,

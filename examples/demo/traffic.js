@@ -15,9 +15,11 @@
 //
 // Every answer is recorded in the Trend `demo_answers` (value: its duration
 // in ms) tagged with its status `code`, `by` (Sluice's
-// `x-sluice-rejected-by` header: which policy/component rejected it) and
-// `retry_after` (yes/no), plus k6's own `scenario` tag (the source). The
-// demo reads them from k6's CSV output as they come.
+// `x-sluice-rejected-by` header: which policy/component rejected it),
+// `retry_after` (yes/no) and `upstream_ms` (Envoy's
+// `x-envoy-upstream-service-time`: the upstream's own time, "" when it was
+// not asked), plus k6's own `scenario` tag (the source). The demo reads them
+// from k6's CSV output as they come.
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { Trend } from 'k6/metrics';
@@ -81,5 +83,6 @@ export function send() {
     code: String(res.status),
     by: res.headers['X-Sluice-Rejected-By'] || '',
     retry_after: res.headers['Retry-After'] ? 'yes' : 'no',
+    upstream_ms: res.headers['X-Envoy-Upstream-Service-Time'] || '',
   });
 }
