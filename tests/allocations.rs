@@ -54,6 +54,7 @@ samplers:
     selectors: [{control_point: ingress, label_matcher: {match_labels: {http.method: GET}}}]
     accept_percentage: 100
     session_label_key: user
+    pass_through_label_values: [user-3, user-42, qa, user-7]
 rate_limiters:
   - name: per-user
     selectors: [{control_point: ingress}]

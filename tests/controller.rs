@@ -2,7 +2,8 @@
 //! reach every subscriber, lapse when the controller goes, come back when
 //! it returns; a dead Prometheus makes the controller hold its outputs; a
 //! circuit tightens a quota scheduler and a concurrency scheduler, and
-//! Checks feel it.
+//! Checks feel it; alerters' alerts fire and resolve in the controller's
+//! `/metrics` and `/v1/alerts`.
 
 mod common;
 
@@ -108,6 +109,11 @@ async fn a_sidecar_that_subscribes_gets_the_decisions_in_force_at_once() {
         .expect("controller metrics")
         .text();
     assert_eq!(metric(&ticks, "controller_ticks_total"), 1.0, "{ticks}");
+    assert_eq!(
+        metric(&ticks, "controller_tick_duration_seconds_count"),
+        1.0,
+        "every tick is timed: {ticks}"
+    );
     controller.stop(Duration::from_secs(2)).await;
     first.stop(Duration::from_secs(2)).await;
     second.stop(Duration::from_secs(2)).await;
@@ -412,4 +418,127 @@ async fn a_circuit_drives_quota_and_concurrency_schedulers_until_it_goes() {
     }
     assert_eq!(check("/slots").await, (200, None), "the policy's limit");
     sidecar.stop(Duration::from_secs(2)).await;
+}
+
+/// Alerters on computed signals (no Prometheus): one that fires for the
+/// first 24 ticks (about 5 s at 200 ms) and then resolves, one that always
+/// fires, one that never does.
+const ALERTS: &str = r#"
+name: alerts
+circuit:
+  components:
+    - integrator: {out: ticks, input: 1}
+    - decider: {out: early, op: lt, lhs: ticks, rhs: 25}
+    - alerter:
+        signal: early
+        alert_name: Early ticks
+        severity: warn
+        resolve_timeout: 1s
+        labels: {team: edge}
+        alert_channels: [pager, slack]
+    - alerter: {signal: 1, alert_name: always, severity: crit}
+    - alerter: {signal: 0, alert_name: never}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_fire_and_resolve_in_the_metrics_and_on_v1_alerts() {
+    let policy = PolicyFile::new(ALERTS);
+    let started = sluice_time::unix_ms();
+    let controller = Controller::start(config(
+        &policy,
+        "http://127.0.0.1:1",
+        "127.0.0.1:0".parse().expect("addr"),
+    ))
+    .await
+    .expect("controller");
+    let admin = controller.admin_addr;
+    let metrics = || async move {
+        http::get(admin, "/metrics", &[])
+            .await
+            .expect("metrics")
+            .text()
+    };
+    let alerts = || async move {
+        let reply = http::get(admin, "/v1/alerts", &[]).await.expect("alerts");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        let json: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+        json["alerts"].as_array().expect("a list").clone()
+    };
+    let early = r#"controller_alert{alert_channels="pager,slack",alert_name="Early ticks",policy_name="alerts",severity="warn",team="edge"}"#;
+    let always = r#"controller_alert{alert_name="always",policy_name="alerts",severity="crit"}"#;
+    let never = r#"controller_alert{alert_name="never",policy_name="alerts",severity="info"}"#;
+
+    // Firing: 1 in the metrics, listed with when it began.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let text = metrics().await;
+            metric(&text, early) == 1.0 && metric(&text, always) == 1.0
+        })
+        .await,
+        "{}",
+        metrics().await
+    );
+    assert_eq!(
+        metric(&metrics().await, never),
+        0.0,
+        "a series from the start"
+    );
+    let listed = alerts().await;
+    let now = sluice_time::unix_ms();
+    assert_eq!(
+        listed.len(),
+        2,
+        "the alert that never fired is not listed: {listed:?}"
+    );
+    let firing = &listed[0];
+    assert_eq!(firing["policy_name"], "alerts");
+    assert_eq!(firing["alert_name"], "Early ticks");
+    assert_eq!(firing["severity"], "warn");
+    assert_eq!(firing["labels"], serde_json::json!({"team": "edge"}));
+    assert_eq!(
+        firing["alert_channels"],
+        serde_json::json!(["pager", "slack"])
+    );
+    assert_eq!(firing["status"], "firing");
+    assert!(firing["resolved_unix_ms"].is_null(), "{firing}");
+    let since = firing["since_unix_ms"].as_i64().expect("since");
+    assert!(
+        (started..=now).contains(&since),
+        "{started} <= {since} <= {now}"
+    );
+    assert_eq!(listed[1]["alert_name"], "always");
+    assert_eq!(listed[1]["status"], "firing");
+
+    // Its signal goes to zero at the 25th tick; a second later it
+    // resolves: 0 in the metrics, listed as resolved, with when.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(&metrics().await, early) == 0.0
+        })
+        .await,
+        "{}",
+        metrics().await
+    );
+    let listed = alerts().await;
+    let resolved = &listed[0];
+    assert_eq!(resolved["alert_name"], "Early ticks");
+    assert_eq!(resolved["status"], "resolved");
+    assert_eq!(
+        resolved["since_unix_ms"].as_i64(),
+        Some(since),
+        "the same episode"
+    );
+    let at = resolved["resolved_unix_ms"].as_i64().expect("resolved at");
+    // 24 ticks of 200 ms firing, then 1 s of zeros.
+    assert!(
+        at >= since + 4_000,
+        "resolved {} ms after it fired",
+        at - since
+    );
+    assert_eq!(listed[1]["status"], "firing");
+    let text = metrics().await;
+    assert_eq!(metric(&text, always), 1.0);
+    assert_eq!(metric(&text, never), 0.0);
+    controller.stop(Duration::from_secs(2)).await;
 }

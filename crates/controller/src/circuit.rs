@@ -15,12 +15,24 @@
 //! Aperture's load schedulers (`aimd_load_scheduler`,
 //! `aiad_load_scheduler`, `range_driven_load_scheduler`) are components
 //! that write their multiplier (and whether the service is overloaded) and
-//! also hand it out, as an actuator of their load scheduler does.
+//! also hand it out, as an actuator of their load scheduler does; a
+//! `load_ramp` (`ramp`) does the same with a sampler's accept percentage.
+//! An `alerter` writes no signal: its alert's state is read with
+//! [`Circuit::alerts`].
+//!
+//! When a policy changes, its circuit is compiled afresh; [`Circuit::carry_over`]
+//! keeps the place of each load ramp whose sampler and steps did not
+//! change, and the state of each alert that is still raised, so that
+//! editing a policy neither restarts a rollout nor re-fires its alerts.
 
-use std::collections::HashMap;
+mod ramp;
+
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use sluice_policy::circuit::{ArithmeticOp, Comparison, ComponentSpec, Operand};
+use sluice_policy::circuit::{ArithmeticOp, Comparison, ComponentSpec, Operand, Severity};
+
+use ramp::Ramp;
 
 /// A component's operand, compiled.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -137,6 +149,62 @@ enum Component {
         /// Aperture's integrator: AIMD's recovery sum, AIAD's multiplier.
         sum: f64,
     },
+    /// Aperture's load ramp: a sampler's accept percentage through steps.
+    LoadRamp {
+        out: usize,
+        at_start: Option<usize>,
+        at_end: Option<usize>,
+        /// The sampler it drives.
+        sampler: String,
+        forward: Op,
+        backward: Option<Op>,
+        reset: Option<Op>,
+        ramp: Ramp,
+    },
+    /// Aperture's alerter: alert `index` of [`Circuit::alerts`].
+    Alerter { signal: Op, index: usize },
+}
+
+/// One alerter's alert and its state after the last tick.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alert {
+    /// `alert_name`.
+    pub name: String,
+    /// `severity`.
+    pub severity: Severity,
+    /// `labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `alert_channels`.
+    pub channels: Vec<String>,
+    /// Whether it fires now.
+    pub firing: bool,
+    /// Ticks the signal must stay zero before the alert resolves.
+    resolve_ticks: u64,
+    /// Ticks since the signal was last non-zero, while firing.
+    quiet: u64,
+}
+
+impl Alert {
+    /// Whether `other` is the same alert (name, severity and labels): one
+    /// series, one entry of `/v1/alerts`.
+    pub fn same(&self, other: &Alert) -> bool {
+        self.name == other.name && self.severity == other.severity && self.labels == other.labels
+    }
+
+    /// One tick: fires while the signal is `active`; once it is not,
+    /// resolves when it has been quiet for `resolve_ticks`.
+    fn tick(&mut self, active: bool) {
+        if active {
+            self.firing = true;
+            self.quiet = 0;
+        } else if self.firing {
+            self.quiet += 1;
+            if self.quiet >= self.resolve_ticks {
+                self.firing = false;
+                self.quiet = 0;
+            }
+        }
+    }
 }
 
 /// How one of Aperture's load schedulers computes its multiplier.
@@ -223,6 +291,7 @@ fn range_curve(x: f64, low: (f64, f64), high: (f64, f64), degree: f64) -> f64 {
 pub struct Circuit {
     names: Vec<String>,
     components: Vec<Component>,
+    alerts: Vec<Alert>,
     /// This tick's values (`computed` says which are from this tick).
     current: Vec<Option<f64>>,
     previous: Vec<Option<f64>>,
@@ -259,6 +328,7 @@ impl Circuit {
                 .map_or(Op::Const(f64::NAN), |i| Op::Signal(*i)),
         };
         let out = |name: &str| index.get(name).copied().unwrap_or(0);
+        let mut alerts = Vec::new();
         let components = specs
             .iter()
             .map(|c| match c {
@@ -403,12 +473,43 @@ impl Circuit {
                     every: 1,
                     sum: 0.0,
                 },
+                ComponentSpec::LoadRamp(r) => Component::LoadRamp {
+                    out: out(&r.out),
+                    at_start: r.out_at_start.as_deref().map(out),
+                    at_end: r.out_at_end.as_deref().map(out),
+                    sampler: r.sampler.0.clone(),
+                    forward: op(&r.forward),
+                    backward: r.backward.as_ref().map(op),
+                    reset: r.reset.as_ref().map(op),
+                    ramp: Ramp::new(r.steps.iter().map(|s| {
+                        (
+                            s.target_accept_percentage.0,
+                            ticks(s.duration.0, tick).max(1),
+                        )
+                    })),
+                },
+                ComponentSpec::Alerter(a) => {
+                    alerts.push(Alert {
+                        name: a.alert_name.clone(),
+                        severity: a.severity,
+                        labels: a.labels.clone(),
+                        channels: a.alert_channels.clone(),
+                        firing: false,
+                        resolve_ticks: ticks(a.resolve_timeout.0, tick),
+                        quiet: 0,
+                    });
+                    Component::Alerter {
+                        signal: op(&a.signal),
+                        index: alerts.len() - 1,
+                    }
+                }
             })
             .collect();
         let n = names.len();
         Circuit {
             names,
             components,
+            alerts,
             current: vec![None; n],
             previous: vec![None; n],
             computed: vec![false; n],
@@ -446,9 +547,21 @@ impl Circuit {
         self.computed.iter_mut().for_each(|c| *c = false);
         let mut outputs = Vec::new();
         for i in 0..self.components.len() {
-            if matches!(self.components[i], Component::LoadScheduler { .. }) {
-                outputs.push(self.load_scheduler(i));
-                continue;
+            match self.components[i] {
+                Component::LoadScheduler { .. } => {
+                    outputs.push(self.load_scheduler(i));
+                    continue;
+                }
+                Component::LoadRamp { .. } => {
+                    outputs.push(self.load_ramp(i));
+                    continue;
+                }
+                Component::Alerter { signal, index } => {
+                    let active = self.get(signal).is_some_and(|v| v != 0.0);
+                    self.alerts[index].tick(active);
+                    continue;
+                }
+                _ => {}
             }
             let (out, value) = self.evaluate(i, results);
             if let Some(out) = out {
@@ -629,7 +742,10 @@ impl Circuit {
                 };
                 (Some(*out), value)
             }
-            Component::Actuator { .. } | Component::LoadScheduler { .. } => (None, None),
+            Component::Actuator { .. }
+            | Component::LoadScheduler { .. }
+            | Component::LoadRamp { .. }
+            | Component::Alerter { .. } => (None, None),
         }
     }
 
@@ -739,6 +855,93 @@ impl Circuit {
             target: Target::LoadMultiplier(target),
             value: Some(sent),
             fill_amount: None,
+        }
+    }
+
+    /// Runs load ramp `i`: moves it (reset first; forward or backward when
+    /// only one of them is non-zero; a missing input is zero), writes its
+    /// signals and returns the percentage it sends.
+    fn load_ramp(&mut self, i: usize) -> Output {
+        let Component::LoadRamp {
+            forward,
+            backward,
+            reset,
+            ..
+        } = &self.components[i]
+        else {
+            unreachable!("called for load ramps only")
+        };
+        let on = |op: Option<Op>| op.and_then(|o| self.get(o)).is_some_and(|v| v != 0.0);
+        let (forward, backward, reset) = (on(Some(*forward)), on(*backward), on(*reset));
+        let Component::LoadRamp {
+            out,
+            at_start,
+            at_end,
+            sampler,
+            ramp,
+            ..
+        } = &mut self.components[i]
+        else {
+            unreachable!("matched above")
+        };
+        ramp.tick(forward, backward, reset);
+        let value = ramp.value();
+        let mut write = |signal: Option<usize>, v: f64| {
+            if let Some(s) = signal {
+                self.current[s] = Some(v);
+                self.computed[s] = true;
+            }
+        };
+        write(Some(*out), value);
+        write(*at_start, f64::from(u8::from(ramp.at_start())));
+        write(*at_end, f64::from(u8::from(ramp.at_end())));
+        Output {
+            target: Target::AcceptPercentage(sampler.clone()),
+            value: Some(value),
+            fill_amount: None,
+        }
+    }
+
+    /// The alerts of its alerters, in circuit order, after the last tick.
+    pub fn alerts(&self) -> &[Alert] {
+        &self.alerts
+    }
+
+    /// Takes over what `old` (this policy's previous circuit) had reached:
+    /// the place of each load ramp that writes the same signal, drives the
+    /// same sampler and has the same steps; the state of each alert it
+    /// still raises.
+    pub fn carry_over(&mut self, old: &Circuit) {
+        for c in &mut self.components {
+            let Component::LoadRamp {
+                out, sampler, ramp, ..
+            } = c
+            else {
+                continue;
+            };
+            let found = old.components.iter().find_map(|o| match o {
+                Component::LoadRamp {
+                    out: o_out,
+                    sampler: o_sampler,
+                    ramp: o_ramp,
+                    ..
+                } if old.names[*o_out] == self.names[*out]
+                    && o_sampler == sampler
+                    && o_ramp.same_steps(ramp) =>
+                {
+                    Some(o_ramp)
+                }
+                _ => None,
+            });
+            if let Some(o) = found {
+                ramp.take_place(o);
+            }
+        }
+        for alert in &mut self.alerts {
+            if let Some(o) = old.alerts.iter().find(|o| o.same(alert)) {
+                alert.firing = o.firing;
+                alert.quiet = o.quiet;
+            }
         }
     }
 

@@ -77,7 +77,7 @@ pub struct RunArgs {
         default_value = "127.0.0.1:8082"
     )]
     pub listen: SocketAddr,
-    /// Address for /metrics, /healthz and /readyz.
+    /// Address for /metrics, /healthz, /readyz and /v1/alerts.
     #[arg(
         long,
         env = "SLUICE_CONTROLLER_ADMIN_LISTEN",
@@ -155,10 +155,11 @@ pub fn describe(components: &[ComponentSpec]) -> String {
                     .iter()
                     .any(|p| p.outs().contains(&s.as_str()))
             {
-                delayed
-                    .entry(s.as_str())
-                    .or_default()
-                    .push(c.out().unwrap_or("an actuator"));
+                let reader = match c {
+                    ComponentSpec::Alerter(_) => "an alerter",
+                    c => c.out().unwrap_or("an actuator"),
+                };
+                delayed.entry(s.as_str()).or_default().push(reader);
             }
         }
         let line = match c {
@@ -266,6 +267,33 @@ pub fn describe(components: &[ComponentSpec]) -> String {
                 describe_load_scheduler(&mut out, c, width);
                 continue;
             }
+            ComponentSpec::LoadRamp(r) => {
+                describe_load_ramp(&mut out, r, width);
+                continue;
+            }
+            ComponentSpec::Alerter(a) => {
+                let labels: Vec<String> =
+                    a.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                let _ = writeln!(
+                    out,
+                    "  {:>width$} -> alert {:?} ({}) while non-zero, resolved {} after{}{}",
+                    operand(&a.signal),
+                    a.alert_name,
+                    a.severity.name(),
+                    humantime::format_duration(a.resolve_timeout.0),
+                    if labels.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; labels {{{}}}", labels.join(", "))
+                    },
+                    if a.alert_channels.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; channels {}", a.alert_channels.join(", "))
+                    },
+                );
+                continue;
+            }
         };
         let _ = writeln!(out, "  {:>width$} = {line}", c.out().unwrap_or(""));
     }
@@ -362,6 +390,51 @@ fn describe_load_scheduler(out: &mut String, c: &ComponentSpec, width: usize) {
     if let Some(ls) = c.drives() {
         let _ = writeln!(out, "  {name:>width$} -> load scheduler {ls} multiplier");
     }
+}
+
+/// The lines of a load ramp: its steps and inputs, what it writes, and
+/// what it sends.
+fn describe_load_ramp(out: &mut String, r: &policy::circuit::LoadRampSpec, width: usize) {
+    let mut steps = Vec::new();
+    for (i, s) in r.steps.iter().enumerate() {
+        let (pct, d) = (
+            s.target_accept_percentage.0,
+            humantime::format_duration(s.duration.0),
+        );
+        steps.push(if i == 0 {
+            format!("{pct}% for {d}")
+        } else {
+            format!("to {pct}% over {d}")
+        });
+    }
+    let inputs = [
+        Some(format!("forward while {}", operand(&r.forward))),
+        r.backward
+            .as_ref()
+            .map(|b| format!("back while {}", operand(b))),
+        r.reset
+            .as_ref()
+            .map(|x| format!("to the start while {}", operand(x))),
+    ];
+    let inputs: Vec<String> = inputs.into_iter().flatten().collect();
+    let _ = writeln!(
+        out,
+        "  {:>width$} = load_ramp: {}; {}",
+        r.out,
+        steps.join(", then "),
+        inputs.join(", ")
+    );
+    if let Some(s) = &r.out_at_start {
+        let _ = writeln!(out, "  {s:>width$} = 1 at the ramp's start, else 0");
+    }
+    if let Some(e) = &r.out_at_end {
+        let _ = writeln!(out, "  {e:>width$} = 1 at the ramp's end, else 0");
+    }
+    let _ = writeln!(
+        out,
+        "  {:>width$} -> sampler {} accept_percentage",
+        r.out, r.sampler
+    );
 }
 
 /// `sluice-controller explain`: prints the expanded circuits.

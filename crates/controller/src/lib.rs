@@ -13,6 +13,8 @@
 //!   decisions out to every open stream, so the controller never needs to
 //!   know where sidecars are), policy reload, and its own `/metrics`.
 //! - [`cli`]: the `sluice-controller` command line.
+//! - `alerts`: the alerts of the circuits' alerters, as `controller_alert`
+//!   series and `GET /v1/alerts` on the admin listener.
 //!
 //! When Prometheus cannot be asked, the controller holds the outputs it
 //! computed last (re-sent with a fresh `valid_until`) for at most
@@ -22,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod alerts;
 pub mod circuit;
 pub mod cli;
 pub mod promql;
@@ -35,7 +38,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use parking_lot::Mutex;
-use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -63,7 +68,7 @@ pub struct ControllerConfig {
     pub prometheus_ca_file: Option<PathBuf>,
     /// Where sidecars subscribe (gRPC).
     pub listen: SocketAddr,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/v1/alerts` are served.
     pub admin_listen: SocketAddr,
     /// How often circuits run.
     pub tick: Duration,
@@ -111,6 +116,7 @@ struct Metrics {
     signal: GaugeVec,
     output: GaugeVec,
     ticks: IntCounter,
+    tick_seconds: Histogram,
     prometheus_up: IntGauge,
     prometheus_errors: IntCounter,
     held: IntGaugeVec,
@@ -138,6 +144,16 @@ impl Metrics {
         )?;
         let ticks = IntCounter::new("controller_ticks_total", "Ticks run.")?;
         registry.register(Box::new(ticks.clone()))?;
+        let tick_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "controller_tick_duration_seconds",
+                "How long each tick took to compute its decisions (the queries to Prometheus and every circuit), up to the moment they are sent.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        registry.register(Box::new(tick_seconds.clone()))?;
         let prometheus_up = IntGauge::new(
             "controller_prometheus_up",
             "1 when the last tick's queries all got an answer from Prometheus.",
@@ -172,6 +188,7 @@ impl Metrics {
             signal,
             output,
             ticks,
+            tick_seconds,
             prometheus_up,
             prometheus_errors,
             held,
@@ -190,6 +207,8 @@ struct Running {
     last: Vec<Output>,
     /// When that was (engine clock); `None` before the first fresh tick.
     last_fresh: Option<u64>,
+    /// When each of the circuit's alerts fired and resolved.
+    alert_times: Vec<alerts::Times>,
 }
 
 /// What the tick loop and the reloader share.
@@ -200,7 +219,9 @@ struct State {
 
 impl State {
     /// Compiles the circuits of `set`, keeping running ones whose policy
-    /// is unchanged (their state: EMAs, deciders, integrators).
+    /// is unchanged (their state: EMAs, deciders, integrators); a changed
+    /// policy's new circuit takes over its load ramps' places and its
+    /// alerts' states ([`Circuit::carry_over`]).
     fn install(&self, set: &PolicySet) {
         let mut running = self.running.lock();
         let mut next = Vec::new();
@@ -221,12 +242,20 @@ impl State {
                 continue;
             };
             tracing::info!(policy = %name, components = components.len(), "circuit loaded");
+            let mut circuit = Circuit::compile(&components, self.tick);
+            let mut alert_times = Vec::new();
+            if let Some(old) = running.iter().find(|r| r.name == name) {
+                circuit.carry_over(&old.circuit);
+                alert_times =
+                    alerts::carry_over(circuit.alerts(), old.circuit.alerts(), &old.alert_times);
+            }
             next.push(Running {
                 name,
                 hash: loaded.hash,
-                circuit: Circuit::compile(&components, self.tick),
+                circuit,
                 last: Vec::new(),
                 last_fresh: None,
+                alert_times,
             });
         }
         *running = next;
@@ -340,7 +369,21 @@ async fn tick(
     for r in running.iter_mut() {
         let outputs = match answers.remove(&r.name) {
             Some(Ok(results)) => {
+                let firing: Vec<bool> = r.circuit.alerts().iter().map(|a| a.firing).collect();
                 let outputs = r.circuit.tick(&results);
+                for (a, was) in r.circuit.alerts().iter().zip(&firing) {
+                    let (policy, alert, severity) = (&r.name, &a.name, a.severity.name());
+                    match (was, a.firing) {
+                        (false, true) => tracing::warn!(
+                            %policy, %alert, severity, labels = ?a.labels, "alert firing"
+                        ),
+                        (true, false) => tracing::info!(
+                            %policy, %alert, severity, labels = ?a.labels, "alert resolved"
+                        ),
+                        _ => {}
+                    }
+                }
+                alerts::update(r.circuit.alerts(), &mut r.alert_times, unix_ms());
                 for o in &outputs {
                     let before = r.last.iter().find(|l| l.target == o.target);
                     if before.map(|b| (b.value, b.fill_amount)) != Some((o.value, o.fill_amount)) {
@@ -503,6 +546,7 @@ impl wire::control_server::Control for ControlService {
 /// The controller's admin endpoints.
 struct Admin {
     metrics: Metrics,
+    state: Arc<State>,
     ready: std::sync::atomic::AtomicBool,
 }
 
@@ -523,6 +567,11 @@ impl Handler for Admin {
                     admin::answer(StatusCode::OK, admin::METRICS, out)
                 }
                 (&http::Method::GET, "/healthz") => admin::answer(StatusCode::OK, TEXT, "ok\n"),
+                (&http::Method::GET, "/v1/alerts") => admin::answer(
+                    StatusCode::OK,
+                    "application/json",
+                    alerts::json(&self.state),
+                ),
                 (&http::Method::GET, "/readyz") => {
                     if self.ready.load(std::sync::atomic::Ordering::Acquire) {
                         admin::answer(StatusCode::OK, TEXT, "ready\n")
@@ -558,6 +607,9 @@ impl Controller {
             tick: config.tick,
         });
         state.install(&set);
+        metrics
+            .registry
+            .register(Box::new(alerts::AlertSeries::new(state.clone())?))?;
         let client = sluice_runtime::http_client::build(
             config.prometheus_ca_file.as_deref(),
             config.tick.min(Duration::from_secs(5)),
@@ -602,6 +654,7 @@ impl Controller {
 
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
+            state: state.clone(),
             ready: false.into(),
         });
         tasks.push(tokio::spawn(admin::serve(
@@ -683,7 +736,10 @@ async fn ticker(
             _ = interval.tick() => {}
             _ = stop.wait() => return,
         }
+        let started = clock.now();
         let set = tick(&state, &prometheus, &metrics, &config, &clock).await;
+        let took = clock.now().saturating_sub(started);
+        metrics.tick_seconds.observe(took as f64 / 1e9);
         publish.send_replace(Arc::new(set));
     }
 }
@@ -700,6 +756,7 @@ mod tests {
             circuit: Circuit::compile(&[], Duration::from_secs(1)),
             last: Vec::new(),
             last_fresh: None,
+            alert_times: Vec::new(),
         }
     }
 

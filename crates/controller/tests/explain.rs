@@ -136,3 +136,48 @@ circuit:
         "{err}"
     );
 }
+
+#[test]
+fn explain_prints_the_load_ramping_blueprint_and_alerters() {
+    let text = explain(
+        r#"
+name: rollout
+flux_meters: [{name: latency, selectors: [{control_point: ingress}]}]
+samplers:
+  - {name: beta, selectors: [{control_point: ingress}], accept_percentage: 0, session_label_key: user, pass_through_label_values: [qa]}
+circuit:
+  blueprint: load_ramping.base
+  parameters:
+    sampler: beta
+    start: true
+    steps:
+      - {target_accept_percentage: 1, duration: 0s}
+      - {target_accept_percentage: 50, duration: 10m}
+    drivers:
+      promql_drivers:
+        - query_string: 'sum(rate(errors[1m]))'
+          criteria:
+            forward: {threshold: 1, operator: lt}
+            backward: {threshold: 5, operator: gte}
+      average_latency_drivers:
+        - {flux_meter: latency, criteria: {reset: {threshold: 500}}}
+  components:
+    - alerter: {signal: backward_intent, alert_name: Rollout backing off, severity: warn, labels: {team: edge}, alert_channels: [pager]}
+"#,
+    );
+    for needle in [
+        "12 components from blueprint load_ramping.base",
+        "promql_driver_0 = promql sum(rate(errors[1m]))",
+        "forward_0 = 1 when promql_driver_0 < 1",
+        "backward_0 = 1 when promql_driver_0 >= 5",
+        "average_latency_driver_0 = promql sum(increase(flux_meter_sum{flux_meter_name=\"latency\",policy_name=\"rollout\",decision_type=\"accepted\",flow_status=\"OK\"}[30s]))",
+        "reset_0 = 1 when average_latency_driver_0 > 500",
+        "forward = min(forward_intent, not_backward, 1)",
+        "accept_percentage = load_ramp: 1% for 0s, then to 50% over 10m; forward while forward, back while backward_intent, to the start while reset",
+        "at_end = 1 at the ramp's end, else 0",
+        "accept_percentage -> sampler beta accept_percentage",
+        "backward_intent -> alert \"Rollout backing off\" (warn) while non-zero, resolved 5s after; labels {team=\"edge\"}; channels pager",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}

@@ -1155,6 +1155,53 @@ rate_limiters:
 }
 
 #[test]
+fn pass_through_sessions_pass_a_sampler_the_controller_closed() {
+    use control::{Action, Applied, ControlDecision};
+    let doc = r#"
+name: beta
+samplers:
+  - name: rollout
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+    session_label_key: user
+    pass_through_label_values: [qa-1, "42"]
+"#;
+    let (engine, time) = engine(&[doc]);
+    let hash = engine.plan().policies[0].hash;
+    let rejected = |user: Option<&str>| {
+        let labels: Vec<(&str, &str)> = user.map(|u| ("user", u)).into_iter().collect();
+        check(&engine, &labels).0.map(|r| (r.0, r.1))
+    };
+    let closed = Some(("beta/rollout".to_owned(), 403));
+    assert_eq!(rejected(Some("bob")), None, "the policy's 100%");
+    assert_eq!(
+        engine.apply(&ControlDecision {
+            policy: "beta",
+            policy_hash: hash,
+            valid_for: Duration::from_secs(5),
+            action: Action::AcceptPercentage {
+                component: "rollout",
+                value: 0.0,
+            },
+        }),
+        Applied::Applied
+    );
+    for _ in 0..100 {
+        assert_eq!(rejected(Some("qa-1")), None, "listed");
+        assert_eq!(rejected(Some("42")), None, "a number, read as its text");
+        assert_eq!(rejected(Some("bob")), closed, "not listed");
+        assert_eq!(rejected(None), closed, "no session label");
+    }
+    time.advance(Duration::from_secs(5));
+    engine.sweep();
+    assert_eq!(
+        rejected(Some("bob")),
+        None,
+        "lapsed: the policy's 100% again"
+    );
+}
+
+#[test]
 fn out_of_range_controller_decisions_are_refused_and_never_applied() {
     use control::{Action, Applied, ControlDecision};
     let doc = r#"

@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{DurationSpec, Name};
 
+pub mod alerter;
+pub mod load_ramping;
 pub mod load_scheduling;
 
+pub use alerter::{AlerterSpec, Severity};
+pub use load_ramping::{LoadRampSpec, LoadRampStep, LoadRampingParameters};
 pub use load_scheduling::{
     AiadLoadSchedulerSpec, AimdLoadSchedulerSpec, AimdParameters, BlueprintGradient, Datapoint,
     GradientParameters, OverloadConfirmation, PromqlParameters, RangeDrivenLoadSchedulerSpec,
@@ -28,7 +32,7 @@ pub use load_scheduling::{
 pub struct CircuitSpec {
     /// A blueprint to expand: `load_scheduling.average_latency`,
     /// `load_scheduling.aimd`, `load_scheduling.promql` or
-    /// `load_scheduling.capacity`. Its components run
+    /// `load_scheduling.capacity` or `load_ramping.base`. Its components run
     /// before `components`. Default none.
     #[serde(default)]
     pub blueprint: Option<String>,
@@ -56,6 +60,7 @@ enum BlueprintParameters {
     Aimd(AimdParameters),
     Promql(PromqlParameters),
     Capacity(CapacityParameters),
+    LoadRamping(LoadRampingParameters),
 }
 
 /// A constant or a signal.
@@ -98,6 +103,11 @@ pub enum ComponentSpec {
     AiadLoadScheduler(AiadLoadSchedulerSpec),
     /// Aperture's range-driven load scheduler: drives a load scheduler.
     RangeDrivenLoadScheduler(RangeDrivenLoadSchedulerSpec),
+    /// Aperture's load ramp: drives a sampler's accept percentage through
+    /// steps.
+    LoadRamp(LoadRampSpec),
+    /// Aperture's alerter: an alert while a signal is non-zero.
+    Alerter(AlerterSpec),
 }
 
 /// `promql`: its value is the query's result (the sum when it returns
@@ -518,7 +528,7 @@ pub const AVERAGE_LATENCY: &str = "load_scheduling.average_latency";
 pub const CAPACITY: &str = "load_scheduling.capacity";
 
 impl ComponentSpec {
-    /// The signal it writes, its `out` (actuators write none).
+    /// The signal it writes, its `out` (actuators and alerters write none).
     pub fn out(&self) -> Option<&str> {
         Some(match self {
             ComponentSpec::Promql(c) => &c.out,
@@ -532,20 +542,26 @@ impl ComponentSpec {
             ComponentSpec::AimdLoadScheduler(c) => &c.out,
             ComponentSpec::AiadLoadScheduler(c) => &c.out,
             ComponentSpec::RangeDrivenLoadScheduler(c) => &c.out,
-            ComponentSpec::Actuator(_) => return None,
+            ComponentSpec::LoadRamp(c) => &c.out,
+            ComponentSpec::Actuator(_) | ComponentSpec::Alerter(_) => return None,
         })
     }
 
     /// Every signal it writes: its `out`, then any other (a load
-    /// scheduler's `out_is_overload`).
+    /// scheduler's `out_is_overload`, a load ramp's `out_at_start` and
+    /// `out_at_end`).
     pub fn outs(&self) -> Vec<&str> {
-        let is_overload = match self {
-            ComponentSpec::AimdLoadScheduler(c) => c.out_is_overload.as_deref(),
-            ComponentSpec::AiadLoadScheduler(c) => c.out_is_overload.as_deref(),
-            ComponentSpec::RangeDrivenLoadScheduler(c) => c.out_is_overload.as_deref(),
-            _ => None,
+        let more = match self {
+            ComponentSpec::AimdLoadScheduler(c) => [c.out_is_overload.as_deref(), None],
+            ComponentSpec::AiadLoadScheduler(c) => [c.out_is_overload.as_deref(), None],
+            ComponentSpec::RangeDrivenLoadScheduler(c) => [c.out_is_overload.as_deref(), None],
+            ComponentSpec::LoadRamp(c) => [c.out_at_start.as_deref(), c.out_at_end.as_deref()],
+            _ => [None, None],
         };
-        self.out().into_iter().chain(is_overload).collect()
+        self.out()
+            .into_iter()
+            .chain(more.into_iter().flatten())
+            .collect()
     }
 
     /// The load scheduler it drives, when it is one of Aperture's load
@@ -609,6 +625,11 @@ impl ComponentSpec {
                     .flatten()
                     .collect()
             }
+            ComponentSpec::LoadRamp(c) => [Some(&c.forward), c.backward.as_ref(), c.reset.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ComponentSpec::Alerter(c) => vec![&c.signal],
         }
     }
 
@@ -626,6 +647,8 @@ impl ComponentSpec {
             ComponentSpec::RangeDrivenLoadScheduler(c) => c
                 .check()
                 .map_err(|e| format!("range_driven_load_scheduler: {e}")),
+            ComponentSpec::LoadRamp(c) => c.check().map_err(|e| format!("load_ramp: {e}")),
+            ComponentSpec::Alerter(c) => c.check().map_err(|e| format!("alerter: {e}")),
             _ => Ok(()),
         }
     }
@@ -640,11 +663,12 @@ fn seconds(d: &DurationSpec) -> String {
 }
 
 /// The blueprints `circuit.blueprint` may name.
-pub const BLUEPRINTS: [&str; 4] = [
+pub const BLUEPRINTS: [&str; 5] = [
     AVERAGE_LATENCY,
     load_scheduling::AIMD,
     load_scheduling::PROMQL,
     CAPACITY,
+    load_ramping::BASE,
 ];
 
 /// `parameters` read as a blueprint's type `P`: an unknown or missing field
@@ -682,6 +706,7 @@ impl CircuitSpec {
                 load_scheduling::PROMQL => {
                     parameters(p).and_then(|p| load_scheduling::promql_blueprint(policy, &p))
                 }
+                load_ramping::BASE => parameters(p).and_then(|p| load_ramping::base(policy, &p)),
                 _ => {
                     return Err(format!(
                         "unknown blueprint {b:?} (known: {})",
@@ -1150,8 +1175,50 @@ pub fn validate(components: &[ComponentSpec], policy: &super::Policy) -> Result<
         if let ComponentSpec::Actuator(a) = c {
             validate_actuator(a, policy).map_err(|e| format!("components[{i}]: {e}"))?;
         }
+        if let ComponentSpec::LoadRamp(r) = c {
+            validate_load_ramp(components, i, r, policy)?;
+        }
+        if let ComponentSpec::Alerter(a) = c
+            && let Some(j) = (0..i)
+                .find(|&j| matches!(&components[j], ComponentSpec::Alerter(b) if b.same_alert(a)))
+        {
+            return Err(format!(
+                "components[{i}]: alert {:?} (severity {}) with these labels is raised by components[{j}] too: give one another name or labels",
+                a.alert_name,
+                a.severity.name()
+            ));
+        }
     }
     Ok(())
+}
+
+/// A load ramp's sampler is one of the policy's, driven by nothing else:
+/// two percentages for one sampler would take turns.
+fn validate_load_ramp(
+    components: &[ComponentSpec],
+    i: usize,
+    r: &LoadRampSpec,
+    policy: &super::Policy,
+) -> Result<(), String> {
+    let sampler = &r.sampler;
+    if !policy.samplers.iter().any(|s| &s.name.value == sampler) {
+        return Err(format!(
+            "components[{i}]: no sampler {:?} in this policy",
+            sampler.0
+        ));
+    }
+    let driving = |o: &ComponentSpec| match o {
+        ComponentSpec::Actuator(a) => a.sampler.as_ref() == Some(sampler),
+        ComponentSpec::LoadRamp(o) => &o.sampler == sampler,
+        _ => false,
+    };
+    match (0..components.len()).find(|&j| j != i && driving(&components[j])) {
+        Some(j) => Err(format!(
+            "components[{i}]: sampler {:?} is driven by components[{j}] too",
+            sampler.0
+        )),
+        None => Ok(()),
+    }
 }
 
 fn validate_actuator(a: &ActuatorSpec, policy: &super::Policy) -> Result<(), String> {

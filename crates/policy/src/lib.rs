@@ -35,8 +35,8 @@ use serde_saphyr::Spanned;
 
 pub use load::{PolicyError, PolicySet, load_path, parse_policy};
 use types::{
-    DeniedStatus, DurationSpec, LabelName, Name, NonEmpty, NonNegative, Percentage, Positive,
-    PositiveDuration, RegexSpec,
+    DeniedStatus, DurationSpec, LabelName, LabelValues, Name, NonEmpty, NonNegative, Percentage,
+    Positive, PositiveDuration, RegexSpec,
 };
 
 /// One policy: a named set of flow-control components.
@@ -433,6 +433,13 @@ pub struct SamplerSpec {
     /// samplers without the key, are sampled at random. Default none.
     #[serde(default)]
     pub session_label_key: Option<LabelName>,
+    /// Values of `session_label_key` whose flows are always accepted, whatever
+    /// the percentage (Aperture's `pass_through_label_values`): testers,
+    /// internal users. Matched exactly against the label's value; a flow
+    /// without the label is not passed through. Needs `session_label_key`;
+    /// at most 1000 values. Default none.
+    #[serde(default)]
+    pub pass_through_label_values: LabelValues,
     /// HTTP status of a rejected flow, 400 to 599. Default `403`.
     #[serde(default = "DeniedStatus::forbidden")]
     pub denied_status_code: DeniedStatus,

@@ -202,6 +202,7 @@ pub fn parse_policy(file: &Path, text: &str) -> Result<Policy, PolicyError> {
     })?;
     check_component_count(file, &policy)?;
     check_unique_names(file, &policy)?;
+    check_samplers(file, &policy)?;
     if let Some(circuit) = &policy.circuit {
         let name = &policy.name.value.0;
         circuit
@@ -301,6 +302,25 @@ fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// A sampler's `pass_through_label_values` are values of its
+/// `session_label_key`: without the key they could match nothing (Aperture
+/// reads a missing key as the empty value, so only a listed `""` would
+/// pass, and then every flow), so the list is refused.
+fn check_samplers(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
+    for (i, s) in policy.samplers.iter().enumerate() {
+        if !s.pass_through_label_values.0.is_empty() && s.session_label_key.is_none() {
+            return Err(PolicyError::at(
+                file,
+                &s.name.defined,
+                format!("samplers[{i}].pass_through_label_values"),
+                "pass_through_label_values are values of session_label_key: set session_label_key too"
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses a set of sources into a [`PolicySet`].
 pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError> {
     let mut policies: Vec<LoadedPolicy> = Vec::with_capacity(sources.len());
@@ -392,6 +412,46 @@ mod tests {
         ));
         assert_eq!(e.field, "samplers[1].name");
         assert_eq!(e.line, Some(7), "{e}");
+    }
+
+    #[test]
+    fn pass_through_label_values_need_a_session_label_and_are_bounded() {
+        let sampler = |extra: &str| {
+            format!("name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n{extra}")
+        };
+        let ok = parse_policy(
+            Path::new("p.yaml"),
+            &sampler("    session_label_key: user\n    pass_through_label_values: [a, 7, true]\n"),
+        )
+        .expect("loads");
+        assert_eq!(
+            ok.samplers[0].pass_through_label_values.0,
+            ["a", "7", "true"],
+            "scalars read as the text written"
+        );
+        let e = err(&sampler("    pass_through_label_values: [a]\n"));
+        assert_eq!(e.field, "samplers[0].pass_through_label_values", "{e}");
+        assert_eq!(
+            e.message,
+            "pass_through_label_values are values of session_label_key: set session_label_key too"
+        );
+        assert_eq!(e.line, Some(3), "the sampler's line: {e}");
+        let many: Vec<String> = (0..=crate::types::MAX_LABEL_VALUES)
+            .map(|i| i.to_string())
+            .collect();
+        let e = err(&sampler(&format!(
+            "    session_label_key: user\n    pass_through_label_values: [{}]\n",
+            many.join(", ")
+        )));
+        assert_eq!(e.field, "samplers[0].pass_through_label_values", "{e}");
+        assert!(e.message.contains("at most 1000 values, got 1001"), "{e}");
+        let e = err(&sampler(
+            "    session_label_key: user\n    pass_through_label_values: [[a]]\n",
+        ));
+        assert!(
+            e.field.starts_with("samplers[0].pass_through_label_values"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -284,6 +284,34 @@ impl<'de> Deserialize<'de> for RegexSpec {
 // Not `"format": "regex"`: that is ECMA-262 syntax, not the `regex` crate's.
 value_schema!(RegexSpec, "Regex", { "type": "string" });
 
+/// Most values a [`LabelValues`] list holds.
+pub const MAX_LABEL_VALUES: usize = 1_000;
+
+/// A list of label values (at most [`MAX_LABEL_VALUES`]), each matched
+/// exactly, byte for byte. Numbers and booleans are read as the text they
+/// are written as.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelValues(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for LabelValues {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        if v.len() > MAX_LABEL_VALUES {
+            return Err(de::Error::custom(format!(
+                "at most {MAX_LABEL_VALUES} values, got {}",
+                v.len()
+            )));
+        }
+        Ok(LabelValues(v))
+    }
+}
+
+value_schema!(LabelValues, "LabelValues", {
+    "type": "array",
+    "items": { "type": ["string", "number", "boolean"] },
+    "maxItems": MAX_LABEL_VALUES,
+});
+
 /// A list that must not be empty.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NonEmpty<T>(pub Vec<T>);

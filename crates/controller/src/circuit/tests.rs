@@ -874,6 +874,341 @@ fn the_promql_blueprint_drives_an_aiad_scheduler() {
     assert_eq!(lm, vec![1.0, 0.95, 0.9, 0.925]);
 }
 
+// ---------------------------------------------------------------------------
+// Load ramps.
+
+/// Runs one tick, answering each due query by its text from `data` (a
+/// query not in `data`, or `None` there, has no data), and returns the
+/// outputs.
+fn tick_with(c: &mut Circuit, data: &[(&str, Option<f64>)]) -> Vec<Output> {
+    let results = c
+        .due_queries()
+        .into_iter()
+        .map(|(i, q)| {
+            let v = data.iter().find(|(k, _)| *k == q).and_then(|(_, v)| *v);
+            (i, v)
+        })
+        .collect();
+    c.tick(&results)
+}
+
+/// The percentage sent to sampler `beta` by the tick that returned
+/// `outputs`: exactly one, present, within [0, 100].
+fn to_beta(outputs: &[Output]) -> f64 {
+    let sent: Vec<&Output> = outputs
+        .iter()
+        .filter(|o| o.target == Target::AcceptPercentage("beta".into()))
+        .collect();
+    assert_eq!(sent.len(), 1, "one percentage a tick: {outputs:?}");
+    let v = sent[0].value.expect("always a value");
+    assert!((0.0..=100.0).contains(&v), "{v}");
+    (v * 1000.0).round() / 1000.0
+}
+
+/// (percentage sent, at_start, at_end) after one tick with `data`;
+/// `out` is what is sent.
+fn ramp_tick(c: &mut Circuit, data: &[(&str, Option<f64>)]) -> (f64, f64, f64) {
+    let pct = to_beta(&tick_with(c, data));
+    assert_eq!(
+        value(c, "pct").map(|v| (v * 1000.0).round() / 1000.0),
+        Some(pct),
+        "`out` is what is sent"
+    );
+    let flag = |n| value(c, n).expect("always written");
+    (pct, flag("first"), flag("last"))
+}
+
+#[test]
+fn load_ramp_interpolates_its_steps_tick_by_tick() {
+    // Steps of 2, 4 (35 s rounded up to whole 10 s ticks) and 1 (0 s)
+    // ticks: the first holds 10 %, the second goes 10 → 50 %, the last
+    // jumps to 100 % a tick later.
+    let mut c = circuit(
+        r#"
+- load_ramp:
+    out: pct
+    out_at_start: first
+    out_at_end: last
+    sampler: beta
+    forward: 1
+    steps:
+      - {target_accept_percentage: 10, duration: 20s}
+      - {target_accept_percentage: 50, duration: 35s}
+      - {target_accept_percentage: 100, duration: 0s}
+"#,
+    );
+    let got: Vec<(f64, f64, f64)> = (0..9).map(|_| ramp_tick(&mut c, &[])).collect();
+    assert_eq!(
+        got,
+        vec![
+            (10.0, 0.0, 0.0),
+            (10.0, 0.0, 0.0),
+            (20.0, 0.0, 0.0),
+            (30.0, 0.0, 0.0),
+            (40.0, 0.0, 0.0),
+            (50.0, 0.0, 0.0),
+            // Aperture's generator would stop at 50 (one tick short of
+            // the last step's target, `at_end` there): Sluice reaches it.
+            (100.0, 0.0, 1.0),
+            (100.0, 0.0, 1.0),
+            (100.0, 0.0, 1.0),
+        ]
+    );
+}
+
+const RAMP: &str = r#"
+- promql: {out: f, query: f}
+- promql: {out: b, query: b}
+- promql: {out: r, query: r}
+- load_ramp:
+    out: pct
+    out_at_start: first
+    out_at_end: last
+    sampler: beta
+    forward: f
+    backward: b
+    reset: r
+    steps:
+      - {target_accept_percentage: 0, duration: 0s}
+      - {target_accept_percentage: 100, duration: 40s}
+"#;
+
+#[test]
+fn load_ramp_goes_forward_back_and_to_its_start() {
+    // Steps of 1 and 4 ticks: 0, then 0 → 100 % in quarters.
+    let mut c = circuit(RAMP);
+    let mut at = |f: Option<f64>, b: Option<f64>, r: Option<f64>| {
+        ramp_tick(&mut c, &[("f", f), ("b", b), ("r", r)])
+    };
+    let (on, off) = (Some(1.0), Some(0.0));
+    // No data at all: it holds at its start, and sends the first step's.
+    assert_eq!(at(None, None, None), (0.0, 1.0, 0.0));
+    assert_eq!(
+        at(on, off, off),
+        (0.0, 0.0, 0.0),
+        "a tick along, same value"
+    );
+    assert_eq!(at(on, None, None), (25.0, 0.0, 0.0));
+    assert_eq!(at(on, None, None), (50.0, 0.0, 0.0));
+    // Forward and backward at once: it holds.
+    assert_eq!(at(on, on, off), (50.0, 0.0, 0.0));
+    // Backward: down the same line, a tick at a time; a missing forward
+    // is no forward.
+    assert_eq!(at(off, on, off), (25.0, 0.0, 0.0));
+    assert_eq!(at(None, on, None), (0.0, 0.0, 0.0));
+    assert_eq!(at(None, on, None), (0.0, 1.0, 0.0), "back at its start");
+    assert_eq!(at(None, on, None), (0.0, 1.0, 0.0), "and no further");
+    // Any non-zero value counts, negative ones too.
+    assert_eq!(at(Some(-2.0), None, None), (0.0, 0.0, 0.0));
+    for expected in [25.0, 50.0, 75.0] {
+        assert_eq!(at(on, None, None).0, expected);
+    }
+    assert_eq!(at(on, None, None), (100.0, 0.0, 1.0));
+    assert_eq!(at(on, None, None), (100.0, 0.0, 1.0), "stays at its end");
+    assert_eq!(at(None, None, None), (100.0, 0.0, 1.0), "missing: holds");
+    assert_eq!(at(off, on, off), (75.0, 0.0, 0.0), "back from the end");
+    // Reset wins over everything, at once.
+    assert_eq!(at(on, on, on), (0.0, 1.0, 0.0));
+    assert_eq!(
+        at(on, off, on),
+        (0.0, 1.0, 0.0),
+        "held there while it lasts"
+    );
+    assert_eq!(
+        at(on, off, None),
+        (0.0, 0.0, 0.0),
+        "a missing reset is none"
+    );
+    assert_eq!(at(on, off, off), (25.0, 0.0, 0.0));
+}
+
+#[test]
+fn a_changed_policy_keeps_its_ramps_place_unless_the_steps_change() {
+    let mut old = circuit(RAMP);
+    for _ in 0..3 {
+        ramp_tick(&mut old, &[("f", Some(1.0))]);
+    }
+    assert_eq!(value(&old, "pct"), Some(50.0));
+    // Another circuit around the same ramp (a component more, inputs
+    // wired anew): the ramp goes on from where it was.
+    let mut new = circuit(&format!("- promql: {{out: extra, query: extra}}\n{RAMP}"));
+    new.carry_over(&old);
+    assert_eq!(ramp_tick(&mut new, &[("f", None)]).0, 50.0);
+    assert_eq!(ramp_tick(&mut new, &[("f", Some(1.0))]).0, 75.0);
+    // Other steps (or another sampler, or another `out`): a new ramp.
+    let mut other = circuit(&RAMP.replace("duration: 40s", "duration: 80s"));
+    other.carry_over(&new);
+    assert_eq!(ramp_tick(&mut other, &[]), (0.0, 1.0, 0.0));
+    let mut other = circuit(&RAMP.replace("sampler: beta", "sampler: gamma"));
+    other.carry_over(&new);
+    assert_eq!(value(&other, "pct"), None, "not ticked yet");
+    let outputs = tick_with(&mut other, &[]);
+    assert_eq!(outputs[0].value, Some(0.0), "{outputs:?}");
+}
+
+#[test]
+fn the_load_ramping_blueprint_moves_on_its_drivers() {
+    let text = r#"
+name: svc
+samplers: [{name: beta, selectors: [{control_point: ingress}], accept_percentage: 0}]
+circuit:
+  blueprint: load_ramping.base
+  parameters:
+    sampler: beta
+    start: true
+    steps:
+      - {target_accept_percentage: 0, duration: 0s}
+      - {target_accept_percentage: 100, duration: 40s}
+    drivers:
+      promql_drivers:
+        - query_string: errors
+          criteria:
+            forward: {threshold: 1, operator: lt}
+            backward: {threshold: 5, operator: gt}
+            reset: {threshold: 50, operator: gt}
+"#;
+    let policy =
+        sluice_policy::load::parse_policy(std::path::Path::new("p.yaml"), text).expect("valid");
+    let specs = policy
+        .circuit
+        .expect("circuit")
+        .value
+        .expand("svc")
+        .expect("expands");
+    let mut c = Circuit::compile(&specs, TICK);
+    let mut run = |errors: Option<f64>| to_beta(&tick_with(&mut c, &[("errors", errors)]));
+    let got: Vec<f64> = [
+        Some(0.0),  // healthy: forward (0 → first tick of the ramp)
+        Some(0.0),  // 25
+        None,       // no data: no criterion holds, it holds
+        Some(2.0),  // neither healthy nor failing: holds
+        Some(0.0),  // 50
+        Some(6.0),  // failing: back to 25
+        Some(0.0),  // 50
+        Some(60.0), // broken: to the start
+        Some(0.0),  // and on again
+    ]
+    .into_iter()
+    .map(&mut run)
+    .collect();
+    assert_eq!(got, vec![0.0, 25.0, 25.0, 25.0, 50.0, 25.0, 50.0, 0.0, 0.0]);
+    // Not started: it stays at its start, whatever the drivers say.
+    let specs = sluice_policy::load::parse_policy(
+        std::path::Path::new("p.yaml"),
+        &text.replace("start: true", "start: false"),
+    )
+    .expect("valid")
+    .circuit
+    .expect("circuit")
+    .value
+    .expand("svc")
+    .expect("expands");
+    let mut c = Circuit::compile(&specs, TICK);
+    for _ in 0..5 {
+        assert_eq!(to_beta(&tick_with(&mut c, &[("errors", Some(0.0))])), 0.0);
+    }
+    assert_eq!(value(&c, "at_start"), Some(1.0));
+}
+
+// ---------------------------------------------------------------------------
+// Alerters.
+
+/// Whether the circuit's only alert fires after each tick of `series`
+/// (the values of query `x`).
+fn firing(c: &mut Circuit, series: &[Option<f64>]) -> Vec<bool> {
+    series
+        .iter()
+        .map(|v| {
+            assert!(
+                tick_with(c, &[("x", *v)]).is_empty(),
+                "an alerter sends nothing"
+            );
+            c.alerts()[0].firing
+        })
+        .collect()
+}
+
+#[test]
+fn an_alert_fires_holds_for_its_resolve_timeout_and_resolves() {
+    // 30 s at 10 s ticks: resolved at the third tick after the signal's
+    // last non-zero one.
+    let mut c = circuit(
+        "- promql: {out: x, query: x}\n- alerter: {signal: x, alert_name: Errors high, severity: crit, resolve_timeout: 30s, labels: {team: edge}, alert_channels: [pager]}\n",
+    );
+    let a = &c.alerts()[0];
+    assert_eq!(
+        (a.name.as_str(), a.severity, a.firing),
+        ("Errors high", Severity::Crit, false)
+    );
+    assert_eq!(a.labels, BTreeMap::from([("team".into(), "edge".into())]));
+    assert_eq!(a.channels, ["pager"]);
+    let (on, off) = (Some(1.0), Some(0.0));
+    assert_eq!(
+        firing(
+            &mut c,
+            &[
+                off,
+                on,
+                Some(-3.0),
+                off,
+                off,
+                off,
+                off,
+                on,
+                off,
+                None,
+                None,
+                None
+            ]
+        ),
+        vec![
+            false, true, true, // fires while non-zero, negative too
+            true, true, // held for 20 s of zeros
+            false, false, // resolved at 30 s
+            true, true, true, // a missing signal is zero...
+            false, false, // ...and resolves it the same way
+        ]
+    );
+}
+
+#[test]
+fn the_default_resolve_timeout_resolves_at_the_next_tick_and_missing_never_fires() {
+    // 5 s, rounded up to one 10 s tick: resolved as soon as the signal is
+    // seen at zero (Aperture's alert would end 5 s after its last firing
+    // evaluation, before the next one).
+    let mut c = circuit("- promql: {out: x, query: x}\n- alerter: {signal: x, alert_name: a}\n");
+    assert_eq!(c.alerts()[0].severity, Severity::Info);
+    let (on, off) = (Some(1.0), Some(0.0));
+    assert_eq!(
+        firing(&mut c, &[on, off, on, on, None]),
+        vec![true, false, true, true, false]
+    );
+    let mut never =
+        circuit("- promql: {out: x, query: x}\n- alerter: {signal: x, alert_name: a}\n");
+    assert_eq!(firing(&mut never, &[None; 5]), vec![false; 5]);
+    // A signal read before it is written is last tick's, as for any reader.
+    let mut late = circuit(
+        "- alerter: {signal: later, alert_name: a, resolve_timeout: 0s}\n- promql: {out: x, query: x}\n- arithmetic: {out: later, op: mul, lhs: x, rhs: 1}\n",
+    );
+    assert_eq!(firing(&mut late, &[on, off, off]), vec![false, true, false]);
+}
+
+#[test]
+fn a_changed_policy_keeps_its_alerts_state() {
+    let yaml = "- promql: {out: x, query: x}\n- alerter: {signal: x, alert_name: a, resolve_timeout: 30s}\n";
+    let mut old = circuit(yaml);
+    assert_eq!(firing(&mut old, &[Some(1.0), Some(0.0)]), vec![true, true]);
+    let mut new = circuit(&format!("{yaml}- alerter: {{signal: 1, alert_name: b}}\n"));
+    new.carry_over(&old);
+    assert!(new.alerts()[0].firing && !new.alerts()[1].firing);
+    // The quiet ticks carry over too: resolved 30 s after the last one.
+    assert_eq!(firing(&mut new, &[Some(0.0), Some(0.0)]), vec![true, false]);
+    // Another name is another alert.
+    let mut other = circuit(&yaml.replace("alert_name: a", "alert_name: c"));
+    other.carry_over(&old);
+    assert!(!other.alerts()[0].firing);
+}
+
 /// One tick of the capacity blueprint's inputs: latency (ms), served,
 /// accepted and incoming rates (requests/s); `None` for no data.
 type CapacityTick = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);

@@ -4,6 +4,12 @@
 //! (xxh3, a specified, seedless hash), so a session is in or out on every
 //! request and on every sidecar, and moving the percentage up only adds
 //! sessions. Without it, or when a flow lacks the label, the draw is random.
+//!
+//! A flow whose session label has one of `pass_through_label_values` is
+//! accepted whatever the percentage (the controller's included): the
+//! values are sorted once, when the policy is compiled, and each Check
+//! compares the label's bytes against them by binary search, allocating
+//! nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,6 +47,10 @@ pub struct Sampler {
     pub lease: Lease,
     /// The label that makes the decision sticky, if any.
     session: Option<LabelRef>,
+    /// Values of the session label always accepted, sorted and without
+    /// duplicates (empty without a session label: the policy refuses
+    /// them).
+    pass_through: Box<[Box<str>]>,
     /// Status of a rejected flow.
     pub denied_status: u16,
     /// Decision counters.
@@ -69,6 +79,7 @@ impl Sampler {
             accept_ppm: AtomicU32::new(percent_to_ppm(spec.accept_percentage.0)),
             default_ppm: percent_to_ppm(spec.accept_percentage.0),
             session: spec.session_label_key.as_ref().map(|k| LabelRef::new(&k.0)),
+            pass_through: pass_through(&spec.pass_through_label_values.0),
             denied_status: spec.denied_status_code.0,
             series,
         }
@@ -78,13 +89,23 @@ impl Sampler {
     #[inline]
     pub fn accepts(&self, labels: &FlowLabels<'_>) -> bool {
         let threshold = self.accept_ppm.load(Ordering::Relaxed);
-        let draw = match self.session.as_ref().and_then(|k| labels.get(k)) {
-            Some(session) => (xxh3_64(session.as_bytes()) % u64::from(SCALE)) as u32,
-            None => fastrand::u32(0..SCALE),
+        let accepted = match self.session.as_ref().and_then(|k| labels.get(k)) {
+            Some(session) if self.passes_through(&session) => true,
+            Some(session) => ((xxh3_64(session.as_bytes()) % u64::from(SCALE)) as u32) < threshold,
+            None => fastrand::u32(0..SCALE) < threshold,
         };
-        let accepted = draw < threshold;
         self.counters.count(accepted);
         accepted
+    }
+
+    /// Whether `session` is one of the pass-through values.
+    #[inline]
+    fn passes_through(&self, session: &str) -> bool {
+        !self.pass_through.is_empty()
+            && self
+                .pass_through
+                .binary_search_by(|v| v.as_bytes().cmp(session.as_bytes()))
+                .is_ok()
     }
 
     /// Changes the accepted share (the controller's actuator).
@@ -112,6 +133,14 @@ impl Sampler {
     pub fn accept_percentage(&self) -> f64 {
         f64::from(self.accept_ppm.load(Ordering::Relaxed)) * 100.0 / f64::from(SCALE)
     }
+}
+
+/// The pass-through values, sorted by their bytes, once each.
+fn pass_through(values: &[String]) -> Box<[Box<str>]> {
+    let mut sorted: Vec<Box<str>> = values.iter().map(|v| v.as_str().into()).collect();
+    sorted.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    sorted.dedup();
+    sorted.into_boxed_slice()
 }
 
 fn percent_to_ppm(percentage: f64) -> u32 {
@@ -163,6 +192,48 @@ mod tests {
                 assert!(accepts(&s, Some(id)));
             }
         }
+    }
+
+    #[test]
+    fn pass_through_values_are_accepted_whatever_the_percentage() {
+        let s = sampler(
+            "accept_percentage: 0\nsession_label_key: user\npass_through_label_values: [tester, alice, tester, '']\n",
+        );
+        for _ in 0..1_000 {
+            assert!(accepts(&s, Some("alice")));
+            assert!(accepts(&s, Some("tester")));
+            // Whole values, byte for byte: no prefix, no case folding.
+            assert!(!accepts(&s, Some("alic")));
+            assert!(!accepts(&s, Some("alice2")));
+            assert!(!accepts(&s, Some("Alice")));
+            assert!(!accepts(&s, Some("bob")));
+        }
+        // `''` matches a label present and empty; a flow without the label
+        // is sampled as any other (here: rejected), unlike Aperture, which
+        // reads a missing label as ''.
+        assert!(accepts(&s, Some("")));
+        assert!(!accepts(&s, None));
+        // The controller's percentage does not touch them either.
+        s.set_accept_percentage(0.0);
+        assert!(accepts(&s, Some("alice")));
+        assert_eq!(&*s.pass_through, ["", "alice", "tester"].map(Box::from));
+    }
+
+    #[test]
+    fn pass_through_leaves_the_other_sessions_sticky() {
+        let plain = sampler("accept_percentage: 30\nsession_label_key: user\n");
+        let listed = sampler(
+            "accept_percentage: 30\nsession_label_key: user\npass_through_label_values: [session-1, session-2]\n",
+        );
+        for i in 3..2_000 {
+            let id = format!("session-{i}");
+            assert_eq!(
+                accepts(&plain, Some(&id)),
+                accepts(&listed, Some(&id)),
+                "{id}"
+            );
+        }
+        assert!(accepts(&listed, Some("session-1")) && accepts(&listed, Some("session-2")));
     }
 
     #[test]
