@@ -3,9 +3,10 @@
 //! run. See loadtests/README.md for what each scenario measures and how.
 //!
 //! ```text
-//! loadtests/run [check|http|ingest|mixed|global|all] [--duration 10s] [--smoke]
+//! loadtests/run [check|http|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke]
 //!               [--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE]
 //!               [--no-pin] [--server-threads N]
+//!               [--sidecars 1000] [--sidecars-per-connection 1] [--ticks 20] [--tick 1s]
 //! ```
 //!
 //! Every comparison runs its sides back to back (no-op, Sluice, no-op,
@@ -13,9 +14,10 @@
 //! ratios and the summary table holds medians, because the machines this
 //! runs on are shared and noisy.
 //!
-//! ```text
-//! ```
+//! `controller-scale` is not a comparison: sluice-controller with
+//! `--sidecars` subscriptions, timed tick by tick (`controller_scale.rs`).
 
+mod controller_scale;
 mod generate;
 mod h2load;
 mod k6;
@@ -43,6 +45,7 @@ enum Scenario {
     Global,
     /// Runs on its own (`overload_main`), not in `all`.
     Overload,
+    ControllerScale,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,10 +70,13 @@ struct Args {
     profiles: Vec<overload::Profile>,
     loops: Vec<overload::Loop>,
     short: bool,
+    /// `controller-scale`'s sidecars, ticks and tick.
+    scale: controller_scale::Scale,
 }
 
-const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|global|all] [--duration 10s] [--smoke] \
-[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N]
+const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke] \
+[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N] \
+[--sidecars 1000] [--sidecars-per-connection 1] [--ticks 20] [--tick 1s]
        loadtest overload [--profile growing|workers|halving]... [--loop NAME]... [--repeat 1] [--short] [--out FILE]";
 
 fn args() -> Result<Args, String> {
@@ -87,8 +93,11 @@ fn args() -> Result<Args, String> {
         profiles: Vec::new(),
         loops: Vec::new(),
         short: false,
+        scale: controller_scale::Scale::new(false),
     };
     let mut repeat_given = false;
+    // `controller-scale`'s sizes as given; the rest from --smoke.
+    let (mut sidecars, mut per_connection, mut ticks, mut tick) = (None, None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or(format!("{arg} needs a value"));
@@ -98,6 +107,7 @@ fn args() -> Result<Args, String> {
             "ingest" => a.scenarios.push(Scenario::Ingest),
             "mixed" => a.scenarios.push(Scenario::Mixed),
             "global" => a.scenarios.push(Scenario::Global),
+            "controller-scale" => a.scenarios.push(Scenario::ControllerScale),
             "overload" => a.scenarios.push(Scenario::Overload),
             "--profile" => {
                 let v = value()?;
@@ -119,6 +129,7 @@ fn args() -> Result<Args, String> {
                 Scenario::Ingest,
                 Scenario::Mixed,
                 Scenario::Global,
+                Scenario::ControllerScale,
             ]),
             "--duration" => a.duration = sluice_policy::types::DurationSpec::parse(&value()?)?,
             "--smoke" => a.smoke = true,
@@ -149,6 +160,31 @@ fn args() -> Result<Args, String> {
                         .map_err(|e| format!("--server-threads: {e}"))?,
                 )
             }
+            "--sidecars" => {
+                sidecars = Some(
+                    value()?
+                        .parse::<usize>()
+                        .map_err(|e| format!("--sidecars: {e}"))?
+                        .max(1),
+                )
+            }
+            "--sidecars-per-connection" => {
+                per_connection = Some(
+                    value()?
+                        .parse::<usize>()
+                        .map_err(|e| format!("--sidecars-per-connection: {e}"))?
+                        .max(1),
+                )
+            }
+            "--ticks" => {
+                ticks = Some(
+                    value()?
+                        .parse::<usize>()
+                        .map_err(|e| format!("--ticks: {e}"))?
+                        .max(1),
+                )
+            }
+            "--tick" => tick = Some(sluice_policy::types::DurationSpec::parse(&value()?)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -172,6 +208,12 @@ fn args() -> Result<Args, String> {
         a.duration = a.duration.min(Duration::from_secs(1));
         a.repeat = 1;
     }
+    let scale = &mut a.scale;
+    *scale = controller_scale::Scale::new(a.smoke);
+    scale.sidecars = sidecars.unwrap_or(scale.sidecars);
+    scale.per_connection = per_connection.unwrap_or(scale.per_connection);
+    scale.ticks = ticks.unwrap_or(scale.ticks);
+    scale.tick = tick.unwrap_or(scale.tick);
     Ok(a)
 }
 
@@ -417,6 +459,8 @@ struct Plan {
     smoke: bool,
     /// Interleaved repetitions of every comparison.
     repeat: usize,
+    /// `controller-scale`'s sizes.
+    scale: controller_scale::Scale,
 }
 
 impl Plan {
@@ -439,6 +483,7 @@ impl Plan {
             record_rate: if a.smoke { 200 } else { 5000 },
             smoke: a.smoke,
             repeat: a.repeat,
+            scale: a.scale,
         }
     }
 }
@@ -1025,10 +1070,15 @@ fn main() -> anyhow::Result<()> {
                 Scenario::Mixed => mixed_scenario(&place, &plan, &mut report).await?,
                 Scenario::Global => global_scenario(&place, &plan, &mut report).await?,
                 Scenario::Overload => unreachable!("runs on its own"),
+                Scenario::ControllerScale => {
+                    controller_scale::scenario(&place, &plan, &mut report).await?
+                }
             }
         }
         println!();
-        println!("{}", report.table());
+        if !report.runs.is_empty() {
+            println!("{}", report.table());
+        }
         for f in &report.figures {
             let verdict = match (f.target, f.met) {
                 (Some(t), Some(true)) => format!("  (target {t}: met)"),

@@ -1,6 +1,7 @@
-//! The processes under load: Sluice, the no-op Check server and Envoy, each
-//! its own OS process (so that its CPU time and peak RSS are its own), on
-//! free loopback ports, optionally pinned to a set of cores.
+//! The processes under load: Sluice, the no-op Check server, Envoy and
+//! sluice-controller, each its own OS process (so that its CPU time and
+//! peak RSS are its own), on free loopback ports, optionally pinned to a
+//! set of cores.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,8 @@ pub struct Server {
     pub name: &'static str,
     /// Its gRPC (or, for Envoy, HTTP) address.
     pub addr: SocketAddr,
+    /// Its admin listener (`/metrics`), where the load tests read it.
+    pub admin: Option<SocketAddr>,
     process: Process,
     pid: i32,
     /// Envoy's rendered config or Sluice's flow-key file, removed when it
@@ -148,6 +151,44 @@ impl Server {
         Ok(server)
     }
 
+    /// `sluice-controller` (`target/<profile>/sluice-controller`) with
+    /// `policy`, asking the Prometheus at `prometheus_url` every `tick`,
+    /// its runtime as shipped.
+    pub async fn controller(
+        place: &Placement,
+        policy: &Path,
+        prometheus_url: &str,
+        tick: Duration,
+    ) -> anyhow::Result<Server> {
+        let (grpc, admin) = (free_port()?, free_port()?);
+        let args: Vec<String> = [
+            "--policy",
+            &policy.display().to_string(),
+            "--prometheus-url",
+            prometheus_url,
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--tick",
+            &humantime::format_duration(tick).to_string(),
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let binary = place.binary("sluice-controller")?;
+        let mut process = place.spawn("sluice-controller", &binary, &args)?;
+        let admin = ([127, 0, 0, 1], admin).into();
+        process
+            .wait_http_ok(admin, "/readyz", Duration::from_secs(20))
+            .await?;
+        let mut server = Server::new("sluice-controller", ([127, 0, 0, 1], grpc).into(), process)?;
+        server.admin = Some(admin);
+        Ok(server)
+    }
+
     /// The no-op Check server (`examples/noop_check`).
     pub async fn noop(place: &Placement) -> anyhow::Result<Server> {
         let port = free_port()?;
@@ -187,6 +228,7 @@ impl Server {
         Ok(Server {
             name,
             addr,
+            admin: None,
             process,
             pid,
             _config: None,
@@ -205,6 +247,15 @@ impl Server {
             .and_then(|p| p.status())
             .ok()
             .and_then(|s| s.vmhwm)
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// Its resident set now, in bytes.
+    pub fn rss(&self) -> u64 {
+        procfs::process::Process::new(self.pid)
+            .and_then(|p| p.status())
+            .ok()
+            .and_then(|s| s.vmrss)
             .map_or(0, |kib| kib * 1024)
     }
 
