@@ -94,6 +94,15 @@ pub struct RunArgs {
     /// after that nothing is sent and sidecars return to their policies.
     #[arg(long, env = "SLUICE_CONTROLLER_HOLD_OUTPUTS_FOR", default_value = "2m", value_parser = sluice_time::parse_duration)]
     pub hold_outputs_for: Duration,
+    /// Connections the control listener keeps open at once: one per
+    /// subscribed sidecar (each holds its stream open), so at least the
+    /// number of sidecars. Raise the process's open-file limit with it.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROLLER_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
     /// How often the policy path is checked for changes.
     #[arg(long, env = "SLUICE_CONTROLLER_POLICY_POLL_INTERVAL", default_value = "1s", value_parser = sluice_time::parse_duration)]
     pub policy_poll_interval: Duration,
@@ -512,6 +521,7 @@ pub fn config(args: &RunArgs, policy: &Path) -> anyhow::Result<ControllerConfig>
         tick: args.tick,
         decision_validity: args.decision_validity.unwrap_or(args.tick * 3),
         hold_outputs_for: args.hold_outputs_for,
+        max_connections: args.max_connections,
     })
 }
 

@@ -76,6 +76,10 @@ pub struct ControllerConfig {
     pub decision_validity: Duration,
     /// How long last outputs are held while Prometheus cannot be asked.
     pub hold_outputs_for: Duration,
+    /// Connections the control listener keeps open: one per subscribed
+    /// sidecar, since a subscription never ends. A sidecar beyond it is
+    /// closed and retries, so keep it above the sidecar count.
+    pub max_connections: usize,
     /// TLS of the control listener (mTLS when it names a client CA).
     pub tls: Option<ServerTlsFiles>,
     /// TLS of the admin listener.
@@ -102,6 +106,7 @@ impl ControllerConfig {
             tick: Duration::from_secs(10),
             decision_validity: Duration::from_secs(30),
             hold_outputs_for: Duration::from_secs(120),
+            max_connections: 4096,
             tls: None,
             admin_tls: None,
             token: None,
@@ -641,7 +646,10 @@ impl Controller {
             token: config.token.clone(),
             refused: metrics.refused.clone(),
         };
-        let limits = sluice_runtime::grpc::Limits::default();
+        let limits = sluice_runtime::grpc::Limits {
+            max_connections: config.max_connections,
+            ..sluice_runtime::grpc::Limits::default()
+        };
         let router = sluice_runtime::grpc::server(&limits)
             .add_service(wire::control_server::ControlServer::new(service));
         tasks.push(tokio::spawn(sluice_runtime::grpc::serve(
