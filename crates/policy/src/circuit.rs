@@ -721,6 +721,36 @@ impl CircuitSpec {
     }
 }
 
+/// The label selections a load-scheduling blueprint queries: its flux
+/// meter's served flows (`decision_type="accepted", flow_status="OK"`: the
+/// latency of requests the service actually served) and its load
+/// scheduler's token counters.
+struct Selections {
+    flows: String,
+    tokens: String,
+}
+
+impl Selections {
+    fn of(policy: &str, flux_meter: &Name, load_scheduler: &Name) -> Selections {
+        let (fm, ls) = (&flux_meter.0, &load_scheduler.0);
+        Selections {
+            flows: format!(
+                r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
+            ),
+            tokens: format!(r#"policy_name="{policy}",component="{ls}""#),
+        }
+    }
+}
+
+/// A PromQL component run every tick.
+fn promql(out: &str, query: String) -> ComponentSpec {
+    ComponentSpec::Promql(PromqlSpec {
+        out: out.to_owned(),
+        query,
+        evaluation_interval: None,
+    })
+}
+
 /// `load_scheduling.average_latency`: protect a service by its average
 /// latency. Overloaded when the recent average (over `signal_window`) is
 /// above the long-term one (an EMA frozen during overload) × tolerance;
@@ -740,22 +770,8 @@ fn average_latency(
     if !(p.min_load_multiplier.is_finite() && (0.0..=1.0).contains(&p.min_load_multiplier)) {
         return Err("min_load_multiplier must be between 0 and 1".to_owned());
     }
-    let (fm, ls, w) = (
-        &p.flux_meter.0,
-        &p.load_scheduler.0,
-        seconds(&p.signal_window),
-    );
-    let flows = format!(
-        r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
-    );
-    let tokens = format!(r#"policy_name="{policy}",component="{ls}""#);
-    let promql = |out: &str, query: String| {
-        ComponentSpec::Promql(PromqlSpec {
-            out: out.to_owned(),
-            query,
-            evaluation_interval: None,
-        })
-    };
+    let Selections { flows, tokens } = Selections::of(policy, &p.flux_meter, &p.load_scheduler);
+    let w = seconds(&p.signal_window);
     Ok(vec![
         promql(
             "latency",
@@ -913,22 +929,8 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
             return Err(format!("{name} must be between 0 and 1"));
         }
     }
-    let (fm, ls, w) = (
-        &p.flux_meter.0,
-        &p.load_scheduler.0,
-        seconds(&p.signal_window),
-    );
-    let flows = format!(
-        r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
-    );
-    let tokens = format!(r#"policy_name="{policy}",component="{ls}""#);
-    let promql = |out: &str, query: String| {
-        ComponentSpec::Promql(PromqlSpec {
-            out: out.to_owned(),
-            query,
-            evaluation_interval: None,
-        })
-    };
+    let Selections { flows, tokens } = Selections::of(policy, &p.flux_meter, &p.load_scheduler);
+    let w = seconds(&p.signal_window);
     let arithmetic = |out: &str, op, lhs: Operand, rhs: Operand| {
         ComponentSpec::Arithmetic(ArithmeticSpec {
             out: out.to_owned(),
