@@ -721,33 +721,35 @@ impl CircuitSpec {
     }
 }
 
-/// The label selections a load-scheduling blueprint queries: its flux
-/// meter's served flows (`decision_type="accepted", flow_status="OK"`: the
-/// latency of requests the service actually served) and its load
-/// scheduler's token counters.
-struct Selections {
-    flows: String,
-    tokens: String,
+/// The PromQL selector of a flux meter's served flows
+/// (`decision_type="accepted", flow_status="OK"`: the latency of requests
+/// the service actually served), as every blueprint queries it.
+pub(super) fn served_flows(policy: &str, flux_meter: &Name) -> String {
+    format!(
+        r#"flux_meter_name="{flux_meter}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
+    )
 }
 
-impl Selections {
-    fn of(policy: &str, flux_meter: &Name, load_scheduler: &Name) -> Selections {
-        let (fm, ls) = (&flux_meter.0, &load_scheduler.0);
-        Selections {
-            flows: format!(
-                r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
-            ),
-            tokens: format!(r#"policy_name="{policy}",component="{ls}""#),
-        }
-    }
+/// The PromQL selector of a load scheduler's token counters.
+pub(super) fn scheduler_tokens(policy: &str, load_scheduler: &Name) -> String {
+    format!(r#"policy_name="{policy}",component="{load_scheduler}""#)
 }
 
 /// A PromQL component run every tick.
-fn promql(out: &str, query: String) -> ComponentSpec {
+pub(super) fn promql(out: &str, query: String) -> ComponentSpec {
     ComponentSpec::Promql(PromqlSpec {
         out: out.to_owned(),
         query,
         evaluation_interval: None,
+    })
+}
+
+/// A PromQL component run every `every`.
+pub(super) fn promql_every(out: &str, query: String, every: std::time::Duration) -> ComponentSpec {
+    ComponentSpec::Promql(PromqlSpec {
+        out: out.to_owned(),
+        query,
+        evaluation_interval: Some(DurationSpec(every)),
     })
 }
 
@@ -770,7 +772,10 @@ fn average_latency(
     if !(p.min_load_multiplier.is_finite() && (0.0..=1.0).contains(&p.min_load_multiplier)) {
         return Err("min_load_multiplier must be between 0 and 1".to_owned());
     }
-    let Selections { flows, tokens } = Selections::of(policy, &p.flux_meter, &p.load_scheduler);
+    let (flows, tokens) = (
+        served_flows(policy, &p.flux_meter),
+        scheduler_tokens(policy, &p.load_scheduler),
+    );
     let w = seconds(&p.signal_window);
     Ok(vec![
         promql(
@@ -929,7 +934,10 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
             return Err(format!("{name} must be between 0 and 1"));
         }
     }
-    let Selections { flows, tokens } = Selections::of(policy, &p.flux_meter, &p.load_scheduler);
+    let (flows, tokens) = (
+        served_flows(policy, &p.flux_meter),
+        scheduler_tokens(policy, &p.load_scheduler),
+    );
     let w = seconds(&p.signal_window);
     let arithmetic = |out: &str, op, lhs: Operand, rhs: Operand| {
         ComponentSpec::Arithmetic(ArithmeticSpec {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     ArithmeticOp, ArithmeticSpec, Comparison, ComponentSpec, DeciderSpec, ExtremumSpec, Operand,
-    PromqlSpec, signal, zero,
+    promql, signal, zero,
 };
 use crate::types::{DurationSpec, Name, NonEmpty, Percentage};
 
@@ -332,11 +332,7 @@ pub(super) fn base(policy: &str, p: &LoadRampingParameters) -> Result<Vec<Compon
             }
         }
     }
-    let flows = |fm: &Name| {
-        format!(
-            r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
-        )
-    };
+    let flows = |fm: &Name| super::served_flows(policy, fm);
     let mut latency = Vec::new();
     for (i, d) in p.drivers.average_latency_drivers.iter().enumerate() {
         let f = flows(&d.flux_meter);
@@ -416,14 +412,6 @@ pub(super) fn base(policy: &str, p: &LoadRampingParameters) -> Result<Vec<Compon
     ramp.check()?;
     out.push(ComponentSpec::LoadRamp(ramp));
     Ok(out)
-}
-
-fn promql(out: &str, query: String) -> ComponentSpec {
-    ComponentSpec::Promql(PromqlSpec {
-        out: out.to_owned(),
-        query,
-        evaluation_interval: None,
-    })
 }
 
 #[cfg(test)]

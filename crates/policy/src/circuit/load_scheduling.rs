@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::{
     ArithmeticOp, ArithmeticSpec, Comparison, ComponentSpec, DeciderSpec, ExtremumSpec, Operand,
-    PromqlSpec, signal, zero,
+    promql_every as promql, signal, zero,
 };
 use crate::types::{DurationSpec, Name, PositiveDuration};
 
@@ -474,18 +474,10 @@ pub struct PromqlParameters {
 /// Aperture's metric scrape interval: how often the blueprints' queries run.
 const SCRAPE: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn promql(out: &str, query: String, every: std::time::Duration) -> ComponentSpec {
-    ComponentSpec::Promql(PromqlSpec {
-        out: out.to_owned(),
-        query,
-        evaluation_interval: Some(DurationSpec(every)),
-    })
-}
-
 /// The observed load multiplier of load scheduler `ls`, as Aperture queries
 /// it: accepted ÷ (accepted + rejected) tokens over 30 s.
 fn observed(policy: &str, ls: &Name) -> ComponentSpec {
-    let tokens = format!(r#"policy_name="{policy}",component="{ls}""#);
+    let tokens = super::scheduler_tokens(policy, ls);
     let sum = |metric: &str| format!("sum(increase({metric}{{{tokens}}}[30s]))");
     promql(
         "observed_load_multiplier",
@@ -555,10 +547,7 @@ pub(super) fn aimd(policy: &str, p: &AimdParameters) -> Result<Vec<ComponentSpec
             p.latency_tolerance_multiplier
         ));
     }
-    let fm = &p.flux_meter;
-    let flows = format!(
-        r#"flux_meter_name="{fm}",policy_name="{policy}",decision_type="accepted",flow_status="OK""#
-    );
+    let flows = super::served_flows(policy, &p.flux_meter);
     let latency = |window: &str| {
         format!(
             "sum(increase(flux_meter_sum{{{flows}}}[{window}])) / sum(increase(flux_meter_count{{{flows}}}[{window}]))"

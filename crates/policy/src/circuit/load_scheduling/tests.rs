@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::super::{ComponentSpec, Operand};
+use super::super::{ComponentSpec, Operand, PromqlSpec};
 use super::*;
 use crate::load::parse_policy;
 
