@@ -177,6 +177,37 @@ async fn each_cold_key_is_decided_right_on_its_first_check() {
 }
 
 #[tokio::test]
+async fn a_load_scheduler_counts_as_incoming_only_what_the_limiter_before_it_admits() {
+    // The limiter waits for the store on each cold key; on the second
+    // sidecar it then refuses. Those flows never reach the load scheduler:
+    // counted as its incoming, they would make served ÷ incoming look like
+    // an overload to a controller (and widen the scheduler's share).
+    let doc = per_user(1, 0, "local")
+        + r#"
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+"#;
+    let (engines, _store, _time) = sidecars(2, &doc);
+    for user in 0..50 {
+        let user = format!("user-{user}");
+        assert!(accepted(&check(&engines[0], &user).await), "{user} first");
+        assert!(!accepted(&check(&engines[1], &user).await), "{user} again");
+    }
+    let incoming =
+        r#"incoming_tokens_total{component="load",policy_name="shared",workload_index="default"}"#;
+    assert_eq!(
+        metric(&engines[0], incoming),
+        50.0,
+        "admitted, then arrived"
+    );
+    assert_eq!(metric(&engines[1], incoming), 0.0, "refused before it");
+    let plan = engines[1].plan();
+    let load = &plan.policies[0].load_schedulers[0];
+    assert_eq!(load.rate.rate(10_000_000_000), None, "nothing arrived");
+}
+
+#[tokio::test]
 async fn a_denial_is_remembered_until_its_retry_time() {
     let (engines, store, time) = sidecars(1, &per_user(1, 1, "local"));
     let engine = &engines[0];

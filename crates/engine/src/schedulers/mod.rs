@@ -153,8 +153,12 @@ pub struct SchedulerStep {
     scheduler: AnyScheduler,
     classified: Classified,
     key: Option<Digest>,
-    /// The scheduler has only counted the flow's arrival: an earlier
-    /// component made it wait, so it must still be asked
+    /// An earlier component made the flow wait, so this scheduler has not
+    /// seen it yet: the flow's arrival is counted when it gets here (a flow
+    /// an earlier component refuses never arrives, and must not swell the
+    /// incoming rate a load scheduler takes its share of, nor the
+    /// `incoming_tokens` a controller compares with what was accepted),
+    /// and the scheduler is asked
     /// [`Scheduler::decide_now`](scheduler::Scheduler::decide_now) before
     /// queueing. False for the scheduler that said [`Verdict::MustWait`].
     undecided: bool,
@@ -171,7 +175,12 @@ impl SchedulerStep {
         clock: &sluice_time::Clock,
     ) -> Result<(), (RejectReason, u16, Option<Duration>)> {
         let verdict = if self.undecided {
-            self.scheduler.decide_now(&self.classified, self.key)
+            let c = &self.classified;
+            if let AnyScheduler::Load(l) = &self.scheduler {
+                l.rate.add(clock.now(), c.tokens);
+            }
+            self.scheduler.config().count_incoming(c.workload, c.tokens);
+            self.scheduler.decide_now(c, self.key)
         } else {
             Verdict::MustWait
         };
@@ -258,14 +267,9 @@ pub fn schedule<'a>(
             undecided: false,
         };
         if !steps.is_empty() {
+            // It waits after the earlier ones: it arrives here (and is
+            // counted as incoming) only if they admit it.
             step.undecided = true;
-            // It waits after the earlier ones; count its arrival now.
-            if let AnyScheduler::Load(l) = scheduler {
-                l.rate.add(now, step.classified.tokens);
-            }
-            scheduler
-                .config()
-                .count_incoming(step.classified.workload, step.classified.tokens);
             steps.push(Step::Scheduler(step));
             continue;
         }

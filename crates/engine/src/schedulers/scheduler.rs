@@ -217,8 +217,8 @@ impl Config {
         }
     }
 
-    /// Counts a flow's tokens as incoming when it goes straight to
-    /// [`Scheduler::wait`] (an earlier scheduler made it wait).
+    /// Counts a flow's tokens as incoming: on its arrival, which for a flow
+    /// an earlier component made wait is when that component admits it.
     pub fn count_incoming(&self, workload: usize, tokens: f64) {
         if let Some(w) = self.workloads.get(workload) {
             w.metrics.incoming_tokens.inc_by(tokens);
