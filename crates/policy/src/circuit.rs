@@ -478,13 +478,21 @@ pub struct CapacityParameters {
     /// rate is above the served rate × this (> 1). Default `1.25`.
     #[serde(default = "one_and_a_quarter")]
     pub piling_tolerance: f64,
+    /// Piling up counts only while latency is above the setpoint × this
+    /// (0 to 1): a service at its capacity has a queue, and a queue shows
+    /// in latency; without it, an accepted rate ahead of the served one is
+    /// the access logs' lag (at start, or at a few requests a second).
+    /// Default `0.75`.
+    #[serde(default = "three_quarters")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub piling_latency_ratio: f64,
     /// After a cut, the share of the measured capacity admitted at once,
     /// 0 to 1. Default `0.9`.
     #[serde(default = "nine_tenths")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub capacity_share: f64,
     /// Above `capacity_share` of its measured capacity, how much more than
-    /// it serves the service is offered per tick (> 0): slowly, because a
+    /// is accepted now the service is offered per tick (> 0): slowly, because a
     /// service that queues gives no warning before its cliff. Default
     /// `0.01`.
     #[serde(default = "hundredth")]
@@ -511,6 +519,9 @@ fn half() -> f64 {
 }
 fn one_and_a_quarter() -> f64 {
     1.25
+}
+fn three_quarters() -> f64 {
+    0.75
 }
 fn nine_tenths() -> f64 {
     0.9
@@ -874,12 +885,15 @@ fn average_latency(
 /// and the load scheduler's accepted and incoming rates. Then:
 ///
 /// - **piling up**: the accepted rate is above the served rate ×
-///   `piling_tolerance`: the service takes in more than it completes, so it
-///   is at capacity, and what it serves now *is* its capacity (an EMA of
-///   it over `signal_window` is kept while it piles up, and held between). This sees a service
-///   that queues (whose latency stays flat until its workers are all busy,
-///   then climbs by a whole queue a second) a tick or two before its
-///   latency does.
+///   `piling_tolerance` while latency is above `piling_latency_ratio` ×
+///   the setpoint: the service takes in more than it completes and has a
+///   queue, so it is at capacity, and what it serves now *is* its capacity
+///   (an EMA of it over `signal_window` is kept while it piles up, and
+///   held between). This sees a service that queues (whose latency stays
+///   flat until its workers are all busy, then climbs by a whole queue a
+///   second) before its latency reaches the setpoint. Without the latency
+///   condition, the access logs' lag behind the Checks looks like piling
+///   up whenever the rates are young or small.
 /// - **overloaded** (latency above the setpoint) or piling up: the
 ///   admitted rate is cut to the served rate × (setpoint ÷ latency),
 ///   clamped to [`min_gradient`, `max_gradient`], and no higher than 0.9 ×
@@ -891,7 +905,10 @@ fn average_latency(
 ///   of what is served a tick (a service that got faster is found, one at
 ///   its cliff is approached slowly); and never lower than `capacity_share`
 ///   × the measured capacity, so that a cut ends as soon as latency is
-///   back, not after a slow climb.
+///   back, not after a slow climb. The probe is on the accepted rate, like
+///   the incoming rate the multiplier divides it by: calm never cuts below
+///   what is admitted now, whatever other components turn away before the
+///   scheduler or the access logs' lag does to the served rate.
 ///
 /// The multiplier sent is that rate ÷ the incoming rate, within
 /// [`min_load_multiplier`, 1]: once demand falls below what the service
@@ -927,6 +944,7 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
     }
     for (name, v) in [
         ("capacity_share", p.capacity_share),
+        ("piling_latency_ratio", p.piling_latency_ratio),
         ("min_gradient", p.min_gradient),
         ("min_load_multiplier", p.min_load_multiplier),
     ] {
@@ -1030,7 +1048,19 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
             signal("served_rate"),
             c(p.piling_tolerance),
         ),
-        decider("piling_up", "accepted_rate", "piling_threshold"),
+        decider("taking_more", "accepted_rate", "piling_threshold"),
+        arithmetic(
+            "queueing_latency",
+            ArithmeticOp::Mul,
+            signal("setpoint"),
+            c(p.piling_latency_ratio),
+        ),
+        decider("queueing", "latency", "queueing_latency"),
+        extremum(
+            false,
+            "piling_up",
+            vec![signal("taking_more"), signal("queueing")],
+        ),
         // Missing unless piling up (a division by zero is missing), so the
         // EMA holds the capacity measured the last time the service was
         // at it.
@@ -1081,7 +1111,7 @@ fn capacity(policy: &str, p: &CapacityParameters) -> Result<Vec<ComponentSpec>, 
         arithmetic(
             "probing_rate",
             ArithmeticOp::Mul,
-            signal("served_rate"),
+            signal("accepted_rate"),
             c(1.0 + p.capacity_probe),
         ),
         extremum(

@@ -1279,17 +1279,21 @@ fn the_capacity_blueprint_admits_what_the_service_served_and_passes_when_demand_
     let sent = capacity(&[
         // Calm: 100/s in, 100/s served in 20 ms: pass-through.
         tick(20.0, 100.0, 100.0, 100.0),
-        // Twice the capacity arrives and is admitted; 200/s are served:
-        // it piles up, so 200/s is its capacity; 0.9 of it is admitted
-        // (180 of 400).
-        tick(20.0, 200.0, 400.0, 400.0),
+        // More is accepted than served, at the idle latency: the access
+        // logs lag behind the Checks, nothing queues. Still pass-through.
+        tick(20.0, 100.0, 200.0, 200.0),
+        // Twice the capacity arrives and is admitted; 200/s are served
+        // and a queue shows in latency (above 3/4 of the setpoint): it
+        // piles up, so 200/s is its capacity; 0.9 of it is admitted (180
+        // of 400).
+        tick(25.0, 200.0, 400.0, 400.0),
         // The backlog shows in latency (1 s): cut to served × 0.1 = 20,
         // at most; 20 / 400 = 0.05.
         tick(1000.0, 200.0, 180.0, 400.0),
         // Drained: back to 0.9 of the capacity measured, at once.
         tick(20.0, 20.0, 20.0, 400.0),
         // Below the setpoint, above 0.9 of the capacity it rises only by 1 %
-        // of what is served a tick (181.8 of 400) ...
+        // of what is accepted a tick (181.8 of 400) ...
         tick(21.0, 180.0, 180.0, 400.0),
         // ... and goes on doing so past it (202 of 400).
         tick(21.0, 200.0, 200.0, 400.0),
@@ -1297,7 +1301,7 @@ fn the_capacity_blueprint_admits_what_the_service_served_and_passes_when_demand_
         // multiplier is 1 at once.
         tick(21.0, 200.0, 200.0, 80.0),
     ]);
-    assert_eq!(sent, vec![1.0, 0.45, 0.05, 0.45, 0.45, 0.51, 1.0]);
+    assert_eq!(sent, vec![1.0, 1.0, 0.45, 0.05, 0.45, 0.45, 0.51, 1.0]);
 }
 
 #[test]
@@ -1316,6 +1320,23 @@ fn the_capacity_blueprint_follows_latency_where_nothing_piles_up() {
 }
 
 #[test]
+fn the_capacity_blueprint_never_cuts_a_calm_service() {
+    // Latency well below the setpoint and nothing piling up, but the
+    // served rate behind what the scheduler accepts (other components turn
+    // flows away after it, or the access logs lag): the multiplier stays
+    // where it is and rises, it is not cut to what was served.
+    let tick = |l: f64, s: f64, a: f64, i: f64| (Some(l), Some(s), Some(a), Some(i));
+    let sent = capacity(&[
+        tick(18.0, 45.0, 100.0, 100.0),
+        tick(18.0, 45.0, 100.0, 100.0),
+        // After a cut to half: 1 % more than is accepted now, or what
+        // latency allows of the served rate (45 × 1.2), whichever is more.
+        tick(18.0, 45.0, 50.0, 100.0),
+    ]);
+    assert_eq!(sent, vec![1.0, 1.0, 0.54]);
+}
+
+#[test]
 fn the_capacity_blueprint_sends_nothing_without_data() {
     // Without the incoming rate (no traffic, or a query that came back
     // empty) nothing is sent: the sidecars hold the last decision until it
@@ -1324,7 +1345,7 @@ fn the_capacity_blueprint_sends_nothing_without_data() {
     let tick = |l: f64, s: f64, a: f64, i: f64| (Some(l), Some(s), Some(a), Some(i));
     let sent = capacity_sent(&[
         (None, None, None, None),
-        tick(20.0, 200.0, 400.0, 400.0),
+        tick(25.0, 200.0, 400.0, 400.0),
         (Some(20.0), Some(200.0), Some(400.0), None),
         (None, Some(100.0), Some(100.0), None),
         tick(20.0, 20.0, 20.0, 400.0),
