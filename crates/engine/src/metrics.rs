@@ -251,6 +251,10 @@ pub struct Metrics {
     /// controller's decision holds for the component, 0 once it lapsed and
     /// the component is back to its policy's value.
     pub controller_decision_active: Family<IntGaugeVec>,
+    /// `concurrency_limit{policy_name, component}`: a concurrency
+    /// scheduler's limit in force (adaptive, the controller's or the
+    /// policy's).
+    pub concurrency_limit: Family<IntGaugeVec>,
     /// `load_multiplier_expired{policy_name, component}`: 1 while a load
     /// scheduler passes everything because the controller's multiplier
     /// lapsed.
@@ -418,6 +422,10 @@ impl Metrics {
             controller_decision_active: int_gauges(
                 "controller_decision_active",
                 "1 while a sluice-controller decision holds for the component; 0 when it lapsed to the policy's value.",
+            ),
+            concurrency_limit: int_gauges(
+                "concurrency_limit",
+                "A concurrency scheduler's limit on flows in flight now: its adaptive limit, the controller's or the policy's.",
             ),
             lm_expired: int_gauges(
                 "load_multiplier_expired",

@@ -1545,3 +1545,61 @@ fn scheduler_decisions_out_of_range_or_for_another_kind_are_refused() {
         );
     }
 }
+
+const ADAPTIVE: &str = r#"
+name: adapt
+concurrency_schedulers:
+  - name: slots
+    selectors: [{control_point: ingress}]
+    max_concurrency: 8
+    adaptive: {latency_setpoint_ms: 30, interval: 100ms}
+"#;
+
+#[test]
+fn an_adaptive_concurrency_limit_is_cut_by_late_access_logs_and_rises_while_flows_wait() {
+    let (engine, time) = engine(&[ADAPTIVE]);
+    let slots = || engine.plan().policies[0].concurrency_schedulers[0].max_concurrency();
+    let admit = || {
+        let (meta, accepted, waits) = decide_real(&engine, &[]);
+        (accepted && waits.is_none()).then_some(meta)
+    };
+    // Up to the policy's 8 at once.
+    let first: Vec<String> = (0..8)
+        .map(|i| admit().unwrap_or_else(|| panic!("flow {i}")))
+        .collect();
+    assert!(admit().is_none(), "the ninth waits");
+    // 100 ms later four end, all above the 30 ms setpoint (60 ms of
+    // upstream time): cut to half of the eight it had in flight (not of
+    // the four left: the logs came in a batch).
+    time.advance(Duration::from_millis(100));
+    for meta in &first[..4] {
+        engine.end_flow(&end_of(meta, "200", "61"), &flow_end::NoExtras);
+    }
+    assert_eq!(slots(), 4);
+    let text = engine.metrics().encode_text();
+    assert_eq!(
+        series_value(
+            &text,
+            r#"concurrency_limit{component="slots",policy_name="adapt"}"#
+        ),
+        4.0
+    );
+    // The other four, fast, started before the cut: no evidence for it.
+    for meta in &first[4..] {
+        engine.end_flow(&end_of(meta, "200", "21"), &flow_end::NoExtras);
+    }
+    assert_eq!(slots(), 4);
+    // Four at a time while a fifth waits, each on time: after 100 ms, one
+    // more slot.
+    for _ in 0..2 {
+        time.advance(Duration::from_millis(60));
+        let four: Vec<String> = (0..4).map(|_| admit().expect("a slot")).collect();
+        assert!(admit().is_none(), "the fifth waits");
+        time.advance(Duration::from_millis(30));
+        for meta in &four {
+            engine.end_flow(&end_of(meta, "200", "21"), &flow_end::NoExtras);
+        }
+    }
+    assert_eq!(slots(), 5);
+    assert!((0..5).all(|_| admit().is_some()), "five at once");
+}

@@ -1029,4 +1029,53 @@ pub struct ConcurrencySchedulerSpec {
     /// Queueing and ordering. Default: the `scheduler` defaults.
     #[serde(default)]
     pub scheduler: SchedulerSpec,
+    /// Adapt the limit in the sidecar, below `max_concurrency` (or the
+    /// controller's), from the latency of the flows that end. Default none:
+    /// the limit is `max_concurrency`.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConcurrency>,
+}
+
+/// A concurrency limit the sidecar adapts itself, every `interval`, from
+/// the access logs of the flows it admitted: more than `late_percentage`
+/// of them above `latency_setpoint_ms`, it is cut below the flows in
+/// flight; otherwise, while flows wait for a slot, it rises by one. The
+/// service is protected within an interval or two of an overload, without
+/// waiting for Prometheus and the controller's tick.
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    /// The latency (ms, `workload_duration_ms` of the access log: the
+    /// upstream's time) flows should keep to.
+    pub latency_setpoint_ms: Positive,
+    /// The share of flows (percent) that may end above the setpoint
+    /// before the limit is cut. Default `10`.
+    #[serde(default = "ten_percent")]
+    pub late_percentage: Percentage,
+    /// How often the limit is revised (less often when fewer than four
+    /// flows ended meanwhile). Default `100ms`.
+    #[serde(default = "hundred_ms")]
+    pub interval: PositiveDuration,
+    /// The lowest limit, at least 1 (a limit of 0 would admit nothing, so
+    /// no flow would end to raise it). Default `1`.
+    #[serde(default = "one_flow", deserialize_with = "at_least_one")]
+    #[schemars(range(min = 1))]
+    pub min_concurrency: u64,
+}
+
+fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("must be at least 1, got 0")),
+        n => Ok(n),
+    }
+}
+
+fn ten_percent() -> Percentage {
+    Percentage(10.0)
+}
+fn hundred_ms() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_millis(100))
+}
+fn one_flow() -> u64 {
+    1
 }

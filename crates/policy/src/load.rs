@@ -400,6 +400,33 @@ mod tests {
     }
 
     #[test]
+    fn an_adaptive_limit_that_could_admit_nothing_is_refused() {
+        let scheduler = |adaptive: &str| {
+            format!(
+                "name: p\nconcurrency_schedulers:\n  - name: c\n{SELECTORS}    max_concurrency: 8\n    adaptive: {adaptive}\n"
+            )
+        };
+        let e = err(&scheduler("{latency_setpoint_ms: 30, min_concurrency: 0}"));
+        assert!(e.field.ends_with("min_concurrency"), "{e}");
+        assert!(e.message.contains("at least 1"), "{e}");
+        let e = err(&scheduler("{latency_setpoint_ms: 0}"));
+        assert!(e.message.contains("> 0"), "{e}");
+        let e = err(&scheduler(
+            "{latency_setpoint_ms: 30, late_percentage: 101}",
+        ));
+        assert!(e.message.contains("between 0 and 100"), "{e}");
+        let ok = parse_policy(Path::new("p.yaml"), &scheduler("{latency_setpoint_ms: 30}"))
+            .expect("valid");
+        let adaptive = ok.concurrency_schedulers[0]
+            .adaptive
+            .clone()
+            .expect("adaptive");
+        assert_eq!(adaptive.late_percentage.0, 10.0);
+        assert_eq!(adaptive.interval.0, std::time::Duration::from_millis(100));
+        assert_eq!(adaptive.min_concurrency, 1);
+    }
+
+    #[test]
     fn a_syntax_error_has_a_line() {
         let e = err("name: p\nsamplers: [\n  - name: x\n");
         assert!(e.line.is_some(), "{e}");

@@ -29,11 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use sluice_policy::{ConcurrencySchedulerSpec, Scope, StoreFallback};
 use sluice_time::{Clock, Nanos, nanos};
 use tokio::sync::Notify;
 
+use super::adaptive::AdaptiveLimit;
 use super::scheduler::{Config, Pool, Scheduler};
 use super::wfq;
 use crate::components::lease::Lease;
@@ -49,17 +50,33 @@ const ERROR_RETRY: Nanos = 10_000_000;
 /// A slot taken for the queue but not given to a flow goes back after this.
 const UNUSED_SLOT: Nanos = 1_000_000_000;
 
-/// Slots in use out of `max`.
+/// Slots in use out of the limit in force.
 #[derive(Debug)]
 pub struct SlotPool {
     /// Most in flight: the policy's, or the controller's while its
-    /// decision holds.
+    /// decision holds; the ceiling of an adaptive limit.
     pub max: u64,
+    /// The limit the sidecar adapts below `max` (`adaptive:`), if any.
+    pub adaptive: Option<AdaptiveLimit>,
     /// In flight now (with `scope: global`, those admitted by the
     /// fallback).
     pub used: u64,
     /// With `scope: global`: the store's count.
     pub global: Option<GlobalCount>,
+}
+
+impl SlotPool {
+    /// Most in flight now: the adaptive limit under `max`, or `max`.
+    pub fn limit(&self) -> u64 {
+        self.adaptive
+            .as_ref()
+            .map_or(self.max, |a| a.limit(self.max))
+    }
+
+    /// In flight now, admitted here.
+    fn in_flight(&self) -> u64 {
+        self.used + self.global.as_ref().map_or(0, |g| g.holders.len() as u64)
+    }
 }
 
 /// A global scheduler's slots in the store.
@@ -203,9 +220,16 @@ impl wfq::Capacity for Counted<'_> {
 
 impl wfq::Capacity for SlotPool {
     fn try_take(&mut self, _now: Nanos, _tokens: f64) -> bool {
-        let free = self.used < self.max;
+        let free = self.used < self.limit();
         if free {
             self.used += 1;
+        }
+        if let Some(a) = &mut self.adaptive {
+            if free {
+                a.took(self.used);
+            } else {
+                a.wanted();
+            }
         }
         free
     }
@@ -223,7 +247,7 @@ impl Pool for SlotPool {
         _now: Nanos,
         f: impl FnOnce(&mut dyn wfq::Capacity) -> R,
     ) -> R {
-        let max = self.max;
+        let max = self.limit();
         match self.global.as_mut().filter(|g| g.usable()) {
             Some(global) => f(&mut Counted { global, max }),
             None => f(self),
@@ -288,6 +312,8 @@ pub struct ConcurrencyScheduler {
     /// Until when the controller's limit holds; shared with the scheduler
     /// it was granted for, which a reload may keep.
     lease: Arc<Lease>,
+    /// `concurrency_limit`, set whenever the limit may have moved.
+    limit_gauge: IntGauge,
     /// What it was compiled from, to keep it across reloads that leave it
     /// unchanged; its `max_concurrency` is what a lapsed decision returns
     /// to.
@@ -298,6 +324,7 @@ fn same(a: &ConcurrencySchedulerSpec, b: &ConcurrencySchedulerSpec) -> bool {
     a.name.value == b.name.value
         && a.selectors == b.selectors
         && a.max_concurrency == b.max_concurrency
+        && a.adaptive == b.adaptive
         && a.max_inflight_duration == b.max_inflight_duration
         && a.scheduler == b.scheduler
         && a.scope == b.scope
@@ -322,6 +349,7 @@ impl ConcurrencyScheduler {
                 key: old.key.clone(),
                 max_inflight: old.max_inflight,
                 lease: old.lease.clone(),
+                limit_gauge: old.limit_gauge.clone(),
                 spec: spec.clone(),
             };
         }
@@ -347,6 +375,10 @@ impl ConcurrencyScheduler {
             }),
             _ => None,
         };
+        let limit_gauge = metrics
+            .concurrency_limit
+            .series(&mut series, &[policy, &name]);
+        limit_gauge.set(spec.max_concurrency.try_into().unwrap_or(i64::MAX));
         let config = Config::compile(&spec.scheduler, metrics, series, policy, &name);
         ConcurrencyScheduler {
             key: format!("{policy}/{name}").into(),
@@ -358,14 +390,25 @@ impl ConcurrencyScheduler {
                 clock.clone(),
                 SlotPool {
                     max: spec.max_concurrency,
+                    adaptive: spec
+                        .adaptive
+                        .as_ref()
+                        .map(|a| AdaptiveLimit::new(a, spec.max_concurrency, clock.now())),
                     used: 0,
                     global,
                 },
             )),
             max_inflight,
             lease,
+            limit_gauge,
             spec: spec.clone(),
         }
+    }
+
+    /// Shows the limit in force in `concurrency_limit`.
+    fn show_limit(&self) {
+        let limit = self.max_concurrency();
+        self.limit_gauge.set(limit.try_into().unwrap_or(i64::MAX));
     }
 
     /// Sets the controller's limit until `until`, and wakes the queue: a
@@ -374,6 +417,7 @@ impl ConcurrencyScheduler {
     pub fn set_max_concurrency(&self, max: u64, until: Nanos) {
         self.scheduler.with_pool(|s| s.max = max);
         self.lease.grant(until);
+        self.show_limit();
         self.scheduler.poke();
     }
 
@@ -383,6 +427,7 @@ impl ConcurrencyScheduler {
         if lapsed {
             self.scheduler
                 .with_pool(|s| s.max = self.spec.max_concurrency);
+            self.show_limit();
             self.scheduler.poke();
         }
         lapsed
@@ -390,13 +435,33 @@ impl ConcurrencyScheduler {
 
     /// The limit in force.
     pub fn max_concurrency(&self) -> u64 {
-        self.scheduler.with_pool(|s| s.max)
+        self.scheduler.with_pool(|s| s.limit())
     }
 
     /// Flows in flight now, admitted here.
     pub fn in_flight(&self) -> u64 {
-        self.scheduler
-            .with_pool(|s| s.used + s.global.as_ref().map_or(0, |g| g.holders.len() as u64))
+        self.scheduler.with_pool(|s| s.in_flight())
+    }
+
+    /// A flow admitted here ended after `latency_ms` of upstream time (its
+    /// access log, after its slot was given back): the adaptive limit
+    /// learns from it, and a raised limit wakes the queue.
+    pub fn observe_latency(&self, workload: usize, latency_ms: f64) {
+        self.scheduler.config.observe_latency(workload, latency_ms);
+        let now = self.scheduler.clock().now();
+        let (adaptive, raised) = self.scheduler.with_pool(|s| {
+            let (in_flight, max) = (s.in_flight(), s.max);
+            match s.adaptive.as_mut() {
+                Some(a) => (true, a.ended(now, latency_ms, in_flight, max)),
+                None => (false, false),
+            }
+        });
+        if adaptive {
+            self.show_limit();
+        }
+        if raised {
+            self.scheduler.poke();
+        }
     }
 
     /// Gives back global slots taken for the queue that no flow took.

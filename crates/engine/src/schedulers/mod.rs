@@ -17,6 +17,7 @@
 //! without leaving the synchronous Check path. A flow that must wait
 //! leaves the engine as a `Waiting` flow (`crate::waiting`).
 
+pub mod adaptive;
 pub mod concurrency;
 pub mod load;
 pub mod quota;
@@ -92,7 +93,8 @@ impl AnyScheduler {
     pub fn observe_latency(&self, workload: usize, ms: f64) {
         match self {
             AnyScheduler::Load(l) => l.observe_latency(workload, ms),
-            other => other.config().observe_latency(workload, ms),
+            AnyScheduler::Concurrency(c) => c.observe_latency(workload, ms),
+            AnyScheduler::Quota(q) => q.scheduler.config.observe_latency(workload, ms),
         }
     }
 
