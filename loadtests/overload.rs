@@ -104,11 +104,20 @@ pub enum Loop {
     /// `load_scheduling.capacity` with the objective as its setpoint and a
     /// 2 s signal window (the sidecar remote-writes every second).
     Capacity,
+    /// No controller loop: a concurrency scheduler whose limit the sidecar
+    /// adapts itself from the access logs (`adaptive:`, the objective as
+    /// its setpoint), under a ceiling far above what the upstream takes.
+    Adaptive,
 }
 
 impl Loop {
     /// Every loop, in the order the bench runs them.
-    pub const ALL: [Loop; 3] = [Loop::AverageLatency, Loop::Aimd, Loop::Capacity];
+    pub const ALL: [Loop; 4] = [
+        Loop::AverageLatency,
+        Loop::Aimd,
+        Loop::Capacity,
+        Loop::Adaptive,
+    ];
 
     /// Its name on the command line and in the table.
     pub fn name(self) -> &'static str {
@@ -116,6 +125,7 @@ impl Loop {
             Loop::AverageLatency => "average_latency",
             Loop::Aimd => "aimd",
             Loop::Capacity => "capacity",
+            Loop::Adaptive => "adaptive",
         }
     }
 
@@ -152,11 +162,34 @@ impl Loop {
 ",
                 OBJECTIVE.as_millis()
             ),
+            Loop::Adaptive => String::new(),
+        }
+    }
+
+    /// The scheduler protecting the upstream: a load scheduler for the
+    /// controller's loops, an adaptive concurrency scheduler otherwise.
+    fn scheduler(self) -> String {
+        match self {
+            Loop::Adaptive => format!(
+                "concurrency_schedulers:
+  - name: service
+    selectors: [{{control_point: ingress}}]
+    max_concurrency: 1000
+    adaptive: {{latency_setpoint_ms: {}}}
+",
+                OBJECTIVE.as_millis()
+            ),
+            _ => "load_schedulers:
+  - name: service
+    selectors: [{control_point: ingress}]
+    rate_window: 3s
+"
+            .to_owned(),
         }
     }
 }
 
-/// The bench's policy: a flux meter on the upstream's latency and a load
+/// The bench's policy: a flux meter on the upstream's latency and a
 /// scheduler favouring `user-type: high` (priority 200) over `low` (20).
 fn policy(lp: Loop) -> String {
     format!(
@@ -169,11 +202,7 @@ flux_meters:
   - name: latency
     selectors: [{{control_point: ingress}}]
     static_buckets: [5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 250, 1000]
-load_schedulers:
-  - name: service
-    selectors: [{{control_point: ingress}}]
-    rate_window: 3s
-    scheduler:
+{}    scheduler:
       workloads:
         - name: high
           label_matcher: {{match_labels: {{user_type: high}}}}
@@ -182,6 +211,7 @@ load_schedulers:
           label_matcher: {{match_labels: {{user_type: low}}}}
           parameters: {{priority: 20, queue_timeout: 250ms}}
 {}",
+        lp.scheduler(),
         lp.circuit()
     )
 }
@@ -316,12 +346,19 @@ impl Stack {
         drop(self.upstream);
     }
 
-    /// The load multiplier in force in Sluice now.
-    fn lm(&self) -> Option<f64> {
+    /// The load multiplier and the concurrency limit in force in Sluice
+    /// now (whichever the loop has).
+    fn control(&self) -> (Option<f64>, Option<u64>) {
         let text = self.sidecar.engine.metrics().encode_text();
-        scrape(
-            &text,
-            r#"token_bucket_lm_ratio{component="service",policy_name="overload"}"#,
+        let series = |name: &str| {
+            scrape(
+                &text,
+                &format!(r#"{name}{{component="service",policy_name="overload"}}"#),
+            )
+        };
+        (
+            series("token_bucket_lm_ratio"),
+            series("concurrency_limit").map(|l| l as u64),
         )
     }
 }
@@ -384,19 +421,17 @@ async fn drive(
     let capacity = profile.capacity(plan.scale, halved_after.saturating_sub(offset));
     let full = capacity.rate_within(OBJECTIVE, Duration::ZERO);
     let shots: Arc<Mutex<Vec<Shot>>> = Arc::new(Mutex::new(Vec::new()));
-    let lms: Arc<Mutex<BTreeMap<u64, f64>>> = Arc::new(Mutex::new(BTreeMap::new()));
+    let controls: Arc<Mutex<Controls>> = Arc::default();
     let total = plan.calm + plan.overload + plan.after;
 
-    // The multiplier at the end of each second.
+    // The multiplier (or limit) at the end of each second.
     let sampler = {
-        let lms = lms.clone();
+        let controls = controls.clone();
         let seconds = total.as_secs();
         async move {
             for t in 0..seconds {
                 tokio::time::sleep_until(start + Duration::from_secs(t + 1)).await;
-                if let Some(lm) = stack.lm() {
-                    lms.lock().insert(t, lm);
-                }
+                controls.lock().insert(t, stack.control());
             }
         }
     };
@@ -470,7 +505,7 @@ async fn drive(
     };
     let seconds = record(
         &shots.lock(),
-        &lms.lock(),
+        &controls.lock(),
         total.as_secs(),
         OBJECTIVE.as_millis() as u64,
     );
@@ -485,18 +520,18 @@ async fn drive(
     })
 }
 
+/// The multiplier and the concurrency limit in force at the end of each
+/// second.
+type Controls = BTreeMap<u64, (Option<f64>, Option<u64>)>;
+
 /// Per second: what was sent (by its start), answered and how fast (by
-/// its answer), and the multiplier.
-fn record(
-    shots: &[Shot],
-    lms: &BTreeMap<u64, f64>,
-    seconds: u64,
-    objective_ms: u64,
-) -> Vec<Second> {
+/// its answer), and the multiplier or limit.
+fn record(shots: &[Shot], controls: &Controls, seconds: u64, objective_ms: u64) -> Vec<Second> {
     let mut out: Vec<Second> = (0..seconds)
         .map(|t| Second {
             t,
-            lm: lms.get(&t).copied(),
+            lm: controls.get(&t).and_then(|c| c.0),
+            limit: controls.get(&t).and_then(|c| c.1),
             ..Second::default()
         })
         .collect();
@@ -551,7 +586,7 @@ pub fn summary(outcome: &Outcome) -> String {
 /// The run, second by second: `t  offered  admitted  rejected  latency  lm`.
 pub fn trace(outcome: &Outcome) -> String {
     let mut out = String::from(
-        "   t  offered hi/lo  admitted hi/lo  rejected hi/lo  failed  in-time  latency ms  lm\n",
+        "   t  offered hi/lo  admitted hi/lo  rejected hi/lo  failed  in-time  latency ms  lm / limit\n",
     );
     for s in &outcome.seconds {
         out.push_str(&format!(
@@ -567,7 +602,11 @@ pub fn trace(outcome: &Outcome) -> String {
             s.within_objective,
             s.latency_ms.map_or("-".to_owned(), |l| format!("{l:.1}")),
             s.e2e_ms.map_or("-".to_owned(), |l| format!("{l:.1}")),
-            s.lm.map_or("-".to_owned(), |l| format!("{l:.2}")),
+            match (s.lm, s.limit) {
+                (Some(lm), _) => format!("{lm:.2}"),
+                (None, Some(limit)) => format!("{limit}"),
+                (None, None) => "-".to_owned(),
+            },
         ));
     }
     out

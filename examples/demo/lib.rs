@@ -159,6 +159,10 @@ pub const UPSTREAM: Latency = Latency {
     per_inflight: Duration::from_millis(10),
 };
 
+/// The component the controller's loop drives, as `x-sluice-rejected-by`
+/// names it.
+const LOOP_COMPONENT: &str = "demo/service";
+
 /// The load scheduler's workloads in `examples/demo.yaml`, by
 /// `workload_index`.
 pub const WORKLOADS: [(&str, &str); 2] = [("0", "subscribers"), ("1", "guests")];
@@ -603,7 +607,7 @@ impl Record {
                     duration_ms,
                     upstream_ms,
                 } => {
-                    self.score(at_ms / 1000, &source, code, duration_ms, upstream_ms);
+                    self.score(at_ms / 1000, &source, code, &by, duration_ms, upstream_ms);
                     let second = self.second(at_ms / 1000);
                     *second
                         .answers
@@ -622,12 +626,17 @@ impl Record {
         }
     }
 
-    /// Counts one answer in the scored second `t`.
+    /// Counts one answer in the scored second `t`, rejected by `by` (the
+    /// `x-sluice-rejected-by` header; "" if none): turned away when the
+    /// loop's load scheduler refused it; the per-user limiter's and the
+    /// sampler's refusals are the policy at work whatever the load, not the
+    /// loop's, and count as neither.
     fn score(
         &mut self,
         t: u64,
         source: &str,
         code: u16,
+        by: &str,
         duration_ms: f64,
         upstream_ms: Option<f64>,
     ) {
@@ -655,7 +664,8 @@ impl Record {
                 second.latency_ms = Some(upstream.iter().sum::<f64>() / n);
                 second.e2e_ms = Some(*e2e / n);
             }
-            429 | 503 => second.rejected[workload] += 1,
+            _ if by == LOOP_COMPONENT => second.rejected[workload] += 1,
+            _ if !by.is_empty() => {}
             _ => second.failed += 1,
         }
     }

@@ -16,8 +16,9 @@
 //! - **stability**: once protected, the spread of the multiplier and of the
 //!   latency, and the seconds whose latency went above 2 × (and 1.5 ×) the
 //!   objective;
-//! - **recovery**: from the end of overload until the multiplier is back
-//!   at pass-through (≥ 0.99) and stays there;
+//! - **recovery**: from the end of overload until nothing is turned away
+//!   and the multiplier (for loops that have one) is back at pass-through
+//!   (≥ 0.99), and both stay so;
 //! - **priority**: the high-priority workload's share of admitted requests
 //!   in the seconds where anything was rejected, beside its share of what
 //!   was offered then.
@@ -54,6 +55,9 @@ pub struct Second {
     pub e2e_ms: Option<f64>,
     /// The load multiplier in force at the end of the second.
     pub lm: Option<f64>,
+    /// The concurrency limit in force at the end of the second (a loop
+    /// that limits flows in flight instead).
+    pub limit: Option<u64>,
 }
 
 /// When overload starts and ends, in seconds from the start of traffic.
@@ -85,8 +89,9 @@ pub struct Figures {
     pub seconds_above_1_5x: u64,
     /// The highest latency ÷ objective of an overloaded second.
     pub worst_latency_ratio: Option<f64>,
-    /// Seconds from the end of overload until the multiplier is back at
-    /// pass-through and stays; `None`: not by the end of the run.
+    /// Seconds from the end of overload until nothing is turned away and
+    /// the multiplier is back at pass-through, and both stay so; `None`:
+    /// not by the end of the run.
     pub recovered_after_s: Option<u64>,
     /// The high-priority workload's share of admitted requests in seconds
     /// with rejections.
@@ -149,9 +154,9 @@ impl Figures {
         let after: Vec<&Second> = seconds.iter().filter(|s| s.t >= overload.end).collect();
         let recovered_from = (0..after.len())
             .find(|&i| {
-                after[i..]
-                    .iter()
-                    .all(|s| s.lm.is_none_or(|lm| lm >= PASS_THROUGH))
+                after[i..].iter().all(|s| {
+                    s.lm.is_none_or(|lm| lm >= PASS_THROUGH) && s.rejected.iter().sum::<u64>() == 0
+                })
             })
             .map(|i| after[i].t);
 
@@ -246,7 +251,24 @@ mod tests {
             latency_ms: Some(latency),
             e2e_ms: Some(latency + 1.0),
             lm: Some(lm),
+            limit: None,
         }
+    }
+
+    #[test]
+    fn a_loop_without_a_multiplier_recovers_when_nothing_is_turned_away() {
+        let mut run = [
+            second(0, 90.0, 1.0, 100, [100, 100], [0, 0]),
+            second(1, 30.0, 1.0, 180, [100, 90], [0, 110]),
+            second(2, 20.0, 1.0, 100, [50, 40], [0, 10]),
+            second(3, 20.0, 1.0, 100, [50, 50], [0, 0]),
+        ];
+        for s in &mut run {
+            s.lm = None;
+            s.limit = Some(9);
+        }
+        let f = Figures::of(&run, Overload { start: 0, end: 2 }, &WORKERS, OBJECTIVE);
+        assert_eq!(f.recovered_after_s, Some(1), "{f:?}");
     }
 
     #[test]
