@@ -253,7 +253,7 @@ fn over_otlp_http(upstream: &Upstream, sidecar: &Server) -> (String, EnvoyPorts)
         "    uri: http://127.0.0.1:8081/v1/logs",
         "    cluster: sluice_admin",
         "    timeout: 1s",
-        "buffer_flush_interval: 0.05s",
+        "buffer_flush_interval: 0.01s",
         "buffer_size_bytes: 16384",
     ]
     .iter()
