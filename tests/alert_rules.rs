@@ -102,11 +102,17 @@ fn every_rule_has_a_case_that_fires_and_one_that_does_not() {
         let expected = |fires: bool| {
             cases.iter().any(|c| {
                 c["alertname"] == rule.alert.as_str()
-                    && c["exp_alerts"].as_array().is_some_and(|a| a.is_empty() != fires)
+                    && c["exp_alerts"]
+                        .as_array()
+                        .is_some_and(|a| a.is_empty() != fires)
             })
         };
         assert!(expected(true), "{}: no case where it fires", rule.alert);
-        assert!(expected(false), "{}: no case where it stays quiet", rule.alert);
+        assert!(
+            expected(false),
+            "{}: no case where it stays quiet",
+            rule.alert
+        );
     }
 }
 
@@ -159,7 +165,10 @@ fn the_metric_names_of_an_expression_are_found() {
             r#"sum by (policy_name, component) (rate(flowcontrol_reject_reasons_total{reason="queue_timeout"}[5m]))
              / sum by (policy_name) (rate(workload_requests_total[5m])) > 0.1"#
         ),
-        ["flowcontrol_reject_reasons_total", "workload_requests_total"]
+        [
+            "flowcontrol_reject_reasons_total",
+            "workload_requests_total"
+        ]
     );
     assert_eq!(metrics_of(r#"up{job="sluice"} == 0"#), ["up"]);
 }
