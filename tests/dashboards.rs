@@ -70,15 +70,18 @@ circuit:
 
 /// The dashboards, by file.
 fn dashboards() -> Vec<(&'static str, Value)> {
-    ["dashboards/sluice-sidecar.json", "dashboards/sluice-controller.json"]
-        .into_iter()
-        .map(|file| {
-            let text = std::fs::read_to_string(sluice_testkit::repo_root().join(file))
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-            let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
-            (file, json)
-        })
-        .collect()
+    [
+        "dashboards/sluice-sidecar.json",
+        "dashboards/sluice-controller.json",
+    ]
+    .into_iter()
+    .map(|file| {
+        let text = std::fs::read_to_string(sluice_testkit::repo_root().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        (file, json)
+    })
+    .collect()
 }
 
 /// Every panel's queries: (dashboard, panel title, PromQL).
@@ -108,19 +111,28 @@ fn as_grafana_sends(expr: &str) -> String {
 #[test]
 fn every_panel_reads_its_datasource_and_the_variables_exist() {
     for (file, d) in dashboards() {
-        assert!(d["uid"].as_str().is_some_and(|u| u.starts_with("sluice")), "{file}: uid");
+        assert!(
+            d["uid"].as_str().is_some_and(|u| u.starts_with("sluice")),
+            "{file}: uid"
+        );
         let variables: Vec<&str> = d["templating"]["list"]
             .as_array()
             .expect("templating")
             .iter()
             .filter_map(|v| v["name"].as_str())
             .collect();
-        assert!(variables.contains(&"datasource") && variables.contains(&"policy_name"), "{file}: {variables:?}");
+        assert!(
+            variables.contains(&"datasource") && variables.contains(&"policy_name"),
+            "{file}: {variables:?}"
+        );
         let mut ids = Vec::new();
         for panel in d["panels"].as_array().expect("panels") {
             let title = panel["title"].as_str().unwrap_or("?");
             ids.push(panel["id"].as_u64().expect("id"));
-            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{file}: {title}");
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{file}: {title}"
+            );
             let targets = panel["targets"].as_array().expect("targets");
             assert!(!targets.is_empty(), "{file}: {title} has no query");
             for t in targets {
@@ -129,7 +141,10 @@ fn every_panel_reads_its_datasource_and_the_variables_exist() {
                 // Prometheus as text.
                 for used in ["$policy_name", "$component"] {
                     if expr.contains(used) {
-                        assert!(variables.contains(&&used[1..]), "{file}: {title} uses {used}");
+                        assert!(
+                            variables.contains(&&used[1..]),
+                            "{file}: {title} uses {used}"
+                        );
                     }
                 }
             }
@@ -238,7 +253,9 @@ async fn every_panel_query_returns_data_from_a_real_run() {
         for (file, title, expr) in &queries {
             let promql = as_grafana_sends(expr);
             match prometheus.query(&promql).await {
-                Ok(samples) if samples.is_empty() => empty.push(format!("{file}: {title}: {promql}")),
+                Ok(samples) if samples.is_empty() => {
+                    empty.push(format!("{file}: {title}: {promql}"))
+                }
                 Ok(_) => {}
                 // A query Prometheus refuses does not mend with time.
                 Err(e) => panic!("{file}: {title}: {promql}: {e:#}"),
@@ -270,7 +287,11 @@ async fn every_panel_query_returns_data_from_a_real_run() {
             let json: Value = serde_json::from_slice(&reply.body).expect("json");
             json["data"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect::<Vec<_>>())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
         }
     };
@@ -278,7 +299,10 @@ async fn every_panel_query_returns_data_from_a_real_run() {
     assert!(policies.contains(&"dash".to_owned()), "{policies:?}");
     let components = values("component", r#"{policy_name=~"dash"}"#).await;
     for c in ["per-user", "slots", "protect"] {
-        assert!(components.contains(&c.to_owned()), "{c} not in {components:?}");
+        assert!(
+            components.contains(&c.to_owned()),
+            "{c} not in {components:?}"
+        );
     }
 
     drop(envoy);
