@@ -226,7 +226,7 @@ async fn every_panel_query_returns_data_from_a_real_run() {
                 tick.tick().await;
                 n += 1;
                 let user = ["alice", "bob", "alice", "carol", "alice", "bob"][n as usize % 6];
-                let kind = if n % 2 == 0 { "paid" } else { "free" };
+                let kind = if n.is_multiple_of(2) { "paid" } else { "free" };
                 tokio::spawn(async move {
                     let _ = http::request(
                         front,
