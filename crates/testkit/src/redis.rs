@@ -205,10 +205,17 @@ impl RedisCluster {
     pub async fn start() -> anyhow::Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..3 {
+            // The cluster bus listens on port + 10000 unless told where:
+            // that can land in the kernel's ephemeral range, where a
+            // connection's source port may hold it, so it gets a free port
+            // of its own.
+            let bus = free_port()?.to_string();
             nodes.push(
                 Redis::start(&[
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-port",
+                    &bus,
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
