@@ -203,6 +203,7 @@ pub fn parse_policy(file: &Path, text: &str) -> Result<Policy, PolicyError> {
     check_component_count(file, &policy)?;
     check_unique_names(file, &policy)?;
     check_samplers(file, &policy)?;
+    check_concurrency_schedulers(file, &policy)?;
     if let Some(circuit) = &policy.circuit {
         let name = &policy.name.value.0;
         circuit
@@ -298,6 +299,24 @@ fn check_unique_names(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
             ));
         }
         seen.push((field, name));
+    }
+    Ok(())
+}
+
+/// An adaptive concurrency limit is this sidecar's own, revised from the
+/// flows it admitted: with `scope: global` the store's count is shared by
+/// every sidecar, and a limit cut below it by one would admit nothing
+/// there (so no flow would end to raise it again).
+fn check_concurrency_schedulers(file: &Path, policy: &Policy) -> Result<(), PolicyError> {
+    for (i, c) in policy.concurrency_schedulers.iter().enumerate() {
+        if c.adaptive.is_some() && c.scope == crate::Scope::Global {
+            return Err(PolicyError::at(
+                file,
+                &c.name.defined,
+                format!("concurrency_schedulers[{i}].adaptive"),
+                "an adaptive limit is each sidecar's own: use it with scope: sidecar".to_owned(),
+            ));
+        }
     }
     Ok(())
 }
@@ -415,6 +434,9 @@ mod tests {
             "{latency_setpoint_ms: 30, late_percentage: 101}",
         ));
         assert!(e.message.contains("between 0 and 100"), "{e}");
+        let e = err(&scheduler("{latency_setpoint_ms: 30}\n    scope: global"));
+        assert!(e.field.ends_with("adaptive"), "{e}");
+        assert!(e.message.contains("scope: sidecar"), "{e}");
         let ok = parse_policy(Path::new("p.yaml"), &scheduler("{latency_setpoint_ms: 30}"))
             .expect("valid");
         let adaptive = ok.concurrency_schedulers[0]

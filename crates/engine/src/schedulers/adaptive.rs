@@ -27,6 +27,10 @@
 //!
 //! It stays within [`min_concurrency`, the ceiling], the ceiling being the
 //! policy's `max_concurrency` or the controller's limit while it holds.
+//! A flow's start is taken as its log's arrival minus its latency, so it
+//! is late by the access log's way back (Envoy's flush interval): with a
+//! long interval, flows admitted just before a cut still count against it.
+//! The shipped Envoy configs flush every 10 ms.
 //! No lock or clock of its own: the scheduler's pool holds it under its
 //! lock and passes the engine's time, so it is tested on simulated time.
 
@@ -119,8 +123,10 @@ impl AdaptiveLimit {
             let base = self.limit.min(self.peak.max(in_flight) as f64);
             self.limit = (base * cut).max(self.min as f64);
             self.cut_at = now;
-        } else if self.wanted_more {
-            self.limit = (self.limit.min(ceiling as f64) + 1.0).min(ceiling as f64);
+        } else if self.wanted_more && self.limit < ceiling as f64 {
+            // Its own limit, not the ceiling's: a controller's lower
+            // ceiling, once it lapses, must not leave the limit down there.
+            self.limit = (self.limit + 1.0).min(ceiling as f64);
         }
         self.since = now;
         self.ended = 0;
@@ -210,6 +216,22 @@ mod tests {
             a.wanted();
             interval(&mut a, k * 100 * MS, 20, 0, 10);
         }
+        assert_eq!(a.limit(100), 100);
+    }
+
+    #[test]
+    fn a_lapsed_controller_ceiling_does_not_keep_the_limit_down() {
+        let mut a = limit(100);
+        // The controller holds the ceiling at 20 for a while, and flows
+        // wait at it, on time.
+        for k in 0..10 {
+            a.wanted();
+            for i in 0..20 {
+                a.ended(k * 100 * MS + (i + 1) * 5 * MS, 20.0, 20, 20);
+            }
+        }
+        assert_eq!(a.limit(20), 20);
+        // Its decision lapses: the policy's 100 is back at once.
         assert_eq!(a.limit(100), 100);
     }
 

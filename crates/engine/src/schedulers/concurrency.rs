@@ -449,16 +449,20 @@ impl ConcurrencyScheduler {
     pub fn observe_latency(&self, workload: usize, latency_ms: f64) {
         self.scheduler.config.observe_latency(workload, latency_ms);
         let now = self.scheduler.clock().now();
-        let (adaptive, raised) = self.scheduler.with_pool(|s| {
+        let raised = self.scheduler.with_pool(|s| {
             let (in_flight, max) = (s.in_flight(), s.max);
-            match s.adaptive.as_mut() {
-                Some(a) => (true, a.ended(now, latency_ms, in_flight, max)),
-                None => (false, false),
+            let raised = s
+                .adaptive
+                .as_mut()
+                .is_some_and(|a| a.ended(now, latency_ms, in_flight, max));
+            if s.adaptive.is_some() {
+                // Under the pool's lock, so that two logs revising it at
+                // once cannot leave the gauge showing the older limit.
+                self.limit_gauge
+                    .set(s.limit().try_into().unwrap_or(i64::MAX));
             }
+            raised
         });
-        if adaptive {
-            self.show_limit();
-        }
         if raised {
             self.scheduler.poke();
         }
