@@ -902,7 +902,7 @@ fn average_latency(
 /// - **otherwise** it rises to the served rate × (setpoint ÷ latency) up
 ///   to `max_gradient` a tick, but no further than `capacity_share` × the
 ///   measured capacity (when one was measured), then by `capacity_probe`
-///   of what is served a tick (a service that got faster is found, one at
+///   of what is accepted a tick (a service that got faster is found, one at
 ///   its cliff is approached slowly); and never lower than `capacity_share`
 ///   × the measured capacity, so that a cut ends as soon as latency is
 ///   back, not after a slow climb. The probe is on the accepted rate, like
