@@ -127,10 +127,14 @@ fn metrics_of(expr: &str) -> Vec<String> {
             .into_owned()
     };
     let mut text = strip(expr, r#""[^"]*""#);
-    for pattern in [r"\{[^}]*\}", r"\[[^\]]*\]", r"\bby\s*\([^)]*\)"] {
+    for pattern in [
+        r"\{[^}]*\}",
+        r"\[[^\]]*\]",
+        r"\b(by|on|ignoring)\s*\([^)]*\)",
+    ] {
         text = strip(&text, pattern);
     }
-    const PROMQL: [&str; 4] = ["rate", "increase", "sum", "by"];
+    const PROMQL: [&str; 5] = ["rate", "increase", "sum", "and", "unless"];
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_alphabetic()))
         .filter(|w| !PROMQL.contains(w))
@@ -171,4 +175,8 @@ fn the_metric_names_of_an_expression_are_found() {
         ]
     );
     assert_eq!(metrics_of(r#"up{job="sluice"} == 0"#), ["up"]);
+    assert_eq!(
+        metrics_of("a == 1 and on (instance, component) sum by (instance) (rate(b[5m])) > 0"),
+        ["a", "b"]
+    );
 }
