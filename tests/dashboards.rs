@@ -253,7 +253,9 @@ async fn every_panel_query_returns_data_from_a_real_run() {
         for (file, title, expr) in &queries {
             let promql = as_grafana_sends(expr);
             match prometheus.query(&promql).await {
-                Ok(samples) if samples.is_empty() => {
+                // Data is a number: an empty vector, or only NaN (a
+                // quantile of nothing, a ratio of zero rates), is not.
+                Ok(samples) if !samples.iter().any(|s| s.value.is_finite()) => {
                     empty.push(format!("{file}: {title}: {promql}"))
                 }
                 Ok(_) => {}
@@ -274,8 +276,9 @@ async fn every_panel_query_returns_data_from_a_real_run() {
         prometheus.log_tail()
     );
 
-    // The variables' own queries (Grafana's label_values) list the policy
-    // and its components.
+    // The variables' own queries, as the dashboards write them (Grafana's
+    // `label_values([matcher,] label)`), list the policy and its
+    // components.
     let values = |label: &str, matcher: &str| {
         let path = format!(
             "/api/v1/label/{label}/values?match[]={}",
@@ -295,14 +298,36 @@ async fn every_panel_query_returns_data_from_a_real_run() {
                 .unwrap_or_default()
         }
     };
-    let policies = values("policy_name", r#"{policy_name!=""}"#).await;
-    assert!(policies.contains(&"dash".to_owned()), "{policies:?}");
-    let components = values("component", r#"{policy_name=~"dash"}"#).await;
+    let mut listed = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (file, d) in dashboards() {
+        for v in d["templating"]["list"].as_array().expect("templating") {
+            if v["type"] != "query" {
+                continue;
+            }
+            let definition = v["definition"].as_str().expect("definition");
+            let inner = definition
+                .strip_prefix("label_values(")
+                .and_then(|d| d.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{file}: {definition}: not label_values(...)"));
+            let (matcher, label) = match inner.rsplit_once(',') {
+                Some((m, l)) => (as_grafana_sends(m.trim()), l.trim().to_owned()),
+                None => (
+                    format!(r#"{{{}!=""}}"#, inner.trim()),
+                    inner.trim().to_owned(),
+                ),
+            };
+            let found = values(&label, &matcher).await;
+            listed.entry(label).or_default().extend(found);
+        }
+    }
+    let has = |label: &str, value: &str| {
+        listed
+            .get(label)
+            .is_some_and(|v| v.iter().any(|x| x == value))
+    };
+    assert!(has("policy_name", "dash"), "{listed:?}");
     for c in ["per-user", "slots", "protect"] {
-        assert!(
-            components.contains(&c.to_owned()),
-            "{c} not in {components:?}"
-        );
+        assert!(has("component", c), "{c} not listed: {listed:?}");
     }
 
     drop(envoy);
