@@ -630,7 +630,7 @@ impl Record {
     /// `x-sluice-rejected-by` header; "" if none): turned away when the
     /// loop's load scheduler refused it; the per-user limiter's and the
     /// sampler's refusals are the policy at work whatever the load, not the
-    /// loop's, and count as neither.
+    /// loop's, and are not counted at all (not even as offered to it).
     fn score(
         &mut self,
         t: u64,
@@ -653,6 +653,10 @@ impl Record {
             .any(|s| s.name == source && s.user_type == Some("subscriber"));
         let workload = usize::from(!subscriber);
         let second = &mut self.scored[t];
+        if !by.is_empty() && by != LOOP_COMPONENT {
+            // Refused before the loop's scheduler saw it: not offered to it.
+            return;
+        }
         second.offered[workload] += 1;
         match code {
             200 => {
@@ -665,7 +669,6 @@ impl Record {
                 second.e2e_ms = Some(*e2e / n);
             }
             _ if by == LOOP_COMPONENT => second.rejected[workload] += 1,
-            _ if !by.is_empty() => {}
             _ => second.failed += 1,
         }
     }
