@@ -869,9 +869,9 @@ pub async fn run(
             println!("--- t={t}s: the crowd arrives, more than the upstream can serve.");
         } else if t == phases.crowd_end {
             println!(
-                "--- t={t}s: the crowd leaves. The controller raises the multiplier step by step"
+                "--- t={t}s: the crowd leaves. Once fewer requests arrive than the upstream serves"
             );
-            println!("--- once its latency window no longer holds the crowd's last requests.");
+            println!("--- (over the controller's signal window), the multiplier is back at 1.");
         }
         println!("{}", live_line(second));
         seconds.send_replace(t + 1);
