@@ -405,19 +405,25 @@ impl ConcurrencyScheduler {
         }
     }
 
-    /// Shows the limit in force in `concurrency_limit`.
-    fn show_limit(&self) {
-        let limit = self.max_concurrency();
-        self.limit_gauge.set(limit.try_into().unwrap_or(i64::MAX));
+    /// Changes the slot pool with `f` and shows the limit then in force in
+    /// `concurrency_limit`, both under the pool's lock: two changes at once
+    /// (a controller decision, access logs revising an adaptive limit)
+    /// cannot leave the gauge showing the older limit.
+    fn change_pool<R>(&self, f: impl FnOnce(&mut SlotPool) -> R) -> R {
+        self.scheduler.with_pool(|s| {
+            let out = f(s);
+            self.limit_gauge
+                .set(s.limit().try_into().unwrap_or(i64::MAX));
+            out
+        })
     }
 
     /// Sets the controller's limit until `until`, and wakes the queue: a
     /// raised limit admits waiting requests now, not when a slot comes
     /// back.
     pub fn set_max_concurrency(&self, max: u64, until: Nanos) {
-        self.scheduler.with_pool(|s| s.max = max);
+        self.change_pool(|s| s.max = max);
         self.lease.grant(until);
-        self.show_limit();
         self.scheduler.poke();
     }
 
@@ -425,9 +431,7 @@ impl ConcurrencyScheduler {
     pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
         let lapsed = self.lease.lapse(now);
         if lapsed {
-            self.scheduler
-                .with_pool(|s| s.max = self.spec.max_concurrency);
-            self.show_limit();
+            self.change_pool(|s| s.max = self.spec.max_concurrency);
             self.scheduler.poke();
         }
         lapsed
@@ -448,20 +452,15 @@ impl ConcurrencyScheduler {
     /// learns from it, and a raised limit wakes the queue.
     pub fn observe_latency(&self, workload: usize, latency_ms: f64) {
         self.scheduler.config.observe_latency(workload, latency_ms);
+        if self.spec.adaptive.is_none() {
+            return;
+        }
         let now = self.scheduler.clock().now();
-        let raised = self.scheduler.with_pool(|s| {
+        let raised = self.change_pool(|s| {
             let (in_flight, max) = (s.in_flight(), s.max);
-            let raised = s
-                .adaptive
+            s.adaptive
                 .as_mut()
-                .is_some_and(|a| a.ended(now, latency_ms, in_flight, max));
-            if s.adaptive.is_some() {
-                // Under the pool's lock, so that two logs revising it at
-                // once cannot leave the gauge showing the older limit.
-                self.limit_gauge
-                    .set(s.limit().try_into().unwrap_or(i64::MAX));
-            }
-            raised
+                .is_some_and(|a| a.ended(now, latency_ms, in_flight, max))
         });
         if raised {
             self.scheduler.poke();
