@@ -17,9 +17,6 @@ use std::time::Duration;
 
 use common::*;
 use parking_lot::Mutex;
-use sluice::server::{Config, Sidecar};
-use sluice::telemetry::remote_write::RemoteWriteConfig;
-use sluice_controller::{Controller, ControllerConfig};
 use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
 use tokio::time::Instant;
 
@@ -121,38 +118,13 @@ async fn the_controller_protects_the_service_and_lets_go_after() {
         .await
         .expect("prometheus");
     let policy = PolicyFile::new(POLICY);
-    let controller = Controller::start(ControllerConfig {
-        tick: Duration::from_secs(1),
-        decision_validity: Duration::from_secs(3),
-        ..ControllerConfig::new(
-            policy.path.clone(),
-            &format!("http://{}", prometheus.addr),
-            "127.0.0.1:0".parse().expect("addr"),
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-    })
-    .await
-    .expect("controller");
-    let sidecar = Sidecar::start(&Config {
-        policy: Some(policy.path.clone()),
-        controller: Some(
-            format!("http://{}", controller.grpc_addr)
-                .parse()
-                .expect("url"),
-        ),
-        remote_write: Some(RemoteWriteConfig {
-            url: prometheus.remote_write_url().parse().expect("url"),
-            interval: Duration::from_millis(500),
-            external_labels: vec![],
-            bearer_token: None,
-            ca_file: None,
-            max_queued_batches: 30,
-            timeout: Duration::from_secs(2),
-        }),
-        ..Config::ephemeral()
-    })
-    .await
-    .expect("sidecar");
+    let (controller, sidecar) = controlled_sidecar(
+        &policy,
+        &prometheus,
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![],
+    )
+    .await;
     // 20 ms alone, 10 ms more per other request in flight: past ~80
     // requests/s its latency runs away.
     let upstream = Upstream::start_with(

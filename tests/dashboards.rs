@@ -19,9 +19,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use sluice::server::{Config, Sidecar};
-use sluice::telemetry::remote_write::RemoteWriteConfig;
-use sluice_controller::{Controller, ControllerConfig};
 use sluice_testkit::prometheus::query_escape;
 use sluice_testkit::{Envoy, EnvoyPorts, Latency, Prometheus, Upstream, http};
 
@@ -166,38 +163,13 @@ async fn every_panel_query_returns_data_from_a_real_run() {
         .await
         .expect("prometheus");
     let policy = PolicyFile::new(POLICY);
-    let controller = Controller::start(ControllerConfig {
-        tick: Duration::from_secs(1),
-        decision_validity: Duration::from_secs(3),
-        ..ControllerConfig::new(
-            policy.path.clone(),
-            &format!("http://{}", prometheus.addr),
-            "127.0.0.1:0".parse().expect("addr"),
-            controller_admin,
-        )
-    })
-    .await
-    .expect("controller");
-    let sidecar = Sidecar::start(&Config {
-        policy: Some(policy.path.clone()),
-        controller: Some(
-            format!("http://{}", controller.grpc_addr)
-                .parse()
-                .expect("url"),
-        ),
-        remote_write: Some(RemoteWriteConfig {
-            url: prometheus.remote_write_url().parse().expect("url"),
-            interval: Duration::from_millis(500),
-            external_labels: vec![("instance".to_owned(), "sidecar-a".to_owned())],
-            bearer_token: None,
-            ca_file: None,
-            max_queued_batches: 30,
-            timeout: Duration::from_secs(2),
-        }),
-        ..Config::ephemeral()
-    })
-    .await
-    .expect("sidecar");
+    let (controller, sidecar) = controlled_sidecar(
+        &policy,
+        &prometheus,
+        controller_admin,
+        vec![("instance".to_owned(), "sidecar-a".to_owned())],
+    )
+    .await;
     let upstream = Upstream::start_with(
         0,
         Latency {

@@ -28,6 +28,54 @@ pub async fn sidecar(policy: &PolicyFile) -> Sidecar {
     Sidecar::start(&config).await.expect("sidecar starts")
 }
 
+/// The closed loop's parts: sluice-controller running `policy` against
+/// `prometheus` (ticking every second, decisions valid 3 s, its admin
+/// listener on `controller_admin`), and an in-process sidecar subscribed
+/// to it, remote-writing to `prometheus` every 500 ms with
+/// `external_labels`.
+pub async fn controlled_sidecar(
+    policy: &PolicyFile,
+    prometheus: &sluice_testkit::Prometheus,
+    controller_admin: SocketAddr,
+    external_labels: Vec<(String, String)>,
+) -> (sluice_controller::Controller, Sidecar) {
+    use sluice::telemetry::remote_write::RemoteWriteConfig;
+    use sluice_controller::{Controller, ControllerConfig};
+    let controller = Controller::start(ControllerConfig {
+        tick: Duration::from_secs(1),
+        decision_validity: Duration::from_secs(3),
+        ..ControllerConfig::new(
+            policy.path.clone(),
+            &format!("http://{}", prometheus.addr),
+            "127.0.0.1:0".parse().expect("addr"),
+            controller_admin,
+        )
+    })
+    .await
+    .expect("controller");
+    let sidecar = Sidecar::start(&Config {
+        policy: Some(policy.path.clone()),
+        controller: Some(
+            format!("http://{}", controller.grpc_addr)
+                .parse()
+                .expect("url"),
+        ),
+        remote_write: Some(RemoteWriteConfig {
+            url: prometheus.remote_write_url().parse().expect("url"),
+            interval: Duration::from_millis(500),
+            external_labels,
+            bearer_token: None,
+            ca_file: None,
+            max_queued_batches: 30,
+            timeout: Duration::from_secs(2),
+        }),
+        ..Config::ephemeral()
+    })
+    .await
+    .expect("sidecar");
+    (controller, sidecar)
+}
+
 pub async fn client(sidecar: &Sidecar) -> AuthorizationClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", sidecar.grpc_addr))
         .expect("uri")
