@@ -24,6 +24,7 @@ use sluice_runtime::secret::{TokenFile, read_secret};
 use sluice_runtime::tls::{CertKey, ServerTlsFiles};
 use sluice_store::RedisConfig;
 
+use crate::inspect;
 use crate::server::{Config, ControllerLink, Sidecar};
 use crate::telemetry::remote_write::{self, RemoteWriteConfig};
 
@@ -64,11 +65,36 @@ pub enum Command {
     Health {
         /// What to GET: by default the sidecar's liveness route on the
         /// default admin listener (/readyz asks for readiness).
-        #[arg(long, default_value = "http://127.0.0.1:8081/healthz", value_parser = parse_health_url)]
+        #[arg(long, default_value = "http://127.0.0.1:8081/healthz", value_parser = parse_http_url)]
         url: http::Uri,
         /// How long to wait for the whole answer, connecting included.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Wait for the next Checks of a control point on a running sidecar and
+    /// print, for each, the labels the engine saw (secret headers
+    /// redacted), what classifiers added, which components' selectors
+    /// matched, and the decision. For writing selectors and classifiers,
+    /// and for asking in an incident what Sluice decides now.
+    Preview {
+        /// The control point (as Envoy names it: `ingress`, `egress`...).
+        #[arg(long)]
+        control_point: String,
+        /// Only Checks of this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// How many Checks (1 to 100).
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        /// How long to wait for them (up to 60s).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The sidecar's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:8081", value_parser = parse_http_url)]
+        admin: http::Uri,
+        /// Print the sidecar's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -148,6 +174,16 @@ pub struct RunArgs {
     /// pod (Envoy's logger uses the gRPC listener anyway).
     #[arg(long, env = "SLUICE_OTLP_HTTP", default_value_t = true, action = clap::ArgAction::Set)]
     pub otlp_http: bool,
+    /// Serve GET /v1/preview on the admin listener (`sluice preview`):
+    /// samples of live Checks with their labels and decisions. Values of
+    /// authorization, proxy-authorization, cookie and set-cookie headers
+    /// are never shown.
+    #[arg(long, env = "SLUICE_PREVIEW", default_value_t = true, action = clap::ArgAction::Set)]
+    pub preview: bool,
+    /// More headers whose values previews never show (comma-separated
+    /// names, any case, e.g. x-api-key).
+    #[arg(long, env = "SLUICE_PREVIEW_REDACT", value_delimiter = ',')]
+    pub preview_redact: Vec<String>,
     /// Prometheus remote-write receiver for flux meters and the sidecar's
     /// own metrics, e.g. http://prometheus:9090/api/v1/write (Prometheus
     /// needs --web.enable-remote-write-receiver). Off when unset.
@@ -272,7 +308,7 @@ pub struct RunArgs {
 
 /// An `http://` or `https://` URL with a host: anything else would fail
 /// only when the health check runs, as an unhealthy container.
-fn parse_health_url(s: &str) -> Result<http::Uri, String> {
+fn parse_http_url(s: &str) -> Result<http::Uri, String> {
     let expected = || format!("expected an http:// or https:// URL with a host, got {s:?}");
     let url: http::Uri = s.parse().map_err(|_| expected())?;
     match (url.scheme_str(), url.authority()) {
@@ -402,6 +438,8 @@ impl RunArgs {
             max_check_request_bytes: self.max_check_request_bytes,
             max_log_request_bytes: self.max_log_request_bytes,
             otlp_http: self.otlp_http,
+            preview: self.preview,
+            preview_redact: self.preview_redact.clone(),
             controller: self.controller.clone(),
             agent_group: self.agent_group.clone(),
             instance: self.instance.clone(),
@@ -467,22 +505,33 @@ async fn get_status(
     url: &http::Uri,
     timeout: Duration,
 ) -> anyhow::Result<(http::StatusCode, String)> {
-    use http_body_util::{BodyExt as _, Full, Limited};
-    let client = sluice_runtime::http_client::build(None, timeout)?;
-    let request = http::Request::get(url.clone()).body(Full::new(bytes::Bytes::new()))?;
-    let exchange = async {
-        let response = client.request(request).await?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), 4096)
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default();
-        anyhow::Ok((status, body))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout)))?
+    // A long body is no error for a health check: only its start is shown.
+    let (status, body) = sluice_runtime::http_client::get_once(url, timeout, 1 << 20).await?;
+    let body = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+    Ok((status, body))
+}
+
+/// Prints an admin answer as JSON or for a person; false (with the reason
+/// on stderr) when there is none.
+fn print_answer(
+    answer: anyhow::Result<(String, serde_json::Value)>,
+    json: bool,
+    render: fn(&serde_json::Value) -> String,
+) -> bool {
+    match answer {
+        Ok((text, _)) if json => {
+            println!("{}", text.trim_end());
+            true
+        }
+        Ok((_, value)) => {
+            print!("{}", render(&value));
+            true
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            false
+        }
+    }
 }
 
 /// Runs the command line.
@@ -495,6 +544,30 @@ pub fn main() -> ExitCode {
             Some(true)
         }
         Some(Command::Health { url, timeout }) => Some(health(url, *timeout)),
+        Some(Command::Preview {
+            control_point,
+            service,
+            samples,
+            timeout,
+            admin,
+            json,
+        }) => {
+            let mut query = vec![
+                ("control_point", control_point.clone()),
+                ("samples", samples.to_string()),
+                ("timeout", humantime::format_duration(*timeout).to_string()),
+            ];
+            if let Some(s) = service {
+                query.push(("service", s.clone()));
+            }
+            // The sidecar answers after `timeout` at the latest.
+            let wait = *timeout + Duration::from_secs(5);
+            Some(print_answer(
+                inspect::ask(admin, "/v1/preview", &query, wait),
+                *json,
+                inspect::render_preview,
+            ))
+        }
         None => None,
     };
     if let Some(ok) = done {

@@ -21,10 +21,11 @@
 //! - [`control`]: the subscription to `sluice-controller`, turning its
 //!   decisions into the engine's.
 //! - [`admin`]: the admin routes (`/metrics`, `/healthz`, `/readyz`,
-//!   `/control-points`, `POST /v1/logs`).
+//!   `/control-points`, `GET /v1/preview`, `POST /v1/logs`).
 //! - [`telemetry`]: the sidecar's own metrics and Prometheus remote-write.
 //! - [`server`]: wires the above into a running sidecar; [`cli`] is the
-//!   command line on top.
+//!   command line on top, [`inspect`] the commands that ask a running
+//!   sidecar (`sluice preview`, `sluice status`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod admin;
 pub mod cli;
 pub mod control;
 pub mod envoy;
+pub mod inspect;
 pub mod otlp;
 pub mod server;
 pub mod telemetry;

@@ -61,6 +61,12 @@ pub struct Config {
     /// controller); turn it off where the admin port is exposed beyond the
     /// pod and Envoy sends logs over gRPC anyway.
     pub otlp_http: bool,
+    /// Serve `GET /v1/preview` on the admin listener: samples of live
+    /// Checks, their labels (secrets redacted) and decisions.
+    pub preview: bool,
+    /// Headers whose values previews never show, besides
+    /// `authorization`, `proxy-authorization`, `cookie` and `set-cookie`.
+    pub preview_redact: Vec<String>,
     /// Where to remote-write metrics, if anywhere. An `instance` label
     /// (`<hostname>:<admin port>`) is added unless one is given.
     pub remote_write: Option<RemoteWriteConfig>,
@@ -101,6 +107,8 @@ impl Default for Config {
             max_check_request_bytes: 1 << 20,
             max_log_request_bytes: 16 << 20,
             otlp_http: true,
+            preview: true,
+            preview_redact: Vec::new(),
             remote_write: None,
             flow_key: None,
             controller: None,
@@ -187,6 +195,8 @@ impl Sidecar {
                 max_inflight_flows: config.max_inflight_flows,
                 store,
                 flow_key: config.flow_key,
+                preview_redact: config.preview_redact.clone(),
+                max_previews: sluice_engine::preview::DEFAULT_MAX_OPEN,
                 max_decision_validity: config.controller_link.max_validity,
             },
         ));
@@ -255,6 +265,7 @@ impl Sidecar {
             access_logs,
             max_log_request_bytes: config.max_log_request_bytes,
             otlp_http: config.otlp_http,
+            preview: config.preview,
         });
         tasks.push(tokio::spawn(admin_server::serve(
             admin,

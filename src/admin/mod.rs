@@ -1,9 +1,12 @@
 //! The sidecar's admin routes: `/metrics` (Prometheus text format),
 //! `/healthz` (the process is up), `/readyz` (a policy is in force and the
 //! Check listener is serving), `/control-points` (JSON: control points and
-//! services seen, with counts), and `POST /v1/logs` (OTLP/HTTP access logs,
-//! protobuf encoding). The server they run on is `sluice_runtime::admin`,
-//! shared with the controller.
+//! services seen, with counts), `GET /v1/preview` (samples of live Checks,
+//! `preview.rs`), and `POST /v1/logs` (OTLP/HTTP access logs, protobuf
+//! encoding). The server they run on is `sluice_runtime::admin`, shared
+//! with the controller.
+
+mod preview;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,6 +34,8 @@ pub struct AdminState {
     pub max_log_request_bytes: usize,
     /// Whether `POST /v1/logs` is served (`--otlp-http`).
     pub otlp_http: bool,
+    /// Whether `GET /v1/preview` is served (`--preview`).
+    pub preview: bool,
 }
 
 #[derive(Serialize)]
@@ -54,25 +59,60 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
                 respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n")
             }
         }
-        (&Method::GET, "/control-points") => {
-            let body = ControlPoints {
-                control_points: state.engine.control_points(),
-            };
-            match serde_json::to_vec_pretty(&body) {
-                Ok(json) => respond(StatusCode::OK, "application/json", json),
-                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
-            }
-        }
+        (&Method::GET, "/control-points") => json(&ControlPoints {
+            control_points: state.engine.control_points(),
+        }),
+        (&Method::GET, "/v1/preview") => preview::preview(state, req.uri().query()).await,
         (&Method::POST, "/v1/logs") if state.otlp_http => otlp_http(state, req).await,
         (&Method::POST, "/v1/logs") => respond(
             StatusCode::NOT_FOUND,
             TEXT,
             "OTLP/HTTP logs are off on this sidecar (--otlp-http=false)\n",
         ),
-        (_, "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs") => {
-            respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
-        }
+        (
+            _,
+            "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs" | "/v1/preview",
+        ) => respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n"),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+    }
+}
+
+/// `value` as pretty JSON, 200.
+fn json(value: &impl Serialize) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(json) => respond(StatusCode::OK, "application/json", json),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
+    }
+}
+
+/// The parameters of a query string, each named at most once, none but
+/// those allowed: a typo (`controlpoint=`) is an error, not a silent
+/// default.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: Option<&str>, allowed: &[&str]) -> Result<Query, String> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if !allowed.contains(&&*k) {
+                return Err(format!(
+                    "unknown parameter {k:?} (known: {})",
+                    allowed.join(", ")
+                ));
+            }
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(format!("parameter {k:?} given twice"));
+            }
+            pairs.push((k.into_owned(), v.into_owned()));
+        }
+        Ok(Query(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 

@@ -11,7 +11,8 @@ use bytes::Bytes;
 
 use super::wire::{AttributeContext, CheckRequest, HttpRequest, SocketAddress};
 use sluice_engine::labels::{
-    LabelKind, LabelRef, LabelSource, baggage_member, header_name_matches,
+    HEADER_PREFIX, LabelKind, LabelRef, LabelSource, baggage_member, header_name_matches,
+    normalize_header_name, percent_decode,
 };
 
 /// The text of a bytes field. Invalid UTF-8 is replaced, not refused.
@@ -82,6 +83,21 @@ impl<'a> CheckView<'a> {
     }
 }
 
+/// The name policies read a request attribute under.
+fn attribute_name(kind: &LabelKind) -> &'static str {
+    match kind {
+        LabelKind::Method => "http.method",
+        LabelKind::Path => "http.path",
+        LabelKind::Target => "http.target",
+        LabelKind::Host => "http.host",
+        LabelKind::Scheme => "http.scheme",
+        LabelKind::Flavor => "http.flavor",
+        LabelKind::SourceAddress => "source.address",
+        LabelKind::DestinationAddress => "destination.address",
+        LabelKind::Header(_) | LabelKind::Baggage => "",
+    }
+}
+
 /// `http.flavor` in OpenTelemetry's spelling, from Envoy's protocol name.
 fn flavor(protocol: &Bytes) -> Option<Cow<'_, str>> {
     Some(Cow::Borrowed(match &protocol[..] {
@@ -120,6 +136,54 @@ impl LabelSource for CheckView<'_> {
                     Ok(header) => baggage_member(header, &key.name),
                     Err(_) => baggage_member(&String::from_utf8_lossy(raw), &key.name)
                         .map(|v| Cow::Owned(v.into_owned())),
+                }
+            }
+        }
+    }
+
+    fn each_label(&self, f: &mut dyn FnMut(&str, Cow<'_, str>)) {
+        for kind in [
+            LabelKind::Method,
+            LabelKind::Path,
+            LabelKind::Target,
+            LabelKind::Host,
+            LabelKind::Scheme,
+            LabelKind::Flavor,
+            LabelKind::SourceAddress,
+            LabelKind::DestinationAddress,
+        ] {
+            let name = attribute_name(&kind);
+            let key = LabelRef {
+                name: name.into(),
+                kind,
+            };
+            if let Some(v) = self.label(&key) {
+                f(name, v);
+            }
+        }
+        let Some(http) = self.http else { return };
+        let mut name = String::from(HEADER_PREFIX);
+        let mut header = |key: &Bytes, value: &Bytes| {
+            name.truncate(HEADER_PREFIX.len());
+            name.push_str(&normalize_header_name(&text(key)));
+            f(&name, text(value));
+        };
+        for h in &http.headers {
+            header(&h.key, &h.value);
+        }
+        for h in http.header_map.iter().flat_map(|m| &m.headers) {
+            let value = if h.raw_value.is_empty() {
+                &h.value
+            } else {
+                &h.raw_value
+            };
+            header(&h.key, value);
+        }
+        if let Some(raw) = self.header("baggage") {
+            for member in text(raw).split(',') {
+                let member = member.split(';').next().unwrap_or_default();
+                if let Some((k, v)) = member.split_once('=') {
+                    f(k.trim(), percent_decode(v.trim()));
                 }
             }
         }
@@ -224,6 +288,51 @@ mod tests {
             Some("caf\u{FFFD}")
         );
         assert_eq!(get(&v, "http.method"), None);
+    }
+
+    #[test]
+    fn every_label_is_listed_under_the_name_a_policy_reads() {
+        let req = request(HttpRequest {
+            method: "POST".into(),
+            path: "/a?b=1".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: vec![
+                entry("User-Id", b"42"),
+                entry("baggage", b"tier=gold;p, team=a%20b"),
+            ],
+            header_map: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: "x-raw".into(),
+                    value: Bytes::new(),
+                    raw_value: Bytes::from_static(b"r"),
+                }],
+            }),
+            ..Default::default()
+        });
+        let v = CheckView::new(&req);
+        let mut all = Vec::new();
+        v.each_label(&mut |name, value| all.push((name.to_owned(), value.into_owned())));
+        let all: Vec<(&str, &str)> = all.iter().map(|(n, v)| (&**n, &**v)).collect();
+        assert_eq!(
+            all,
+            [
+                ("http.method", "POST"),
+                ("http.path", "/a"),
+                ("http.target", "/a?b=1"),
+                ("http.flavor", "1.1"),
+                ("source.address", "10.0.0.1"),
+                ("destination.address", "10.0.0.2"),
+                ("http.request.header.user_id", "42"),
+                ("http.request.header.baggage", "tier=gold;p, team=a%20b"),
+                ("http.request.header.x_raw", "r"),
+                ("tier", "gold"),
+                ("team", "a b"),
+            ]
+        );
+        // Each listed label reads back the same through the lookup.
+        for (name, value) in all {
+            assert_eq!(get(&v, name).as_deref(), Some(value), "{name}");
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ use crate::flow_end::{ExtraAttributes, FlowEnd};
 use crate::labels::FlowLabels;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, Stages};
+use crate::preview::Previews;
 use crate::schedulers::{self, AnyScheduler, Scheduled};
 use crate::store::SharedStore;
 use crate::waiting::{Step, Steps, Waiting};
@@ -64,6 +65,11 @@ pub struct EngineOptions {
     /// asks for more holds this long, so that a controller that is gone (or
     /// was never the real one) cannot leave a component throttled for long.
     pub max_decision_validity: Duration,
+    /// Headers whose values previews never show, besides
+    /// [`crate::preview::ALWAYS_REDACTED`].
+    pub preview_redact: Vec<String>,
+    /// Most previews open at once.
+    pub max_previews: usize,
 }
 
 impl std::fmt::Debug for EngineOptions {
@@ -74,6 +80,8 @@ impl std::fmt::Debug for EngineOptions {
             .field("store", &self.store.is_some())
             .field("flow_key", &self.flow_key.is_some())
             .field("max_decision_validity", &self.max_decision_validity)
+            .field("preview_redact", &self.preview_redact)
+            .field("max_previews", &self.max_previews)
             .finish()
     }
 }
@@ -86,6 +94,8 @@ impl Default for EngineOptions {
             store: None,
             flow_key: None,
             max_decision_validity: Duration::from_secs(60),
+            preview_redact: Vec::new(),
+            max_previews: crate::preview::DEFAULT_MAX_OPEN,
         }
     }
 }
@@ -166,6 +176,8 @@ pub struct Engine {
     /// Flows whose access log arrived lately, so that a replay is not
     /// observed twice.
     ended: RecentlyEnded,
+    /// Previews open now (`GET /v1/preview`).
+    previews: Arc<Previews>,
     /// Sizes and limits.
     options: EngineOptions,
 }
@@ -186,6 +198,7 @@ impl Engine {
             ),
             flow_key: options.flow_key.unwrap_or_else(FlowKey::random),
             ended: RecentlyEnded::default(),
+            previews: Arc::new(Previews::new(&options.preview_redact, options.max_previews)),
             clock,
             metrics,
             options,
@@ -263,8 +276,13 @@ impl Engine {
             waiting: None,
             telemetry: SmallVec::new(),
         };
-        if let Some(stages) = plan.control_points.get(flow.control_point) {
+        let stages = plan.control_points.get(flow.control_point);
+        if let Some(stages) = stages {
             decision.rejection = self.run_stages(stages, flow.service, &mut decision);
+        }
+        if self.previews.wanted() {
+            self.previews
+                .sample(stages, flow.control_point, flow.service, &mut decision);
         }
         // A flow that waits in a scheduler is counted when its wait ends.
         if decision.rejection.is_some() {
@@ -608,6 +626,22 @@ impl Engine {
     /// Control points and services seen, with counts.
     pub fn control_points(&self) -> Vec<ControlPointStat> {
         self.control_points.snapshot()
+    }
+
+    /// Whether `control_point` is one a policy in force names or a Check
+    /// has named: what a preview may ask for.
+    pub fn knows_control_point(&self, control_point: &str) -> bool {
+        self.plan().control_points.contains_key(control_point)
+            || self
+                .control_points
+                .snapshot()
+                .iter()
+                .any(|c| c.control_point == control_point)
+    }
+
+    /// The previews open on this engine, to open another.
+    pub fn previews(&self) -> &Arc<Previews> {
+        &self.previews
     }
 
     /// The engine's metrics.

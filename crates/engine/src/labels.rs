@@ -119,6 +119,10 @@ pub trait LabelSource {
     fn label(&self, key: &LabelRef) -> Option<Cow<'_, str>>;
     /// The request body, when Envoy sent it (`with_request_body`).
     fn body(&self) -> Option<&[u8]>;
+    /// Calls `f` with every label the request carries, by the name a
+    /// policy would read it under: for preview (`crate::preview`), never on
+    /// the decision path, which only looks labels up.
+    fn each_label(&self, f: &mut dyn FnMut(&str, Cow<'_, str>));
 }
 
 /// A [`LabelSource`] over a plain map from label name to value; for tests,
@@ -165,6 +169,14 @@ impl LabelSource for MapLabels {
 
     fn body(&self) -> Option<&[u8]> {
         self.body.as_deref()
+    }
+
+    fn each_label(&self, f: &mut dyn FnMut(&str, Cow<'_, str>)) {
+        let mut names: Vec<&String> = self.labels.keys().collect();
+        names.sort();
+        for name in names {
+            f(name, Cow::Borrowed(&self.labels[name]));
+        }
     }
 }
 

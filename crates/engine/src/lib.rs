@@ -36,6 +36,8 @@
 //!   `sluice.flow` metadata that names the flow, and the in-flight table of
 //!   slots held until the log arrives;
 //! - [`control`]: a controller's decisions, as the engine applies them;
+//! - [`preview`]: live samples of what the engine saw and decided, for
+//!   `GET /v1/preview`;
 //! - building blocks: [`token_bucket`], [`label_table`] (bounded state per
 //!   label value), [`control_points`] (what `/control-points` shows);
 //! - [`metrics`]: the engine's metrics, each component owning its series.
@@ -54,6 +56,7 @@ pub mod labels;
 pub mod leases;
 pub mod metrics;
 pub mod plan;
+pub mod preview;
 pub mod schedulers;
 pub mod store;
 pub mod token_bucket;

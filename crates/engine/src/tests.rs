@@ -1603,3 +1603,228 @@ fn an_adaptive_concurrency_limit_is_cut_by_late_access_logs_and_rises_while_flow
     assert_eq!(slots(), 5);
     assert!((0..5).all(|_| admit().is_some()), "five at once");
 }
+
+// Preview.
+
+/// An engine on the mock clock whose previews also redact `x-api-key`.
+fn previewing(docs: &[&str]) -> Arc<Engine> {
+    let (clock, _time) = Clock::mock();
+    let options = EngineOptions {
+        preview_redact: vec!["X-Api-Key".into()],
+        max_previews: 2,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(clock, Metrics::new(), options);
+    engine.install(&policies(docs)).expect("installs");
+    Arc::new(engine)
+}
+
+/// The samples a preview has received so far (it never waits).
+fn received(preview: &mut preview::Preview) -> Vec<Arc<preview::Sample>> {
+    let mut out = Vec::new();
+    while let Some(Some(s)) = preview.next().now_or_never() {
+        out.push(s);
+    }
+    out
+}
+
+trait NowOrNever: Future + Sized {
+    /// The output if the future is ready at its first poll.
+    fn now_or_never(self) -> Option<Self::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::pin!(self).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+impl<F: Future> NowOrNever for F {}
+
+fn value<'a>(labels: &'a [preview::Label], name: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .find(|l| l.name == name)
+        .map(|l| l.value.as_str())
+}
+
+#[test]
+fn nobody_previewing_costs_one_load_and_samples_nothing() {
+    let engine = previewing(&[USER_LIMIT]);
+    assert!(!engine.previews().wanted());
+    check(&engine, &[("http.request.header.user_id", "ann")]);
+    let mut p = engine.previews().open("ingress", None, 1).expect("opens");
+    assert!(engine.previews().wanted());
+    assert!(
+        received(&mut p).is_empty(),
+        "flows before it are not sampled"
+    );
+    drop(p);
+    assert!(
+        !engine.previews().wanted(),
+        "a closed preview wants nothing"
+    );
+}
+
+#[test]
+fn a_preview_shows_labels_matches_and_the_rejecting_component() {
+    let engine = previewing(&[USER_LIMIT]);
+    let mut p = engine
+        .previews()
+        .open("ingress", Some("shop"), 3)
+        .expect("opens");
+    let ann = [
+        ("http.request.header.user_id", "ann"),
+        ("http.request.header.authorization", "Bearer secret"),
+        ("http.request.header.x_api_key", "k-123"),
+        ("http.method", "GET"),
+    ];
+    for _ in 0..3 {
+        check(&engine, &ann);
+    }
+    assert!(!engine.previews().wanted(), "three claimed, no more wanted");
+    check(&engine, &ann);
+    let samples = received(&mut p);
+    assert_eq!(samples.len(), 3, "exactly the samples asked for");
+    let first = &samples[0];
+    assert_eq!(
+        (&*first.control_point, &*first.service),
+        ("ingress", "shop")
+    );
+    assert_eq!(value(&first.request, "http.method"), Some("GET"));
+    assert_eq!(
+        value(&first.request, "http.request.header.user_id"),
+        Some("ann")
+    );
+    for secret in ["authorization", "x_api_key"] {
+        assert_eq!(
+            value(&first.request, &format!("http.request.header.{secret}")),
+            Some(preview::REDACTED),
+            "{secret} never shows"
+        );
+    }
+    assert_eq!(value(&first.classified, "user"), Some("ann"));
+    let matched: Vec<(&str, &str)> = first
+        .matched
+        .iter()
+        .map(|m| (m.kind, &*m.component))
+        .collect();
+    assert_eq!(
+        matched,
+        [
+            ("classifier", "classifiers[0]"),
+            ("rate_limiter", "per-user")
+        ]
+    );
+    assert_eq!(first.outcome, preview::Outcome::Accepted { waited: false });
+    // The bucket holds two: the third is rejected, and says by whom.
+    assert_eq!(
+        samples[2].outcome,
+        preview::Outcome::Rejected {
+            policy: "users".into(),
+            component: "per-user".into(),
+            reason: "rate_limited",
+            status: 429,
+        }
+    );
+    assert_eq!(p.next().now_or_never(), Some(None), "complete");
+}
+
+#[test]
+fn a_preview_sees_only_its_control_point_and_service() {
+    let engine = previewing(&[USER_LIMIT]);
+    let mut p = engine
+        .previews()
+        .open("ingress", Some("cart"), 1)
+        .expect("opens");
+    check(&engine, &[]); // service shop
+    let egress = MapLabels::default();
+    engine.decide(
+        FlowRequest {
+            control_point: "egress",
+            service: "cart",
+            labels: &egress,
+        },
+        |_| (),
+    );
+    assert!(received(&mut p).is_empty());
+    engine.decide(
+        FlowRequest {
+            control_point: "ingress",
+            service: "cart",
+            labels: &egress,
+        },
+        |_| (),
+    );
+    assert_eq!(received(&mut p).len(), 1);
+}
+
+#[test]
+fn previews_are_capped_and_bounded() {
+    let engine = previewing(&[USER_LIMIT]);
+    let previews = engine.previews();
+    let a = previews.open("ingress", None, 1).expect("first");
+    let _b = previews.open("ingress", None, 1).expect("second");
+    assert_eq!(
+        previews.open("ingress", None, 1).err(),
+        Some(preview::OpenError::TooMany(2))
+    );
+    drop(a);
+    assert!(previews.open("ingress", None, 1).is_ok(), "room again");
+    for bad in [0, preview::MAX_SAMPLES + 1] {
+        assert_eq!(
+            previews.open("ingress", None, bad).err(),
+            Some(preview::OpenError::Samples)
+        );
+    }
+}
+
+#[test]
+fn long_values_are_cut_on_a_character_boundary() {
+    let engine = previewing(&[]);
+    let mut p = engine.previews().open("ingress", None, 1).expect("opens");
+    let long = "é".repeat(400); // 800 bytes
+    check(&engine, &[("http.request.header.x_long", &long)]);
+    let sample = received(&mut p).pop().expect("sampled");
+    let shown = value(&sample.request, "http.request.header.x_long").expect("shown");
+    assert!(
+        shown.len() < 600 && shown.ends_with("… (800 bytes)"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_flow_is_delivered_when_its_wait_ends() {
+    let engine = previewing(&[QUEUED]);
+    let (holder, accepted, _) = decide_real(&engine, &[]);
+    assert!(accepted);
+    let mut p = engine.previews().open("ingress", None, 2).expect("opens");
+    let (_, _, waits) = decide_real(&engine, &[("tier", "vip")]);
+    let waiting = waits.expect("waits for the slot");
+    assert!(received(&mut p).is_empty(), "not before its fate is known");
+    let e = engine.clone();
+    let task = tokio::spawn(async move { waiting.run(&e, None).await });
+    settle(|| queued(&engine) == 1).await;
+    engine.end_flow(&end_of(&holder, "200", "10"), &flow_end::NoExtras);
+    settle(|| task.is_finished()).await;
+    let samples = received(&mut p);
+    assert_eq!(
+        samples[0].outcome,
+        preview::Outcome::Accepted { waited: true }
+    );
+    assert!(
+        samples[0]
+            .matched
+            .iter()
+            .any(|m| m.kind == "concurrency_scheduler" && m.component == "one-at-a-time")
+    );
+    // The next waits behind the admitted one, and Envoy gives up on it.
+    let (_, _, waits) = decide_real(&engine, &[]);
+    let waiting = waits.expect("waits");
+    let e = engine.clone();
+    let task = tokio::spawn(async move { waiting.run(&e, None).await });
+    settle(|| queued(&engine) == 1).await;
+    task.abort();
+    let _ = task.await;
+    assert_eq!(received(&mut p)[0].outcome, preview::Outcome::Abandoned);
+}

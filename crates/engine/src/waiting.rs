@@ -25,6 +25,7 @@ use crate::components::concurrency_limiter::ConcurrencyStep;
 use crate::components::rate_limiter::RateStep;
 use crate::decision::RejectReason;
 use crate::engine::Engine;
+use crate::preview::{Outcome, Pending};
 use crate::schedulers::SchedulerStep;
 
 /// One component a waiting flow has still to pass.
@@ -69,6 +70,9 @@ pub struct Waiting {
     /// Set while [`Waiting::run`] has not answered: a flow abandoned then
     /// counts as rejected (it never got through).
     unanswered: Option<IntCounter>,
+    /// Its sample, when a preview took one: delivered with the final
+    /// decision, or as abandoned when this is dropped first.
+    pub(crate) preview: Option<Pending>,
 }
 
 impl std::fmt::Debug for Waiting {
@@ -89,6 +93,7 @@ impl Waiting {
             steps,
             admission: admission.into_owned(),
             unanswered: None,
+            preview: None,
         })
     }
 
@@ -168,6 +173,14 @@ impl Waiting {
                     workloads: "",
                 }
                 .encode_into(&mut metadata, engine.flow_key());
+                if let Some(preview) = self.preview.take() {
+                    preview.settle(Some(Outcome::Rejected {
+                        policy: policy.to_string(),
+                        component: component.to_string(),
+                        reason: reason.as_str(),
+                        status,
+                    }));
+                }
                 return Err(Refused {
                     policy,
                     component,
@@ -181,6 +194,9 @@ impl Waiting {
         self.unanswered = None;
         engine.metrics().accepted.inc();
         engine.admit(self.flow_id, &mut self.admission);
+        if let Some(preview) = self.preview.take() {
+            preview.settle(Some(Outcome::Accepted { waited: true }));
+        }
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! The HTTP client Sluice uses for Prometheus (remote-write, PromQL) and
-//! `sluice health`: hyper with rustls (ring), HTTP/1.1, `http://` and `https://`, trusting
-//! the system's CA certificates plus, optionally, a PEM file of others.
+//! for the command-line tools that ask an admin listener one question
+//! ([`get_once`]): hyper with rustls (ring), HTTP/1.1, `http://` and
+//! `https://`, trusting the system's CA certificates plus, optionally, a
+//! PEM file of others.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,4 +35,32 @@ pub fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(connect_timeout));
     tcp
+}
+
+/// `GET url` once, with a fresh client: the status and up to `max_body`
+/// bytes of the body (a longer body is an error), all within `timeout`.
+/// For the command-line tools (`sluice health`, `sluice preview`,
+/// `sluice status`, `sluice-controller status`) that ask an admin
+/// listener one question.
+pub async fn get_once(
+    url: &http::Uri,
+    timeout: Duration,
+    max_body: usize,
+) -> anyhow::Result<(http::StatusCode, Bytes)> {
+    use http_body_util::{BodyExt as _, Limited};
+    let client = build(None, timeout)?;
+    let request = http::Request::get(url.clone()).body(Full::new(Bytes::new()))?;
+    let exchange = async {
+        let response = client.request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the answer (at most {max_body} bytes): {e}"))?
+            .to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout)))?
 }

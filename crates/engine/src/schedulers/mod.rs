@@ -71,6 +71,15 @@ impl AnyScheduler {
         (p, n)
     }
 
+    /// Its kind, as preview and status name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyScheduler::Concurrency(_) => "concurrency_scheduler",
+            AnyScheduler::Quota(_) => "quota_scheduler",
+            AnyScheduler::Load(_) => "load_scheduler",
+        }
+    }
+
     /// `policy/name`.
     pub fn key(&self) -> &str {
         match self {
