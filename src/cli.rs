@@ -4,7 +4,8 @@
 //! policies and exits; `sluice schema` prints the JSON Schema of a policy
 //! file (for editors); `sluice health` asks a running sidecar's admin
 //! listener whether it is up (a container health check for images without
-//! a shell or curl). Every flag can also be set by an environment
+//! a shell or curl); `sluice preview` and `sluice status` ask it what it
+//! decides and has in force (`inspect.rs`). Every flag can also be set by an environment
 //! variable named `SLUICE_<FLAG>` (e.g. `SLUICE_GRPC_LISTEN`), which is how
 //! Kubernetes manifests usually configure a sidecar.
 
@@ -95,6 +96,21 @@ pub enum Command {
         /// Print the sidecar's JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Print what a running sidecar has in force: every policy's
+    /// components with their live state (bucket levels, limits, queues,
+    /// multipliers, whether the controller drives them and for how long),
+    /// and its subscription to the controller.
+    Status {
+        /// The sidecar's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:8081", value_parser = parse_http_url)]
+        admin: http::Uri,
+        /// Print the sidecar's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -568,6 +584,15 @@ pub fn main() -> ExitCode {
                 inspect::render_preview,
             ))
         }
+        Some(Command::Status {
+            admin,
+            json,
+            timeout,
+        }) => Some(print_answer(
+            inspect::ask(admin, "/v1/status", &[], *timeout),
+            *json,
+            inspect::render_status,
+        )),
         None => None,
     };
     if let Some(ok) = done {

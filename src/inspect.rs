@@ -174,6 +174,162 @@ pub fn render_preview(answer: &Value) -> String {
     out
 }
 
+/// A number as a person reads it: at most two decimals, no trailing zeros.
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x:.0}"),
+        Some(x) => {
+            let s = format!("{x:.2}");
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        }
+        None => "-".to_owned(),
+    }
+}
+
+/// A component's live state in a few words.
+fn component_state(c: &Value) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if c["scope"] == "global" {
+        parts.push("global".into());
+    }
+    if c["bucket_capacity"].is_number() {
+        let refill = format!(
+            "+{} per {}s",
+            num(&c["fill_amount"]),
+            num(&c["interval_seconds"])
+        );
+        parts.push(if c["bucket_level"].is_number() {
+            format!(
+                "{} of {} tokens, {refill}",
+                num(&c["bucket_level"]),
+                num(&c["bucket_capacity"])
+            )
+        } else {
+            format!("buckets of {}, {refill}", num(&c["bucket_capacity"]))
+        });
+    }
+    if c["max_concurrency"].is_number() {
+        let limit = num(&c["max_concurrency"]);
+        let adaptive = if c["adaptive"] == Value::Bool(true) {
+            " (adaptive)"
+        } else {
+            ""
+        };
+        parts.push(if c["in_flight"].is_number() {
+            format!("{} of {limit}{adaptive} in flight", num(&c["in_flight"]))
+        } else {
+            format!("limit {limit}{adaptive}")
+        });
+    }
+    if c["label_key"].is_string() {
+        parts.push(format!(
+            "per {} ({} values)",
+            plain(&c["label_key"]),
+            num(&c["label_values"])
+        ));
+    }
+    if c["accept_percentage"].is_number() {
+        parts.push(format!("{}% accepted", num(&c["accept_percentage"])));
+    }
+    if c["load_multiplier"].is_number() {
+        parts.push(format!("multiplier {}", num(&c["load_multiplier"])));
+        if c["incoming_rate"].is_number() {
+            parts.push(format!("{}/s incoming", num(&c["incoming_rate"])));
+        }
+    }
+    if c["dry_run"] == Value::Bool(true) {
+        parts.push("dry run".into());
+    }
+    if c["queued"].is_number() {
+        parts.push(format!("{} queued", num(&c["queued"])));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// A sidecar's status for a person: a table of components per policy,
+/// then the controller subscription.
+pub fn render_status(status: &Value) -> String {
+    let mut out = String::new();
+    let policies = status["policies"].as_array().cloned().unwrap_or_default();
+    if policies.is_empty() {
+        out.push_str("No policy in force: every Check is accepted.\n");
+    }
+    for p in &policies {
+        let _ = writeln!(
+            out,
+            "Policy {} ({}, hash {})",
+            plain(&p["name"]),
+            plain(&p["file"]),
+            plain(&p["hash"])
+        );
+        let rows: Vec<Vec<String>> = p["components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let driven = &c["controller"];
+                vec![
+                    plain(&c["kind"]),
+                    plain(&c["name"]),
+                    component_state(c),
+                    if driven.is_object() {
+                        format!("driven, {}s left", num(&driven["valid_for_seconds"]))
+                    } else {
+                        "-".into()
+                    },
+                ]
+            })
+            .collect();
+        for line in table(&["KIND", "NAME", "STATE", "CONTROLLER"], &rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "Flows holding slots until their access log: {}",
+        num(&status["inflight_flows"])
+    );
+    let c = &status["controller"];
+    if !c.is_object() {
+        out.push_str("Controller: none (--controller not set)\n");
+        return out;
+    }
+    let state = if c["connected"] == Value::Bool(true) {
+        "subscribed".to_owned()
+    } else {
+        match &c["last_error"] {
+            Value::String(e) => format!("NOT subscribed: {e}"),
+            _ => "NOT subscribed yet".to_owned(),
+        }
+    };
+    let decisions: Vec<String> = c["decisions"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "Controller {}: {state}, as {} / {} / {}; decisions: {}",
+        plain(&c["url"]),
+        plain(&c["agent_group"]),
+        plain(&c["service"]),
+        plain(&c["instance"]),
+        if decisions.is_empty() {
+            "none yet".to_owned()
+        } else {
+            decisions.join(", ")
+        }
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

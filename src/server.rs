@@ -259,6 +259,23 @@ impl Sidecar {
             stop.clone(),
         )));
 
+        let control_link = match &config.controller {
+            Some(url) => {
+                let instance = if config.instance.is_empty() {
+                    format!("{}:{}", hostname(), admin_addr.port())
+                } else {
+                    config.instance.clone()
+                };
+                let identity = crate::control::Identity {
+                    agent_group: config.agent_group.clone(),
+                    service: config.service.clone(),
+                    instance,
+                };
+                let metrics = crate::control::ControlMetrics::register(metrics.registry())?;
+                Some(crate::control::Link::new(url, identity, metrics))
+            }
+            None => None,
+        };
         let admin_state = Arc::new(AdminState {
             engine: engine.clone(),
             ready: false.into(),
@@ -266,6 +283,7 @@ impl Sidecar {
             max_log_request_bytes: config.max_log_request_bytes,
             otlp_http: config.otlp_http,
             preview: config.preview,
+            controller: control_link.clone(),
         });
         tasks.push(tokio::spawn(admin_server::serve(
             admin,
@@ -333,25 +351,13 @@ impl Sidecar {
             )?);
         }
 
-        if let Some(url) = &config.controller {
-            let instance = if config.instance.is_empty() {
-                format!("{}:{}", hostname(), admin_addr.port())
-            } else {
-                config.instance.clone()
-            };
-            let identity = crate::control::Identity {
-                agent_group: config.agent_group.clone(),
-                service: config.service.clone(),
-                instance,
-            };
-            let control_metrics = crate::control::ControlMetrics::register(metrics.registry())?;
+        if let (Some(url), Some(link)) = (&config.controller, &control_link) {
             tracing::info!(controller = %url, "subscribing to the controller");
             tasks.push(tokio::spawn(crate::control::subscribe(
                 engine.clone(),
                 url.clone(),
                 config.controller_link.clone(),
-                identity,
-                control_metrics,
+                link.clone(),
                 stop.clone(),
             )));
         }

@@ -2,7 +2,8 @@
 //! `/healthz` (the process is up), `/readyz` (a policy is in force and the
 //! Check listener is serving), `/control-points` (JSON: control points and
 //! services seen, with counts), `GET /v1/preview` (samples of live Checks,
-//! `preview.rs`), and `POST /v1/logs` (OTLP/HTTP access logs, protobuf
+//! `preview.rs`), `GET /v1/status` (every component's live state and the
+//! controller subscription), and `POST /v1/logs` (OTLP/HTTP access logs, protobuf
 //! encoding). The server they run on is `sluice_runtime::admin`, shared
 //! with the controller.
 
@@ -36,6 +37,18 @@ pub struct AdminState {
     pub otlp_http: bool,
     /// Whether `GET /v1/preview` is served (`--preview`).
     pub preview: bool,
+    /// The subscription to the controller, if there is one.
+    pub controller: Option<Arc<crate::control::Link>>,
+}
+
+/// `GET /v1/status`: every policy in force with its components' live
+/// state, and the controller subscription.
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    engine: sluice_engine::status::EngineStatus,
+    /// `null` without `--controller`.
+    controller: Option<crate::control::LinkStatus>,
 }
 
 #[derive(Serialize)]
@@ -63,6 +76,13 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
             control_points: state.engine.control_points(),
         }),
         (&Method::GET, "/v1/preview") => preview::preview(state, req.uri().query()).await,
+        (&Method::GET, "/v1/status") => match Query::parse(req.uri().query(), &[]) {
+            Ok(_) => json(&Status {
+                engine: state.engine.status(),
+                controller: state.controller.as_ref().map(|c| c.status()),
+            }),
+            Err(why) => respond(StatusCode::BAD_REQUEST, TEXT, format!("{why}\n")),
+        },
         (&Method::POST, "/v1/logs") if state.otlp_http => otlp_http(state, req).await,
         (&Method::POST, "/v1/logs") => respond(
             StatusCode::NOT_FOUND,
@@ -71,7 +91,8 @@ pub async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body>
         ),
         (
             _,
-            "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs" | "/v1/preview",
+            "/metrics" | "/healthz" | "/readyz" | "/control-points" | "/v1/logs" | "/v1/preview"
+            | "/v1/status",
         ) => respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n"),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
@@ -95,10 +116,12 @@ impl Query {
         let mut pairs: Vec<(String, String)> = Vec::new();
         for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             if !allowed.contains(&&*k) {
-                return Err(format!(
-                    "unknown parameter {k:?} (known: {})",
-                    allowed.join(", ")
-                ));
+                let known = if allowed.is_empty() {
+                    "this route takes none".to_owned()
+                } else {
+                    format!("known: {}", allowed.join(", "))
+                };
+                return Err(format!("unknown parameter {k:?} ({known})"));
             }
             if pairs.iter().any(|(seen, _)| *seen == k) {
                 return Err(format!("parameter {k:?} given twice"));

@@ -19,7 +19,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use serde::Serialize;
 use sluice_engine::Engine;
 use sluice_engine::control::{Action, Applied, ControlDecision};
 use sluice_runtime::backoff::Backoff;
@@ -77,6 +79,103 @@ impl ControlMetrics {
             connected,
             decisions,
         })
+    }
+}
+
+/// The subscription as `GET /v1/status` shows it: who this sidecar says it
+/// is, whether it is subscribed and since when, when decisions last came,
+/// the last error, and what became of the decisions.
+pub struct Link {
+    url: String,
+    identity: Identity,
+    metrics: ControlMetrics,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Clone, Default)]
+struct LinkState {
+    connected_since_unix_ms: Option<i64>,
+    last_decisions_unix_ms: Option<i64>,
+    last_error: Option<String>,
+}
+
+/// A [`Link`]'s status.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    /// The controller's URL.
+    pub url: String,
+    /// The agent group this sidecar subscribes as.
+    pub agent_group: String,
+    /// The service it subscribes for.
+    pub service: String,
+    /// Its instance name.
+    pub instance: String,
+    /// Whether it holds a subscription now.
+    pub connected: bool,
+    /// Since when (Unix ms), while connected.
+    pub connected_since_unix_ms: Option<i64>,
+    /// When the last decisions arrived (Unix ms).
+    pub last_decisions_unix_ms: Option<i64>,
+    /// Why the last subscription ended or could not start, if it did.
+    pub last_error: Option<String>,
+    /// Decisions received, by what became of them (as
+    /// `controller_decisions_total`).
+    pub decisions: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Link {
+    /// The link to `url` of a sidecar that is `identity`, counting in
+    /// `metrics`.
+    pub fn new(url: &http::Uri, identity: Identity, metrics: ControlMetrics) -> Arc<Link> {
+        Arc::new(Link {
+            url: url.to_string(),
+            identity,
+            metrics,
+            state: Mutex::new(LinkState::default()),
+        })
+    }
+
+    /// What it is now.
+    pub fn status(&self) -> LinkStatus {
+        let state = self.state.lock().clone();
+        LinkStatus {
+            url: self.url.clone(),
+            agent_group: self.identity.agent_group.clone(),
+            service: self.identity.service.clone(),
+            instance: self.identity.instance.clone(),
+            connected: self.metrics.connected.get() == 1,
+            connected_since_unix_ms: state.connected_since_unix_ms,
+            last_decisions_unix_ms: state.last_decisions_unix_ms,
+            last_error: state.last_error,
+            decisions: Applied::ALL
+                .iter()
+                .map(|a| {
+                    let n = self
+                        .metrics
+                        .decisions
+                        .with_label_values(&[a.as_str()])
+                        .get();
+                    (a.as_str(), n)
+                })
+                .collect(),
+        }
+    }
+
+    fn connected(&self) {
+        self.metrics.connected.set(1);
+        self.state.lock().connected_since_unix_ms = Some(unix_ms());
+    }
+
+    fn delivered(&self) {
+        self.state.lock().last_decisions_unix_ms = Some(unix_ms());
+    }
+
+    fn ended(&self, error: Option<String>) {
+        self.metrics.connected.set(0);
+        let mut state = self.state.lock();
+        state.connected_since_unix_ms = None;
+        state.last_error =
+            Some(error.unwrap_or_else(|| "the controller closed the subscription".into()));
     }
 }
 
@@ -166,10 +265,10 @@ pub async fn subscribe(
     engine: Arc<Engine>,
     url: http::Uri,
     link: ControllerLink,
-    identity: Identity,
-    metrics: ControlMetrics,
+    status: Arc<Link>,
     mut shutdown: Shutdown,
 ) {
+    let (identity, metrics) = (&status.identity, &status.metrics);
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut said_down = false;
     loop {
@@ -192,12 +291,13 @@ pub async fn subscribe(
                     .insert("authorization", header.parse()?);
             }
             let mut stream = client.subscribe(request).await?.into_inner();
-            metrics.connected.set(1);
+            status.connected();
             tracing::info!(controller = %url, "subscribed to the controller");
             let mut warned = false;
             while let Some(set) = stream.message().await? {
                 delivered = true;
-                apply(&engine, &set, &metrics, &mut warned);
+                status.delivered();
+                apply(&engine, &set, metrics, &mut warned);
             }
             anyhow::Ok(())
         };
@@ -205,7 +305,7 @@ pub async fn subscribe(
             r = session => r,
             _ = shutdown.wait() => return,
         };
-        metrics.connected.set(0);
+        status.ended(result.as_ref().err().map(|e| format!("{e:#}")));
         if delivered {
             backoff.reset();
             said_down = false;

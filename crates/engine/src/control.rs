@@ -157,4 +157,14 @@ impl Applied {
             Applied::Lapsed => "lapsed",
         }
     }
+
+    /// One of each outcome, for reading every series back.
+    pub const ALL: [Applied; 6] = [
+        Applied::Applied,
+        Applied::Invalid(""),
+        Applied::UnknownPolicy,
+        Applied::OtherVersion,
+        Applied::UnknownComponent,
+        Applied::Lapsed,
+    ];
 }

@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::plan::{Plan, Stages};
 use crate::preview::Previews;
 use crate::schedulers::{self, AnyScheduler, Scheduled};
+use crate::status::{ComponentStatus, Driven, EngineStatus, PolicyStatus};
 use crate::store::SharedStore;
 use crate::waiting::{Step, Steps, Waiting};
 
@@ -626,6 +627,52 @@ impl Engine {
     /// Control points and services seen, with counts.
     pub fn control_points(&self) -> Vec<ControlPointStat> {
         self.control_points.snapshot()
+    }
+
+    /// Every policy in force and its components' live state (off the
+    /// Check path: each component's lock is taken once).
+    pub fn status(&self) -> EngineStatus {
+        let now = self.clock.now();
+        let wall = sluice_time::unix_ms();
+        let plan = self.plan();
+        let policies = plan
+            .policies
+            .iter()
+            .map(|p| {
+                let mut components: Vec<ComponentStatus> = Vec::new();
+                components.extend(
+                    p.classifiers
+                        .iter()
+                        .map(|c| ComponentStatus::new("classifier", &c.name)),
+                );
+                components.extend(
+                    p.flux_meters
+                        .iter()
+                        .map(|f| ComponentStatus::new("flux_meter", &f.name)),
+                );
+                components.extend(p.samplers.iter().map(|s| {
+                    let mut status = ComponentStatus::new("sampler", &s.name);
+                    status.accept_percentage = Some(s.accept_percentage());
+                    status.controller = Driven::of(&s.lease, now, wall);
+                    status
+                }));
+                components.extend(p.rate_limiters.iter().map(|r| r.status(now, wall)));
+                components.extend(p.concurrency_limiters.iter().map(|c| c.status(now, wall)));
+                components.extend(p.concurrency_schedulers.iter().map(|c| c.status(now, wall)));
+                components.extend(p.quota_schedulers.iter().map(|q| q.status(now, wall)));
+                components.extend(p.load_schedulers.iter().map(|l| l.status(now, wall)));
+                PolicyStatus {
+                    name: p.name.to_string(),
+                    file: p.file.display().to_string(),
+                    hash: format!("{:016x}", p.hash),
+                    components,
+                }
+            })
+            .collect();
+        EngineStatus {
+            policies,
+            inflight_flows: self.inflight.len(),
+        }
     }
 
     /// Whether `control_point` is one a policy in force names or a Check

@@ -36,6 +36,8 @@
 //!   `sluice.flow` metadata that names the flow, and the in-flight table of
 //!   slots held until the log arrives;
 //! - [`control`]: a controller's decisions, as the engine applies them;
+//! - [`status`]: what is in force now, component by component, for
+//!   `GET /v1/status`;
 //! - [`preview`]: live samples of what the engine saw and decided, for
 //!   `GET /v1/preview`;
 //! - building blocks: [`token_bucket`], [`label_table`] (bounded state per
@@ -58,6 +60,7 @@ pub mod metrics;
 pub mod plan;
 pub mod preview;
 pub mod schedulers;
+pub mod status;
 pub mod store;
 pub mod token_bucket;
 pub mod waiting;

@@ -1828,3 +1828,128 @@ async fn a_waiting_flow_is_delivered_when_its_wait_ends() {
     let _ = task.await;
     assert_eq!(received(&mut p)[0].outcome, preview::Outcome::Abandoned);
 }
+
+// Status.
+
+#[test]
+fn status_shows_every_component_with_what_is_in_force() {
+    let doc = r#"
+name: st
+classifiers:
+  - selectors: [{control_point: ingress}]
+    rules:
+      user: {from: request.http.headers.user-id}
+samplers:
+  - name: gate
+    selectors: [{control_point: ingress}]
+    accept_percentage: 100
+rate_limiters:
+  - name: all
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 10
+    fill_amount: 1
+    interval: 1s
+  - name: per-user
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 2
+    fill_amount: 2
+    interval: 1s
+    limit_by_label_key: user
+concurrency_schedulers:
+  - name: slots
+    selectors: [{control_point: ingress}]
+    max_concurrency: 5
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+"#;
+    let (engine, time) = engine(&[doc]);
+    for user in ["ann", "bob", "ann"] {
+        check(&engine, &[("http.request.header.user_id", user)]);
+    }
+    let find = |status: &status::EngineStatus, name: &str| {
+        status.policies[0]
+            .components
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {status:?}"))
+    };
+    let s = engine.status();
+    assert_eq!(s.policies.len(), 1);
+    assert_eq!(s.policies[0].name, "st");
+    assert_eq!(
+        s.policies[0].hash,
+        format!("{:016x}", engine.plan().policies[0].hash)
+    );
+    let kinds: Vec<&str> = s.policies[0].components.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "classifier",
+            "sampler",
+            "rate_limiter",
+            "rate_limiter",
+            "concurrency_scheduler",
+            "load_scheduler"
+        ]
+    );
+    let all = find(&s, "all");
+    assert_eq!(all.bucket_capacity, Some(10.0));
+    assert_eq!(all.fill_amount, Some(1.0));
+    assert_eq!(all.interval_seconds, Some(1.0));
+    assert_eq!(all.bucket_level, Some(7.0), "three flows took three");
+    assert_eq!(all.controller, None);
+    let per_user = find(&s, "per-user");
+    assert_eq!(per_user.label_key.as_deref(), Some("user"));
+    assert_eq!(per_user.label_values, Some(2));
+    assert_eq!(per_user.bucket_level, None, "one per user, not shown");
+    let slots = find(&s, "slots");
+    assert_eq!(
+        (slots.max_concurrency, slots.in_flight, slots.queued),
+        (Some(5), Some(3), Some(0))
+    );
+    assert_eq!(s.inflight_flows, 3);
+    assert_eq!(find(&s, "load").load_multiplier, Some(1.0));
+    assert_eq!(find(&s, "gate").accept_percentage, Some(100.0));
+
+    // Half a second refills half a token; a controller drives two for 5 s.
+    use crate::control::{Action, Applied, ControlDecision};
+    time.advance(Duration::from_millis(500));
+    let hash = engine.plan().policies[0].hash;
+    for action in [
+        Action::LoadMultiplier {
+            component: "load",
+            value: 0.5,
+        },
+        Action::RateLimit {
+            component: "all",
+            bucket_capacity: Some(20.0),
+            fill_amount: None,
+        },
+    ] {
+        let applied = engine.apply(&ControlDecision {
+            policy: "st",
+            policy_hash: hash,
+            valid_for: Duration::from_secs(5),
+            action,
+        });
+        assert_eq!(applied, Applied::Applied);
+    }
+    let s = engine.status();
+    let all = find(&s, "all");
+    assert_eq!(all.bucket_capacity, Some(20.0));
+    assert_eq!(all.bucket_level, Some(7.5));
+    let driven = all.controller.expect("driven");
+    assert_eq!(driven.valid_for_seconds, 5.0);
+    let load = find(&s, "load");
+    assert_eq!(load.load_multiplier, Some(0.5));
+    assert_eq!(load.controller.map(|d| d.valid_for_seconds), Some(5.0));
+    // When the decisions lapse, the policy's values are back.
+    time.advance(Duration::from_secs(5));
+    engine.sweep();
+    let s = engine.status();
+    assert_eq!(find(&s, "all").controller, None);
+    assert_eq!(find(&s, "all").bucket_capacity, Some(10.0));
+    assert_eq!(find(&s, "load").controller, None);
+}

@@ -96,6 +96,13 @@ impl TokenBucket {
         self.tokens = (self.tokens + n).min(p.capacity);
     }
 
+    /// Tokens available at `now`, without changing the bucket.
+    pub fn level(&self, p: &BucketParams, now: Nanos) -> f64 {
+        let mut copy = *self;
+        copy.refill(p, now);
+        copy.tokens
+    }
+
     /// Tokens available (as of the last refill).
     pub fn tokens(&self) -> f64 {
         self.tokens

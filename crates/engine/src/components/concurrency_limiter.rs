@@ -29,6 +29,7 @@ use crate::label_table::{Digest, LabelTable, TableMetrics};
 use crate::labels::{FlowLabels, LabelRef};
 use crate::leases::{hex, label_id};
 use crate::metrics::{DecisionCounters, Metrics, Series};
+use crate::status::{ComponentStatus, Driven};
 use crate::store::{SharedStore, StateId, StoreError};
 
 /// Counts of flows in flight, kept across reloads that keep the limiter.
@@ -353,6 +354,23 @@ impl ConcurrencyLimiter {
     /// Flows in flight here (without `limit_by_label_key`).
     pub fn in_flight(&self) -> u64 {
         self.state.one.load(Ordering::Acquire)
+    }
+
+    /// What is in force now.
+    pub fn status(&self, now: Nanos, wall_ms: i64) -> ComponentStatus {
+        let mut s = ComponentStatus::new("concurrency_limiter", &self.name);
+        s.scope = self.global.as_ref().map(|_| "global");
+        s.max_concurrency = Some(self.max.load(Ordering::Relaxed));
+        match &self.limit_by {
+            Some(key) => {
+                s.label_key = Some(key.name.to_string());
+                s.label_values = Some(self.state.per_label.len());
+            }
+            None if self.global.is_none() => s.in_flight = Some(self.in_flight()),
+            None => {}
+        }
+        s.controller = Driven::of(&self.lease, now, wall_ms);
+        s
     }
 
     /// Drops per-label counts that reached zero.

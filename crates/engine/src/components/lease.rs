@@ -49,6 +49,13 @@ impl Lease {
         until != NONE && now < until
     }
 
+    /// How long the controller's value still holds at `now`; `None` when
+    /// none does.
+    pub fn remaining(&self, now: Nanos) -> Option<Nanos> {
+        let until = self.until.load(Ordering::Acquire);
+        (until != NONE && now < until).then(|| until - now)
+    }
+
     /// Ends a lapsed lease at `now` and updates the gauge; true when it
     /// just lapsed (the caller restores the default).
     pub fn lapse(&self, now: Nanos) -> bool {

@@ -31,6 +31,7 @@ use crate::label_table::{Digest, LabelTable, TableMetrics, always};
 use crate::labels::{FlowLabels, LabelRef};
 use crate::leases::{LeaseMetrics, Leases, Spend};
 use crate::metrics::{DecisionCounters, Metrics, Series};
+use crate::status::{ComponentStatus, Driven};
 use crate::store::SharedStore;
 use crate::token_bucket::{BucketParams, TokenBucket};
 
@@ -414,6 +415,23 @@ impl RateLimiter {
     /// Buckets held per label value.
     pub fn label_values(&self) -> usize {
         self.state.per_label.len()
+    }
+
+    /// What is in force now (`now` on the engine's clock, `wall_ms` the
+    /// wall clock's).
+    pub fn status(&self, now: Nanos, wall_ms: i64) -> ComponentStatus {
+        let params = self.params();
+        let mut s = ComponentStatus::new("rate_limiter", &self.name).bucket(&params);
+        s.scope = self.global.as_ref().map(|_| "global");
+        match &self.limit_by {
+            Some(key) => {
+                s.label_key = Some(key.name.to_string());
+                s.label_values = Some(self.label_values());
+            }
+            None => s.bucket_level = Some(self.state.one.lock().level(&params, now)),
+        }
+        s.controller = Driven::of(&self.lease, now, wall_ms);
+        s
     }
 }
 

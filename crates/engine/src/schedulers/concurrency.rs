@@ -41,6 +41,7 @@ use crate::components::lease::Lease;
 use crate::components::selector::Selector;
 use crate::label_table::Digest;
 use crate::metrics::{Metrics, Series};
+use crate::status::{ComponentStatus, Driven};
 use crate::store::{SharedStore, StateId};
 
 /// How often a queue asks a full global count again.
@@ -445,6 +446,21 @@ impl ConcurrencyScheduler {
     /// Flows in flight now, admitted here.
     pub fn in_flight(&self) -> u64 {
         self.scheduler.with_pool(|s| s.in_flight())
+    }
+
+    /// What is in force now.
+    pub fn status(&self, now: Nanos, wall_ms: i64) -> ComponentStatus {
+        let mut s = ComponentStatus::new("concurrency_scheduler", &self.scheduler.name);
+        let (limit, in_flight, global) = self
+            .scheduler
+            .with_pool(|p| (p.limit(), p.in_flight(), p.global.is_some()));
+        s.scope = global.then_some("global");
+        s.max_concurrency = Some(limit);
+        s.in_flight = Some(in_flight);
+        s.adaptive = Some(self.spec.adaptive.is_some());
+        s.queued = Some(self.scheduler.queued());
+        s.controller = Driven::of(&self.lease, now, wall_ms);
+        s
     }
 
     /// A flow admitted here ended after `latency_ms` of upstream time (its

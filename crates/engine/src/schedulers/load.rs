@@ -30,6 +30,7 @@ use super::wfq;
 use crate::components::selector::Selector;
 use crate::label_table::Digest;
 use crate::metrics::{Metrics, Series};
+use crate::status::{ComponentStatus, Driven};
 
 /// How far ahead of real time admission may run.
 pub const BURST: Nanos = 50_000_000;
@@ -367,6 +368,20 @@ impl LoadScheduler {
             .store(until.min(u64::MAX - 1), Ordering::Release);
         self.multiplier.expired.store(false, Ordering::Release);
         self.gauges.controller_active.set(1);
+    }
+
+    /// What is in force now.
+    pub fn status(&self, now: Nanos, wall_ms: i64) -> ComponentStatus {
+        let mut s = ComponentStatus::new("load_scheduler", &self.scheduler.name);
+        let (lm, _) = self.multiplier.at(now);
+        s.load_multiplier = Some(lm);
+        s.incoming_rate = self.rate.rate(now);
+        s.dry_run = Some(self.dry_run);
+        s.queued = Some(self.scheduler.queued());
+        let until = self.multiplier.until.load(Ordering::Acquire);
+        let remaining = (until != u64::MAX && now < until).then(|| until - now);
+        s.controller = Driven::from_remaining(remaining, wall_ms);
+        s
     }
 
     /// The latency-based token estimate of `workload`, if there is one.

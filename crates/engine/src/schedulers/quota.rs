@@ -38,6 +38,7 @@ use crate::label_table::{Digest, LabelTable, TableMetrics, always};
 use crate::labels::LabelRef;
 use crate::leases::{LeaseMetrics, Leases, Spend};
 use crate::metrics::{Metrics, Series};
+use crate::status::{ComponentStatus, Driven};
 use crate::store::SharedStore;
 use crate::token_bucket::{BucketParams, TokenBucket};
 
@@ -420,6 +421,30 @@ impl QuotaScheduler {
     /// The bucket parameters in force.
     pub fn params(&self) -> BucketParams {
         self.scheduler.with_pool(|b| b.params)
+    }
+
+    /// What is in force now.
+    pub fn status(&self, now: Nanos, wall_ms: i64) -> ComponentStatus {
+        let (params, level, label_values, global) = self.scheduler.with_pool(|b| {
+            (
+                b.params,
+                b.one.level(&b.params, now),
+                b.per_label.len(),
+                b.global.is_some(),
+            )
+        });
+        let mut s = ComponentStatus::new("quota_scheduler", &self.scheduler.name).bucket(&params);
+        s.scope = global.then_some("global");
+        match &self.limit_by {
+            Some(key) => {
+                s.label_key = Some(key.name.to_string());
+                s.label_values = Some(label_values);
+            }
+            None => s.bucket_level = Some(level),
+        }
+        s.queued = Some(self.scheduler.queued());
+        s.controller = Driven::of(&self.lease, now, wall_ms);
+        s
     }
 
     /// Readies `key`'s lease for a flow whose label value is `value`: a
