@@ -99,8 +99,12 @@ fn decision(outcome: &Value) -> String {
     }
 }
 
-/// `name=value` pairs of a list of labels.
-fn labels(list: &Value) -> String {
+/// Width a preview's label lines are wrapped at.
+const WIDTH: usize = 100;
+
+/// `name=value` pairs of a list of labels, wrapped at [`WIDTH`] columns
+/// with continuation lines indented by `indent`.
+fn labels(list: &Value, indent: usize) -> String {
     let pairs: Vec<String> = list
         .as_array()
         .into_iter()
@@ -108,10 +112,26 @@ fn labels(list: &Value) -> String {
         .map(|l| format!("{}={}", plain(&l["name"]), plain(&l["value"])))
         .collect();
     if pairs.is_empty() {
-        "-".into()
-    } else {
-        pairs.join("  ")
+        return "-".into();
     }
+    let mut out = String::new();
+    let mut column = indent;
+    for pair in pairs {
+        let width = pair.chars().count();
+        if column > indent {
+            if column + 2 + width > WIDTH {
+                out.push('\n');
+                out.push_str(&" ".repeat(indent));
+                column = indent;
+            } else {
+                out.push_str("  ");
+                column += 2;
+            }
+        }
+        out.push_str(&pair);
+        column += width;
+    }
+    out
 }
 
 /// A preview's answer for a person: one row per sample, then each
@@ -167,8 +187,8 @@ pub fn render_preview(answer: &Value) -> String {
             out,
             "\n#{}\n  request:    {}\n  classified: {}\n",
             i + 1,
-            labels(&s["request"]),
-            labels(&s["classified"])
+            labels(&s["request"], 14),
+            labels(&s["classified"], 14)
         );
     }
     out
@@ -340,7 +360,9 @@ mod tests {
             "control_point": "ingress", "service": null, "asked": 3, "complete": false,
             "samples": [
                 {"control_point": "ingress", "service": "shop",
-                 "request": [{"name": "http.method", "value": "GET"}],
+                 "request": [{"name": "http.method", "value": "GET"},
+                             {"name": "http.target", "value": "/a-long-path/that-goes-on-and-on/and-on"},
+                             {"name": "http.request.header.user_agent", "value": "a-client/1.0"}],
                  "classified": [{"name": "user", "value": "ann"}],
                  "matched": [{"kind": "rate_limiter", "policy": "users", "component": "per-user"}],
                  "outcome": {"decision": "rejected", "policy": "users", "component": "per-user",
@@ -357,7 +379,8 @@ mod tests {
              #  SERVICE  DECISION                                        MATCHED\n\
              1  shop     rejected by users/per-user: rate_limited (429)  users/per-user\n\
              2  shop     accepted after waiting                          -\n\
-             \n#1\n  request:    http.method=GET\n  classified: user=ann\n\
+             \n#1\n  request:    http.method=GET  http.target=/a-long-path/that-goes-on-and-on/and-on\n              \
+             http.request.header.user_agent=a-client/1.0\n  classified: user=ann\n\
              \n#2\n  request:    -\n  classified: -\n"
         );
     }

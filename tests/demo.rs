@@ -147,6 +147,24 @@ async fn the_short_demo_shows_the_whole_loop() {
 
     assert!(!summary.interrupted);
     assert_eq!(summary.seconds.len(), 30, "one record per second");
+    // The preview of the first Checks: each with its labels and the
+    // components the demo policy's selectors matched.
+    let preview = summary.preview.as_ref().expect("a preview was shown");
+    let samples = preview["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 4, "{preview:#}");
+    for s in samples {
+        assert_eq!(s["control_point"], "ingress", "{s:#}");
+        assert!(
+            s["request"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|l| l["name"] == "http.request.header.user_id")),
+            "{s:#}"
+        );
+        assert!(
+            s["matched"].as_array().is_some_and(|m| !m.is_empty()),
+            "{s:#}"
+        );
+    }
     let (start, end) = (summary.phases.crowd_start, summary.phases.crowd_end);
     assert_eq!((start, end), (8, 22));
 

@@ -34,6 +34,9 @@ use sluice_testkit::{
 };
 use tokio::sync::watch;
 
+/// Checks the demo previews as the run begins.
+const PREVIEW_SAMPLES: usize = 4;
+
 /// A source of traffic: who, where, how often. `traffic.js` makes one k6
 /// scenario of each.
 #[derive(Serialize)]
@@ -381,6 +384,9 @@ pub struct Summary {
     pub erin_admitted: BTreeMap<String, u64>,
     /// What Prometheus received from Sluice by remote-write.
     pub prometheus: Vec<Received>,
+    /// Sluice's `GET /v1/preview` answer for the first Checks of the run
+    /// (what `sluice preview` prints), if it came.
+    pub preview: Option<serde_json::Value>,
     /// Where the parts ran.
     pub started: Started,
     /// The picture.
@@ -833,6 +839,23 @@ pub async fn run(
         totals: BTreeMap::new(),
         dropped: BTreeMap::new(),
     };
+    // What an operator would see with `sluice preview` three seconds into
+    // the calm phase, once Alice's burst is spent (printed after the run,
+    // so as not to break up the seconds).
+    let preview_admin: ::http::Uri = format!("http://{sidecar_admin}").parse()?;
+    let preview = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        sluice::inspect::ask(
+            &preview_admin,
+            "/v1/preview",
+            &[
+                ("control_point", "ingress".to_owned()),
+                ("samples", PREVIEW_SAMPLES.to_string()),
+                ("timeout", "10s".to_owned()),
+            ],
+            Duration::from_secs(15),
+        )
+    });
     let mut interrupted = false;
     let mut failure = None;
     let mut lowest: Option<f64> = None;
@@ -902,6 +925,21 @@ pub async fn run(
     }
     k6.kill().await;
     record.add(k6.poll());
+    let mut previewed = None;
+    if !interrupted {
+        match preview.await {
+            Ok(Ok((_, answer))) => {
+                println!();
+                println!(
+                    "What `sluice preview --admin http://{sidecar_admin} --control-point ingress --samples {PREVIEW_SAMPLES}` showed three seconds in:"
+                );
+                print!("{}", sluice::inspect::render_preview(&answer));
+                previewed = Some(answer);
+            }
+            Ok(Err(e)) => println!("\n(no preview: {e:#})"),
+            Err(e) => println!("\n(no preview: {e})"),
+        }
+    }
 
     let answers: Vec<Answers> = record
         .totals
@@ -951,6 +989,7 @@ pub async fn run(
         figures,
         erin_admitted,
         prometheus,
+        preview: previewed,
         started,
         svg: args.out.join("demo.svg"),
         json: args.out.join("demo.json"),

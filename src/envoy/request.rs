@@ -164,6 +164,11 @@ impl LabelSource for CheckView<'_> {
         let Some(http) = self.http else { return };
         let mut name = String::from(HEADER_PREFIX);
         let mut header = |key: &Bytes, value: &Bytes| {
+            // Pseudo-headers (`:path`, `:authority`...) are listed above as
+            // the attributes they are.
+            if key.starts_with(b":") {
+                return;
+            }
             name.truncate(HEADER_PREFIX.len());
             name.push_str(&normalize_header_name(&text(key)));
             f(&name, text(value));
@@ -297,6 +302,7 @@ mod tests {
             path: "/a?b=1".into(),
             protocol: "HTTP/1.1".into(),
             headers: vec![
+                entry(":path", b"/a?b=1"),
                 entry("User-Id", b"42"),
                 entry("baggage", b"tier=gold;p, team=a%20b"),
             ],
