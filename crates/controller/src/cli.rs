@@ -62,9 +62,11 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Ask a running controller what it is doing: every circuit's signals
-    /// with their values and ages, the outputs it sent, the sidecars
-    /// subscribed. Exits 1 when the controller cannot be asked.
+    /// Print what a running controller is doing, and exit.
+    ///
+    /// Every circuit's signals with their values and ages, the outputs it
+    /// sent, the sidecars subscribed (GET /v1/status on its admin
+    /// listener). Exits 1 when the controller cannot be asked.
     Status(StatusArgs),
 }
 
@@ -72,7 +74,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// The controller's admin listener (its --admin-listen) as a URL; a
-    /// path is kept (a proxy's prefix), /v1/status is added to it.
+    /// path is kept (a proxy's prefix), /v1/status is added to it unless
+    /// it ends so already.
     #[arg(long, default_value = concat!("http://", default_admin_listen!()), value_parser = parse_admin_url)]
     pub admin: http::Uri,
     /// Print the JSON the controller answered, as it came, instead of
@@ -551,7 +554,12 @@ pub fn explain(paths: &[PathBuf]) -> bool {
 /// The URL of `GET /v1/status` under `admin`, for `policy` alone if given.
 fn status_url(admin: &http::Uri, policy: Option<&str>) -> anyhow::Result<http::Uri> {
     let base = admin.to_string();
-    let mut url = format!("{}/v1/status", base.trim_end_matches('/'));
+    let base = base.trim_end_matches('/');
+    let mut url = if base.ends_with("/v1/status") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/status")
+    };
     if let Some(p) = policy {
         url.push_str("?policy=");
         url.push_str(p);
@@ -691,4 +699,32 @@ pub fn main() -> ExitCode {
         controller.stop(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_url_is_under_the_admin_url() {
+        let url = |admin: &str, policy| {
+            let admin = parse_admin_url(admin).expect("admin URL");
+            status_url(&admin, policy).expect("URL").to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:8083", None),
+            "http://127.0.0.1:8083/v1/status"
+        );
+        assert_eq!(
+            url("https://proxy/api/ctl/", Some("checkout")),
+            "https://proxy/api/ctl/v1/status?policy=checkout"
+        );
+        assert_eq!(
+            url("http://c:8083/v1/status", None),
+            "http://c:8083/v1/status"
+        );
+        assert!(parse_admin_url("127.0.0.1:8083").is_err());
+        assert!(parse_admin_url("http://c:8083/?policy=x").is_err());
+        assert!(parse_policy_name("policies/").is_err());
+    }
 }
