@@ -296,6 +296,9 @@ pub struct Circuit {
     current: Vec<Option<f64>>,
     previous: Vec<Option<f64>>,
     computed: Vec<bool>,
+    /// Which signals the last tick carried over rather than computed: a
+    /// `promql` signal between its evaluations (see [`Circuit::renewed`]).
+    carried: Vec<bool>,
     ticks: u64,
 }
 
@@ -513,6 +516,7 @@ impl Circuit {
             current: vec![None; n],
             previous: vec![None; n],
             computed: vec![false; n],
+            carried: vec![false; n],
             ticks: 0,
         }
     }
@@ -567,6 +571,10 @@ impl Circuit {
             if let Some(out) = out {
                 self.current[out] = value.filter(|v| v.is_finite());
                 self.computed[out] = true;
+                self.carried[out] = matches!(
+                    self.components[i],
+                    Component::Promql { every, .. } if !self.ticks.is_multiple_of(every)
+                );
             }
             if let Component::Actuator {
                 target,
@@ -951,6 +959,15 @@ impl Circuit {
             .iter()
             .map(String::as_str)
             .zip(self.current.iter().copied())
+    }
+
+    /// Whether the last tick computed each signal anew (in the order of
+    /// [`Circuit::signals`]): false only for a `promql` signal between its
+    /// evaluations, which keeps what its query last returned. The
+    /// controller dates each signal by it, so that a query run every
+    /// minute shows the age of its answer, not of the last tick.
+    pub fn renewed(&self) -> impl Iterator<Item = bool> + '_ {
+        self.carried.iter().map(|carried| !carried)
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! `sluice-controller --policy PATH [FLAGS]` runs the controller;
 //! `sluice-controller explain PATH` prints each policy's circuit with its
-//! blueprint expanded. Every flag can also be set by an environment
-//! variable `SLUICE_CONTROLLER_<FLAG>`.
+//! blueprint expanded; `sluice-controller status` asks a running
+//! controller's admin listener what it is doing (`GET /v1/status`). Every
+//! flag of the controller can also be set by an environment variable
+//! `SLUICE_CONTROLLER_<FLAG>`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use sluice_policy as policy;
@@ -20,6 +23,14 @@ use sluice_runtime::secret::TokenFile;
 use sluice_runtime::tls::ServerTlsFiles;
 
 use super::{Controller, ControllerConfig};
+
+/// The admin listener's default address, one literal for `--admin-listen`
+/// and the URL `status` asks by default.
+macro_rules! default_admin_listen {
+    () => {
+        "127.0.0.1:8083"
+    };
+}
 
 /// sluice-controller: closed-loop flow control for Sluice sidecars.
 ///
@@ -51,6 +62,57 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print what a running controller is doing, and exit.
+    ///
+    /// Every circuit's signals with their values and ages, the outputs it
+    /// sent, the sidecars subscribed (GET /v1/status on its admin
+    /// listener). Exits 1 when the controller cannot be asked.
+    Status(StatusArgs),
+}
+
+/// Flags of `status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The controller's admin listener (its --admin-listen) as a URL; a
+    /// path is kept (a proxy's prefix), /v1/status is added to it unless
+    /// it ends so already.
+    #[arg(long, default_value = concat!("http://", default_admin_listen!()), value_parser = parse_admin_url)]
+    pub admin: http::Uri,
+    /// Print the JSON the controller answered, as it came, instead of
+    /// tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this policy (its name, not its file).
+    #[arg(long, value_parser = parse_policy_name)]
+    pub policy: Option<String>,
+    /// How long to wait for the whole answer, connecting included.
+    #[arg(long, default_value = "5s", value_parser = sluice_time::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// An `http://` or `https://` URL with a host and no query.
+fn parse_admin_url(s: &str) -> Result<http::Uri, String> {
+    let expected = || format!("expected an http:// or https:// URL with a host, got {s:?}");
+    let url: http::Uri = s.parse().map_err(|_| expected())?;
+    match (url.scheme_str(), url.authority(), url.query()) {
+        (Some("http" | "https"), Some(_), None) => Ok(url),
+        _ => Err(expected()),
+    }
+}
+
+/// A policy name as policies spell them (so it needs no escaping in a
+/// URL).
+fn parse_policy_name(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a policy name (letters, digits, '_', '-', '.')"
+        ))
+    }
 }
 
 /// Flags of the controller.
@@ -77,11 +139,11 @@ pub struct RunArgs {
         default_value = "127.0.0.1:8082"
     )]
     pub listen: SocketAddr,
-    /// Address for /metrics, /healthz, /readyz and /v1/alerts.
+    /// Address for /metrics, /healthz, /readyz, /v1/alerts and /v1/status.
     #[arg(
         long,
         env = "SLUICE_CONTROLLER_ADMIN_LISTEN",
-        default_value = "127.0.0.1:8083"
+        default_value = default_admin_listen!()
     )]
     pub admin_listen: SocketAddr,
     /// How often the circuits run.
@@ -489,6 +551,72 @@ pub fn explain(paths: &[PathBuf]) -> bool {
     ok
 }
 
+/// The URL of `GET /v1/status` under `admin`, for `policy` alone if given.
+fn status_url(admin: &http::Uri, policy: Option<&str>) -> anyhow::Result<http::Uri> {
+    let base = admin.to_string();
+    let base = base.trim_end_matches('/');
+    let mut url = if base.ends_with("/v1/status") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/status")
+    };
+    if let Some(p) = policy {
+        url.push_str("?policy=");
+        url.push_str(p);
+    }
+    Ok(url.parse()?)
+}
+
+/// `sluice-controller status`: prints the controller's status; false when
+/// it could not be had.
+pub fn status(args: &StatusArgs) -> bool {
+    let fetched = status_url(&args.admin, args.policy.as_deref()).and_then(|url| {
+        // One request: a single-threaded runtime is enough and starts at once.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let answer = runtime
+            .block_on(sluice_runtime::http_client::get_once(
+                &url,
+                args.timeout,
+                STATUS_LIMIT,
+            ))
+            .with_context(|| format!("cannot ask the controller: GET {url}"))?;
+        Ok((url, answer))
+    });
+    let (url, (code, body)) = match fetched {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return false;
+        }
+    };
+    if code != http::StatusCode::OK {
+        let text = String::from_utf8_lossy(&body);
+        let reason = text.lines().next().unwrap_or("").trim();
+        let reason = reason.get(..200).unwrap_or(reason);
+        eprintln!("error: GET {url} answered {code}: {reason}");
+        return false;
+    }
+    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: GET {url} answered 200 but not with the controller's status: {e}");
+            return false;
+        }
+    };
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&body));
+    } else {
+        print!("{}", crate::status::render(&parsed));
+    }
+    true
+}
+
+/// The largest status answer read: a few hundred bytes per signal and per
+/// sidecar, so thousands of each.
+const STATUS_LIMIT: usize = 16 << 20;
+
 /// The controller configuration these flags describe.
 pub fn config(args: &RunArgs, policy: &Path) -> anyhow::Result<ControllerConfig> {
     let tls = ServerTlsFiles::from_flags(
@@ -528,8 +656,13 @@ pub fn config(args: &RunArgs, policy: &Path) -> anyhow::Result<ControllerConfig>
 /// Runs the command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Explain { paths }) = &cli.command {
-        return if explain(paths) {
+    let done = match &cli.command {
+        Some(Command::Explain { paths }) => Some(explain(paths)),
+        Some(Command::Status(args)) => Some(status(args)),
+        None => None,
+    };
+    if let Some(ok) = done {
+        return if ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -566,4 +699,32 @@ pub fn main() -> ExitCode {
         controller.stop(Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_url_is_under_the_admin_url() {
+        let url = |admin: &str, policy| {
+            let admin = parse_admin_url(admin).expect("admin URL");
+            status_url(&admin, policy).expect("URL").to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:8083", None),
+            "http://127.0.0.1:8083/v1/status"
+        );
+        assert_eq!(
+            url("https://proxy/api/ctl/", Some("checkout")),
+            "https://proxy/api/ctl/v1/status?policy=checkout"
+        );
+        assert_eq!(
+            url("http://c:8083/v1/status", None),
+            "http://c:8083/v1/status"
+        );
+        assert!(parse_admin_url("127.0.0.1:8083").is_err());
+        assert!(parse_admin_url("http://c:8083/?policy=x").is_err());
+        assert!(parse_policy_name("policies/").is_err());
+    }
 }

@@ -15,6 +15,9 @@
 //! - [`cli`]: the `sluice-controller` command line.
 //! - `alerts`: the alerts of the circuits' alerters, as `controller_alert`
 //!   series and `GET /v1/alerts` on the admin listener.
+//! - `status`: `GET /v1/status` on the admin listener (every circuit's
+//!   signals with their ages, the decisions sent, the sidecars subscribed)
+//!   and the table `sluice-controller status` prints from it.
 //!
 //! When Prometheus cannot be asked, the controller holds the outputs it
 //! computed last (re-sent with a fresh `valid_until`) for at most
@@ -28,6 +31,7 @@ mod alerts;
 pub mod circuit;
 pub mod cli;
 pub mod promql;
+mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -68,7 +72,8 @@ pub struct ControllerConfig {
     pub prometheus_ca_file: Option<PathBuf>,
     /// Where sidecars subscribe (gRPC).
     pub listen: SocketAddr,
-    /// Where `/metrics`, `/healthz`, `/readyz` and `/v1/alerts` are served.
+    /// Where `/metrics`, `/healthz`, `/readyz`, `/v1/alerts` and
+    /// `/v1/status` are served.
     pub admin_listen: SocketAddr,
     /// How often circuits run.
     pub tick: Duration,
@@ -214,12 +219,43 @@ struct Running {
     last_fresh: Option<u64>,
     /// When each of the circuit's alerts fired and resolved.
     alert_times: Vec<alerts::Times>,
+    /// When the circuit last ran (on answered queries), unix ms, for
+    /// `/v1/status`.
+    ran_unix_ms: Option<i64>,
+    /// When each signal (in [`Circuit::signals`] order) was last computed
+    /// anew, unix ms: its age in `/v1/status`.
+    signal_at: Vec<Option<i64>>,
+    /// How its last round of queries went.
+    queried: Option<status::Queried>,
+    /// Whether its last outputs are being re-sent because Prometheus
+    /// cannot be asked (`controller_outputs_held`).
+    held: bool,
 }
 
-/// What the tick loop and the reloader share.
+impl Running {
+    /// A circuit that has not run yet.
+    fn new(name: String, hash: u64, circuit: Circuit, alert_times: Vec<alerts::Times>) -> Self {
+        Running {
+            name,
+            hash,
+            circuit,
+            last: Vec::new(),
+            last_fresh: None,
+            alert_times,
+            ran_unix_ms: None,
+            signal_at: Vec::new(),
+            queried: None,
+            held: false,
+        }
+    }
+}
+
+/// What the tick loop, the reloader and the admin listener share.
 struct State {
     running: Mutex<Vec<Running>>,
     tick: Duration,
+    /// The last tick's end, for `/v1/status`; `None` before the first.
+    last_tick: Mutex<Option<status::LastTick>>,
 }
 
 impl State {
@@ -254,14 +290,7 @@ impl State {
                 alert_times =
                     alerts::carry_over(circuit.alerts(), old.circuit.alerts(), &old.alert_times);
             }
-            next.push(Running {
-                name,
-                hash: loaded.hash,
-                circuit,
-                last: Vec::new(),
-                last_fresh: None,
-                alert_times,
-            });
+            next.push(Running::new(name, loaded.hash, circuit, alert_times));
         }
         *running = next;
     }
@@ -320,14 +349,15 @@ fn describe(target: &Target) -> (&str, &'static str) {
     }
 }
 
-/// Runs every policy's circuit once and returns the decisions to send.
+/// Runs every policy's circuit once and returns the decisions to send, and
+/// whether Prometheus answered every query.
 async fn tick(
     state: &State,
     prometheus: &promql::Prometheus,
     metrics: &Metrics,
     config: &ControllerConfig,
     clock: &Clock,
-) -> wire::DecisionSet {
+) -> (wire::DecisionSet, bool) {
     metrics.ticks.inc();
     // Ask Prometheus first, without holding the state lock across awaits.
     let queries: Vec<(String, Vec<(usize, String)>)> = state
@@ -367,12 +397,20 @@ async fn tick(
     metrics.prometheus_up.set(i64::from(all_up));
 
     let now = clock.now();
-    let valid_until = unix_ms() + config.decision_validity.as_millis() as i64;
+    let now_ms = unix_ms();
+    let valid_until = now_ms + config.decision_validity.as_millis() as i64;
     let hold = sluice_time::nanos(config.hold_outputs_for);
     let mut decisions = Vec::new();
     let mut running = state.running.lock();
     for r in running.iter_mut() {
-        let outputs = match answers.remove(&r.name) {
+        let answered = answers.remove(&r.name);
+        if let Some(a) = &answered {
+            r.queried = Some(status::Queried {
+                unix_ms: now_ms,
+                error: a.as_ref().err().cloned(),
+            });
+        }
+        let outputs = match answered {
             Some(Ok(results)) => {
                 let firing: Vec<bool> = r.circuit.alerts().iter().map(|a| a.firing).collect();
                 let outputs = r.circuit.tick(&results);
@@ -406,8 +444,16 @@ async fn tick(
                         .with_label_values(&[&r.name, signal])
                         .set(value.unwrap_or(f64::NAN));
                 }
+                r.signal_at.resize(r.circuit.signals().count(), None);
+                for (at, renewed) in r.signal_at.iter_mut().zip(r.circuit.renewed()) {
+                    if renewed {
+                        *at = Some(now_ms);
+                    }
+                }
+                r.ran_unix_ms = Some(now_ms);
                 r.last.clone_from(&outputs);
                 r.last_fresh = Some(now);
+                r.held = false;
                 metrics.held.with_label_values(&[&r.name]).set(0);
                 outputs
             }
@@ -418,6 +464,7 @@ async fn tick(
                     .held
                     .with_label_values(&[&r.name])
                     .set(i64::from(fresh));
+                r.held = fresh;
                 if let Some(Err(e)) = failed
                     && !was_held
                 {
@@ -468,10 +515,13 @@ async fn tick(
             decisions.extend(decision(r, o, valid_until));
         }
     }
-    wire::DecisionSet {
-        decisions,
-        sent_unix_ms: unix_ms(),
-    }
+    (
+        wire::DecisionSet {
+            decisions,
+            sent_unix_ms: unix_ms(),
+        },
+        all_up,
+    )
 }
 
 /// The control API: every subscriber gets the latest decision set at once,
@@ -480,7 +530,8 @@ async fn tick(
 /// is throttled.
 struct ControlService {
     decisions: watch::Receiver<Arc<wire::DecisionSet>>,
-    subscribers: IntGauge,
+    /// Who is subscribed (and `controller_subscribers`).
+    subscribers: Arc<status::Subscribers>,
     token: Option<TokenFile>,
     refused: IntCounter,
 }
@@ -513,14 +564,6 @@ impl ControlService {
     }
 }
 
-/// Decrements the subscriber gauge when a stream ends.
-struct Subscribed(IntGauge);
-impl Drop for Subscribed {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 type DecisionStream = Pin<Box<dyn Stream<Item = Result<wire::DecisionSet, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -532,13 +575,14 @@ impl wire::control_server::Control for ControlService {
         request: tonic::Request<wire::SubscribeRequest>,
     ) -> Result<tonic::Response<DecisionStream>, tonic::Status> {
         self.admit(&request).await?;
+        let peer = sluice_runtime::grpc::remote_addr(&request);
         let who = request.into_inner();
         tracing::info!(
             agent_group = %who.agent_group, service = %who.service, instance = %who.instance,
             "sidecar subscribed"
         );
-        self.subscribers.inc();
-        let guard = Subscribed(self.subscribers.clone());
+        // Listed in /v1/status until the stream ends and drops it.
+        let guard = self.subscribers.add(&who, peer, unix_ms());
         let stream =
             tokio_stream::wrappers::WatchStream::new(self.decisions.clone()).map(move |set| {
                 let _ = &guard;
@@ -552,7 +596,35 @@ impl wire::control_server::Control for ControlService {
 struct Admin {
     metrics: Metrics,
     state: Arc<State>,
+    /// The decisions sent last, for `/v1/status`.
+    decisions: watch::Receiver<Arc<wire::DecisionSet>>,
+    /// Who is subscribed, for `/v1/status`.
+    subscribers: Arc<status::Subscribers>,
     ready: std::sync::atomic::AtomicBool,
+}
+
+impl Admin {
+    /// `GET /v1/status`: 200 with the body, or 400 for a parameter it does
+    /// not take or a policy it does not run.
+    fn status(&self, query: Option<&str>) -> http::Response<admin::Body> {
+        use http::StatusCode;
+        let answer = status::parse_query(query).and_then(|policy| {
+            // Clone the Arc and let go of the channel at once: the tick
+            // publishes on it.
+            let sent = self.decisions.borrow().clone();
+            status::json(
+                &self.state,
+                &sent,
+                &self.subscribers,
+                policy.as_deref(),
+                unix_ms(),
+            )
+        });
+        match answer {
+            Ok(body) => admin::answer(StatusCode::OK, "application/json", body),
+            Err(reason) => admin::answer(StatusCode::BAD_REQUEST, admin::TEXT, reason + "\n"),
+        }
+    }
 }
 
 impl Handler for Admin {
@@ -577,12 +649,16 @@ impl Handler for Admin {
                     "application/json",
                     alerts::json(&self.state),
                 ),
+                (&http::Method::GET, "/v1/status") => self.status(req.uri().query()),
                 (&http::Method::GET, "/readyz") => {
                     if self.ready.load(std::sync::atomic::Ordering::Acquire) {
                         admin::answer(StatusCode::OK, TEXT, "ready\n")
                     } else {
                         admin::answer(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n")
                     }
+                }
+                (_, "/metrics" | "/healthz" | "/readyz" | "/v1/alerts" | "/v1/status") => {
+                    admin::answer(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
                 }
                 _ => admin::answer(StatusCode::NOT_FOUND, TEXT, "not found\n"),
             }
@@ -610,6 +686,7 @@ impl Controller {
         let state = Arc::new(State {
             running: Mutex::new(Vec::new()),
             tick: config.tick,
+            last_tick: Mutex::new(None),
         });
         state.install(&set);
         metrics
@@ -640,9 +717,10 @@ impl Controller {
         let (publish, decisions) = watch::channel(Arc::new(wire::DecisionSet::default()));
         let mut tasks = Vec::new();
 
+        let subscribers = status::Subscribers::new(metrics.subscribers.clone());
         let service = ControlService {
-            decisions,
-            subscribers: metrics.subscribers.clone(),
+            decisions: decisions.clone(),
+            subscribers: subscribers.clone(),
             token: config.token.clone(),
             refused: metrics.refused.clone(),
         };
@@ -663,6 +741,8 @@ impl Controller {
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             state: state.clone(),
+            decisions,
+            subscribers,
             ready: false.into(),
         });
         tasks.push(tokio::spawn(admin::serve(
@@ -745,10 +825,16 @@ async fn ticker(
             _ = stop.wait() => return,
         }
         let started = clock.now();
-        let set = tick(&state, &prometheus, &metrics, &config, &clock).await;
+        let (set, prometheus_up) = tick(&state, &prometheus, &metrics, &config, &clock).await;
         let took = clock.now().saturating_sub(started);
         metrics.tick_seconds.observe(took as f64 / 1e9);
         publish.send_replace(Arc::new(set));
+        *state.last_tick.lock() = Some(status::LastTick {
+            ended_unix_ms: unix_ms(),
+            took: Duration::from_nanos(took),
+            prometheus_up,
+            count: metrics.ticks.get(),
+        });
     }
 }
 
@@ -758,14 +844,12 @@ mod tests {
     use wire::decision::Action;
 
     fn running() -> Running {
-        Running {
-            name: "p".to_owned(),
-            hash: 0xabc,
-            circuit: Circuit::compile(&[], Duration::from_secs(1)),
-            last: Vec::new(),
-            last_fresh: None,
-            alert_times: Vec::new(),
-        }
+        Running::new(
+            "p".to_owned(),
+            0xabc,
+            Circuit::compile(&[], Duration::from_secs(1)),
+            Vec::new(),
+        )
     }
 
     fn output(target: Target, value: Option<f64>, fill_amount: Option<f64>) -> Output {

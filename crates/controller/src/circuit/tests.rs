@@ -1352,3 +1352,34 @@ fn the_capacity_blueprint_sends_nothing_without_data() {
     ]);
     assert_eq!(sent, vec![None, Some(0.45), None, None, Some(0.45)]);
 }
+
+#[test]
+fn a_query_between_its_evaluations_is_carried_not_renewed() {
+    // Every 30 s at 10 s ticks: the query runs at ticks 0 and 3; in
+    // between its signal keeps the answer, and says it was not computed
+    // anew, while what is computed from it is, every tick.
+    let mut c = circuit(
+        "- promql: {out: x, query: q, evaluation_interval: 30s}\n- arithmetic: {out: y, op: mul, lhs: x, rhs: 2}\n",
+    );
+    let mut seen = Vec::new();
+    for v in [1.0, 2.0, 3.0, 4.0] {
+        let results = c
+            .due_queries()
+            .into_iter()
+            .map(|(i, _)| (i, Some(v)))
+            .collect();
+        c.tick(&results);
+        let renewed: Vec<bool> = c.renewed().collect();
+        let x = c.signals().find(|(n, _)| *n == "x").and_then(|(_, v)| v);
+        seen.push((x, renewed));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (Some(1.0), vec![true, true]),
+            (Some(1.0), vec![false, true]),
+            (Some(1.0), vec![false, true]),
+            (Some(4.0), vec![true, true]),
+        ]
+    );
+}
