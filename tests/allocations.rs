@@ -151,3 +151,48 @@ fn an_accepted_check_allocates_only_what_its_response_owns() {
         "allocations per accepted Check, decision and response"
     );
 }
+
+/// A per-user rate limit alone, as one would put in limitador: its access
+/// log is read by nothing, so the answer carries no `sluice.flow` (nor
+/// baggage: no classifier).
+const RATE_LIMIT_ONLY: &str = r#"
+name: peer
+rate_limiters:
+  - name: per-user
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 1000000
+    fill_amount: 1000
+    interval: 1s
+    limit_by_label_key: http.request.header.user_id
+"#;
+
+#[test]
+fn an_accepted_check_of_a_rate_limit_alone_allocates_nothing() {
+    let engine = Engine::new(Clock::new(), Metrics::new(), EngineOptions::default());
+    let sources = vec![(PathBuf::from("p.yaml"), RATE_LIMIT_ONLY.to_owned())];
+    engine
+        .install(&parse_sources(&sources).expect("valid"))
+        .expect("installs");
+    let requests: Vec<wire::CheckRequest> = (0..100).map(request).collect();
+    let answer = |req: &wire::CheckRequest| {
+        let view = CheckView::new(req);
+        let flow = FlowRequest {
+            control_point: "ingress",
+            service: "any",
+            labels: &view,
+        };
+        let response = engine.decide(flow, |d| sluice::envoy::response::build(&d, &view));
+        assert!(response.dynamic_metadata.is_none());
+        drop(response);
+    };
+    requests.iter().for_each(answer);
+    let before = allocations();
+    for _ in 0..10 {
+        requests.iter().for_each(answer);
+    }
+    assert_eq!(
+        allocations() - before,
+        0,
+        "allocations in 1,000 accepted Checks, decision and response"
+    );
+}

@@ -4,7 +4,10 @@
 //! request's `baggage` header. Reject: `DeniedHttpResponse` with the
 //! rejecting component's status, `retry-after` in whole seconds (rounded up)
 //! when the wait is known, `x-sluice-rejected-by: <policy>/<component>` and a
-//! one-line body. Both carry dynamic metadata `sluice.flow`.
+//! one-line body. Both carry dynamic metadata `sluice.flow` when the flow's
+//! access log will be read (it holds slots, names flux meters, or teaches
+//! a scheduler its latency), and none otherwise: Envoy then stores and
+//! logs nothing for it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -129,7 +132,7 @@ fn denied(
     reason: RejectReason,
     status: u16,
     retry_after: Option<Duration>,
-    metadata: String,
+    metadata: Option<String>,
 ) -> CheckResponse {
     let mut headers = Vec::with_capacity(3);
     if let Some(wait) = retry_after {
@@ -155,18 +158,20 @@ fn denied(
     )
 }
 
-fn respond(code: i32, http_response: HttpResponse, metadata: String) -> CheckResponse {
+/// The answer; with `sluice.flow` dynamic metadata only when the flow's
+/// access log will be read (`Decision::metadata`).
+fn respond(code: i32, http_response: HttpResponse, metadata: Option<String>) -> CheckResponse {
     CheckResponse {
         status: Some(rpc::Status {
             code,
             ..Default::default()
         }),
         http_response: Some(http_response),
-        dynamic_metadata: Some(Struct {
+        dynamic_metadata: metadata.map(|m| Struct {
             fields: HashMap::from([(
                 FLOW_METADATA_KEY.to_owned(),
                 Value {
-                    kind: Some(Kind::StringValue(metadata)),
+                    kind: Some(Kind::StringValue(m)),
                 },
             )]),
         }),

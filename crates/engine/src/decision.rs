@@ -101,6 +101,11 @@ pub struct Decision<'a> {
     /// Which classifier labels go upstream in `baggage` (indices into
     /// `labels.classified()`).
     pub(crate) telemetry: SmallVec<[u16; 4]>,
+    /// Whether the flow's access log will be read: it holds slots until
+    /// then, waits (and may take some), names flux meters, or teaches
+    /// schedulers its workload's latency. Without any of those, Envoy
+    /// is sent no `sluice.flow` to carry.
+    pub(crate) observed_at_end: bool,
 }
 
 impl<'a> Decision<'a> {
@@ -110,13 +115,19 @@ impl<'a> Decision<'a> {
     }
 
     /// The `sluice.flow` metadata that lets the access log find this flow
-    /// again (see [`crate::flow_end::metadata`]).
-    pub fn metadata(&self) -> String {
+    /// again (see [`crate::flow_end::metadata`]); `None` when nothing
+    /// would read it there (no slots, no flux meter, no workload): Envoy
+    /// is then asked to carry nothing, and its access log of the flow
+    /// counts as `without_flow`.
+    pub fn metadata(&self) -> Option<String> {
+        if !self.observed_at_end {
+            return None;
+        }
         let by = self
             .rejection
             .as_ref()
             .map(|r| format!("{}/{}", r.policy, r.component));
-        self.encode_metadata(self.accepted(), by.as_deref())
+        Some(self.encode_metadata(self.accepted(), by.as_deref()))
     }
 
     fn encode_metadata(&self, accepted: bool, rejected_by: Option<&str>) -> String {

@@ -276,11 +276,18 @@ impl Engine {
             workloads: SmallVec::new(),
             waiting: None,
             telemetry: SmallVec::new(),
+            observed_at_end: false,
         };
         let stages = plan.control_points.get(flow.control_point);
         if let Some(stages) = stages {
             decision.rejection = self.run_stages(stages, flow.service, &mut decision);
         }
+        // Whether the access log will be read (`Decision::metadata`): a
+        // waiting flow may yet take slots; a rejected one's workloads learn
+        // nothing.
+        decision.observed_at_end |= decision.waiting.is_some()
+            || !decision.flux_meters.is_empty()
+            || (decision.rejection.is_none() && !decision.workloads.is_empty());
         if self.previews.wanted() {
             self.previews
                 .sample(stages, flow.control_point, flow.service, &mut decision);
@@ -437,15 +444,19 @@ impl Engine {
             decision.waiting = Some(waiting);
             return None;
         }
-        self.admit(decision.flow_id, &mut admission);
+        decision.observed_at_end = self.admit(decision.flow_id, &mut admission);
         None
     }
 
     /// Commits an admitted flow's admission: its tokens are spent, its
-    /// slots held until its access log.
-    pub fn admit(&self, flow_id: u64, admission: &mut Admission<'_>) {
-        if let Some(slots) = admission.commit() {
-            self.inflight.insert(flow_id, slots);
+    /// slots held until its access log. True when it holds slots.
+    pub fn admit(&self, flow_id: u64, admission: &mut Admission<'_>) -> bool {
+        match admission.commit() {
+            Some(slots) => {
+                self.inflight.insert(flow_id, slots);
+                true
+            }
+            None => false,
         }
     }
 

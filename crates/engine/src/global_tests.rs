@@ -92,7 +92,7 @@ async fn check(engine: &Engine, user: &str) -> Outcome {
         let waiting = d.waiting.take();
         let decided = match &d.rejection {
             Some(r) => Outcome::Refused(r.status, r.retry_after),
-            None => Outcome::Accepted(d.metadata()),
+            None => Outcome::Accepted(d.metadata().unwrap_or_default()),
         };
         (decided, waiting)
     });
@@ -342,7 +342,7 @@ fn spawn_flow(
     let (meta, refused, waiting) = engine.decide(flow, |mut d| {
         let waiting = d.waiting.take();
         (
-            d.metadata(),
+            d.metadata().unwrap_or_default(),
             d.rejection.as_ref().map(|r| r.status),
             waiting,
         )

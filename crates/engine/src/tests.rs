@@ -276,7 +276,9 @@ concurrency_limiters:
 /// Checks a flow; returns its `sluice.flow` metadata and whether it passed.
 fn check_meta(engine: &Engine) -> (String, bool) {
     let source = MapLabels::default();
-    engine.decide(ingress(&source), |d| (d.metadata(), d.accepted()))
+    engine.decide(ingress(&source), |d| {
+        (d.metadata().unwrap_or_default(), d.accepted())
+    })
 }
 
 fn end_of(
@@ -436,13 +438,13 @@ fn out_of_bounds_records_free_the_slot_and_observe_nothing() {
 fn removed_flux_meters_leave_the_registry() {
     let (engine, _) = engine(&[METERED]);
     let (a, _) = check_meta(&engine);
+    let (b, _) = check_meta(&engine);
     engine.end_flow(&end_of(&a, "200", "5"), &flow_end::NoExtras);
     assert!(engine.metrics().encode_text().contains("flux_meter_count{"));
     engine.install(&policies(&["name: m\n"])).expect("installs");
     let text = engine.metrics().encode_text();
     assert!(!text.contains("flux_meter_count{"), "{text}");
     // Logs of flows checked under the old policy are still read, and ignored.
-    let (b, _) = check_meta(&engine);
     assert_eq!(
         engine.end_flow(&end_of(&b, "200", "5"), &flow_end::NoExtras),
         EndOutcome::Matched
@@ -515,7 +517,7 @@ fn decide_real(
     let source = MapLabels::from_pairs(labels.iter().copied());
     engine.decide(ingress(&source), |mut d| {
         let waiting = d.waiting.take();
-        (d.metadata(), d.accepted(), waiting)
+        (d.metadata().unwrap_or_default(), d.accepted(), waiting)
     })
 }
 
@@ -586,10 +588,9 @@ async fn queued_flows_time_out_with_retry_after_and_a_full_queue_refuses_at_once
         .expect_err("queue full");
     assert_eq!(refusal.reason, RejectReason::QueueFull);
     assert_eq!(refusal.status, 503);
-    assert!(
-        refusal.metadata.contains(";d=rejected;by=q/one-at-a-time"),
-        "{}",
-        refusal.metadata
+    assert_eq!(
+        refusal.metadata, None,
+        "no flux meter: nothing reads a refused flow's log"
     );
     let (at, b) = run_until_done(&engine, &time, &mut b).await;
     assert!(at >= 300 * 1_000_000, "refused at {at}, before its 300 ms");
@@ -866,7 +867,7 @@ load_schedulers:
     for (kind, ms) in [("report", "250"), ("lookup", "10")] {
         for _ in 0..30 {
             let labels = source(kind);
-            let meta = engine.decide(ingress(&labels), |d| d.metadata());
+            let meta = engine.decide(ingress(&labels), |d| d.metadata().expect("scheduled"));
             let mut end = end_of(&meta, "200", ms);
             end.set("authz_duration", flow_end::AttrValue::Text("0".into()));
             engine.end_flow(&end, &flow_end::NoExtras);
@@ -1952,4 +1953,61 @@ load_schedulers:
     assert_eq!(find(&s, "all").controller, None);
     assert_eq!(find(&s, "all").bucket_capacity, Some(10.0));
     assert_eq!(find(&s, "load").controller, None);
+}
+
+#[test]
+fn sluice_flow_goes_to_envoy_only_when_the_access_log_will_be_read() {
+    let meta = |doc: &str, labels: &[(&str, &str)]| {
+        let (engine, _time) = engine(&[doc]);
+        let source = MapLabels::from_pairs(labels.iter().copied());
+        engine.decide(ingress(&source), |d| (d.accepted(), d.metadata()))
+    };
+    // A rate limiter alone: nothing reads the log, accepted or not.
+    let limited = r#"
+name: rl
+rate_limiters:
+  - name: one
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 1
+    fill_amount: 0
+    interval: 1s
+"#;
+    let (engine, _time) = engine(&[limited]);
+    let source = MapLabels::default();
+    for accepted in [true, false] {
+        let (a, m) = engine.decide(ingress(&source), |d| (d.accepted(), d.metadata()));
+        assert_eq!((a, m), (accepted, None));
+    }
+    // A flux meter observes accepted and rejected flows alike.
+    let metered = r#"
+name: fm
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
+samplers:
+  - name: none
+    selectors: [{control_point: ingress, label_matcher: {match_labels: {beta: "1"}}}]
+    accept_percentage: 0
+"#;
+    let (accepted, m) = meta(metered, &[]);
+    assert!(accepted && m.is_some_and(|m| m.contains("fm/latency")));
+    let (accepted, m) = meta(metered, &[("beta", "1")]);
+    assert!(!accepted && m.is_some_and(|m| m.contains(";d=rejected;by=fm/none")));
+    // A concurrency limiter's slot is held until the log.
+    let slots = r#"
+name: cl
+concurrency_limiters:
+  - name: ten
+    selectors: [{control_point: ingress}]
+    max_concurrency: 10
+"#;
+    assert!(meta(slots, &[]).1.is_some());
+    // A scheduler learns its workloads' latency from admitted flows.
+    let scheduled = r#"
+name: ls
+load_schedulers:
+  - name: load
+    selectors: [{control_point: ingress}]
+"#;
+    assert!(meta(scheduled, &[]).1.is_some());
 }

@@ -55,8 +55,9 @@ pub struct Refused {
     pub status: u16,
     /// When trying again could work.
     pub retry_after: Option<Duration>,
-    /// The flow's `sluice.flow` metadata, as rejected.
-    pub metadata: String,
+    /// The flow's `sluice.flow` metadata, as rejected; `None` when no
+    /// flux meter observes it (nothing else reads a refused flow's log).
+    pub metadata: Option<String>,
 }
 
 /// A flow that must wait: what it took so far, and the steps left.
@@ -163,16 +164,19 @@ impl Waiting {
                 self.unanswered = None;
                 drop(std::mem::take(&mut self.admission));
                 engine.metrics().rejected.inc();
-                let by = format!("{policy}/{component}");
-                let mut metadata = String::new();
-                crate::flow_end::metadata::FlowMeta {
-                    id: self.flow_id,
-                    accepted: false,
-                    rejected_by: Some(&by),
-                    flux_meters: &self.flux_meters,
-                    workloads: "",
-                }
-                .encode_into(&mut metadata, engine.flow_key());
+                let metadata = (!self.flux_meters.is_empty()).then(|| {
+                    let by = format!("{policy}/{component}");
+                    let mut metadata = String::new();
+                    crate::flow_end::metadata::FlowMeta {
+                        id: self.flow_id,
+                        accepted: false,
+                        rejected_by: Some(&by),
+                        flux_meters: &self.flux_meters,
+                        workloads: "",
+                    }
+                    .encode_into(&mut metadata, engine.flow_key());
+                    metadata
+                });
                 if let Some(preview) = self.preview.take() {
                     preview.settle(Some(Outcome::Rejected {
                         policy: policy.to_string(),
