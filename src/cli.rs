@@ -97,6 +97,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print an Envoy bootstrap (YAML) for the policies at PATH that asks
+    /// Envoy for no more than they read: `allowed_headers` of the ext_authz
+    /// filter are the headers they name (and `baggage` when they need it),
+    /// the body is buffered only when a classifier reads it, and the access
+    /// log goes to Sluice only when something observes how requests end.
+    /// Generate it again when the policies change what they read.
+    EnvoyConfig {
+        /// Policy file or directory (as for --policy).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Envoy's HTTP listener.
+        #[arg(long, default_value = "127.0.0.1:10000")]
+        listen: SocketAddr,
+        /// Envoy's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        envoy_admin: SocketAddr,
+        /// The upstream Envoy routes to.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        upstream: SocketAddr,
+        /// Sluice's gRPC listener (Checks and access logs).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        sluice: SocketAddr,
+        /// The control point every Check names.
+        #[arg(long, default_value = "ingress")]
+        control_point: String,
+        /// The service every Check names (a context extension); none by
+        /// default (Sluice's --service then applies).
+        #[arg(long)]
+        service: Option<String>,
+        /// Let requests through when Sluice cannot answer (fail open).
+        #[arg(long)]
+        failure_mode_allow: bool,
+        /// Largest body buffered for classifiers that read it.
+        #[arg(long, default_value_t = 8192)]
+        max_request_bytes: u32,
+    },
     /// Print what a running sidecar has in force: every policy's
     /// components with their live state (bucket levels, limits, queues,
     /// multipliers, whether the controller drives them and for how long),
@@ -584,6 +620,37 @@ pub fn main() -> ExitCode {
                 inspect::render_preview,
             ))
         }
+        Some(Command::EnvoyConfig {
+            policy: path,
+            listen,
+            envoy_admin,
+            upstream,
+            sluice,
+            control_point,
+            service,
+            failure_mode_allow,
+            max_request_bytes,
+        }) => Some(match policy::load_path(path) {
+            Ok(set) => {
+                let layout = crate::envoy::config::Layout {
+                    listen: *listen,
+                    admin: *envoy_admin,
+                    upstream: *upstream,
+                    sluice: *sluice,
+                    control_point: control_point.clone(),
+                    service: service.clone(),
+                    failure_mode_allow: *failure_mode_allow,
+                    max_request_bytes: *max_request_bytes,
+                };
+                let reads = sluice_engine::reads::reads(&set);
+                print!("{}", crate::envoy::config::bootstrap(&reads, &layout));
+                true
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                false
+            }
+        }),
         Some(Command::Status {
             admin,
             json,

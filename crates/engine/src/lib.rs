@@ -36,6 +36,8 @@
 //!   `sluice.flow` metadata that names the flow, and the in-flight table of
 //!   slots held until the log arrives;
 //! - [`control`]: a controller's decisions, as the engine applies them;
+//! - [`reads`]: what a policy set reads of requests and access logs, for
+//!   `sluice envoy-config`;
 //! - [`status`]: what is in force now, component by component, for
 //!   `GET /v1/status`;
 //! - [`preview`]: live samples of what the engine saw and decided, for
@@ -59,6 +61,7 @@ pub mod leases;
 pub mod metrics;
 pub mod plan;
 pub mod preview;
+pub mod reads;
 pub mod schedulers;
 pub mod status;
 pub mod store;

@@ -73,7 +73,7 @@ enum Extractor {
 
 /// Where an extractor reads from.
 #[derive(Debug, Clone)]
-enum Source {
+pub(crate) enum Source {
     /// A label (request attribute, header, baggage member, classifier label).
     Label(LabelRef),
     /// The request body.
@@ -84,7 +84,7 @@ enum Source {
 
 impl Source {
     /// Reads a `from` as written: Aperture's `request.http.*` paths or a label.
-    fn parse(from: &str) -> Self {
+    pub(crate) fn parse(from: &str) -> Self {
         let label = match from {
             "request.http.body" => return Source::Body,
             "request.http.bearer" => return Source::Bearer(LabelRef::header("authorization")),
