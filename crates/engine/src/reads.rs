@@ -58,11 +58,9 @@ impl Walk<'_> {
                 .reads
                 .header(&h, || format!("{who} reads label {name}")),
             LabelKind::Baggage if !self.produced.contains(name) => {
-                if self.reads.baggage.is_none() {
-                    self.reads.baggage = Some(format!(
-                        "{who} reads label {name}, which no classifier sets: a baggage member"
-                    ));
-                }
+                self.reads.baggage.get_or_insert_with(|| {
+                    format!("{who} reads label {name}, which no classifier sets: a baggage member")
+                });
             }
             _ => {}
         }
@@ -72,9 +70,9 @@ impl Walk<'_> {
         match Source::parse(from) {
             Source::Label(l) => self.label(&l.name, who),
             Source::Body => {
-                if self.reads.body.is_none() {
-                    self.reads.body = Some(format!("{who} reads the request body"));
-                }
+                self.reads
+                    .body
+                    .get_or_insert_with(|| format!("{who} reads the request body"));
             }
             Source::Bearer(_) => self
                 .reads
