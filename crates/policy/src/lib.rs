@@ -17,10 +17,13 @@
 //! - [`load`]: reading a file or directory into a [`PolicySet`], with
 //!   errors that name file, line and field, and its fingerprint;
 //! - [`schema`]: the JSON Schema of a policy file (`sluice schema`);
-//! - [`watch`]: hot reload, polling the policy path.
+//! - [`watch`]: hot reload, polling the policy path;
+//! - [`aperture`]: Aperture's policies translated into this language
+//!   (`sluice import-aperture`), with what does not carry over.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aperture;
 pub mod circuit;
 pub mod load;
 pub mod schema;
