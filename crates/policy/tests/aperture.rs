@@ -734,6 +734,8 @@ fn what_is_not_an_aperture_policy_is_an_error() {
     assert!(not_aperture("just: text\n").contains("neither"));
     assert!(not_aperture("- a\n- b\n").contains("a list"));
     assert!(not_aperture("").contains("nothing"));
+    let two = "resources: {}\n---\nresources: {}\n";
+    assert!(not_aperture(two).contains("2 YAML documents"));
     assert!(matches!(
         convert("{: nope", "x"),
         Err(ImportError::NotYaml(_))

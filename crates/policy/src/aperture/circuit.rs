@@ -35,7 +35,11 @@ fn kind_of(v: &Value) -> Option<String> {
 /// (`variable`, `bool_variable`) and which signals are 0/1 and never
 /// missing.
 struct Signals {
+    /// Signals written by `variable` and `bool_variable`: read as these
+    /// numbers.
     constants: HashMap<String, f64>,
+    /// Signals that are 0 or 1 and never missing, on which `and`, `or`
+    /// and `inverter` have Sluice equivalents.
     booleans: HashSet<String>,
 }
 

@@ -65,9 +65,11 @@ pub(super) fn index(base: &str, i: usize) -> String {
 /// reading is done, [`Obj::finish`] lists every field that was not, so
 /// that nothing is left out silently.
 pub(super) struct Obj<'a> {
+    /// The mapping.
     map: &'a Map<String, Value>,
     /// Where the mapping is.
     pub path: String,
+    /// The fields read (or ignored on purpose) so far.
     taken: Vec<&'a str>,
 }
 

@@ -122,14 +122,19 @@ impl Conversion {
 
 /// A component converted, with the path of what it came from.
 pub(crate) struct Item {
+    /// The component as written to the policy.
     node: Node,
+    /// Where in the input it came from: what is listed if the loader
+    /// refuses it, and the comment after its name.
     origin: String,
 }
 
 /// A classifier converted: its rules apart, so that one Sluice refuses
 /// leaves the others.
 pub(crate) struct Classifier {
+    /// Where in the input it came from.
     origin: String,
+    /// Its selectors, converted.
     selectors: Node,
     /// Label, rule, path of the rule.
     rules: Vec<(String, Node, String)>,
@@ -138,14 +143,24 @@ pub(crate) struct Classifier {
 /// The policy being assembled, one list per kind of component.
 #[derive(Default)]
 pub(crate) struct Draft {
+    /// `classifiers`.
     classifiers: Vec<Classifier>,
+    /// `flux_meters`.
     flux_meters: Vec<Item>,
+    /// `samplers`.
     samplers: Vec<Item>,
+    /// `rate_limiters`.
     rate_limiters: Vec<Item>,
+    /// `concurrency_limiters`.
     concurrency_limiters: Vec<Item>,
+    /// `concurrency_schedulers`.
     concurrency_schedulers: Vec<Item>,
+    /// `quota_schedulers`.
     quota_schedulers: Vec<Item>,
+    /// `load_schedulers`, those the AIMD and AIAD components drive too.
     load_schedulers: Vec<Item>,
+    /// `circuit.components`, in Aperture's order (feedback loops read last
+    /// tick's value in both).
     circuit: Vec<Item>,
 }
 
@@ -167,8 +182,16 @@ const SLUICE_KEYS: [&str; 9] = [
 /// without its extension) names a plain policy, as `aperturectl` named the
 /// file after the policy.
 pub fn convert(text: &str, file_stem: &str) -> Result<Conversion, ImportError> {
-    let doc: Value =
-        serde_saphyr::from_str(text).map_err(|e| ImportError::NotYaml(e.to_string()))?;
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut docs: Vec<Value> = serde_saphyr::from_str_multiple_with_options(text, options)
+        .map_err(|e| ImportError::NotYaml(e.to_string()))?;
+    if docs.len() > 1 {
+        return Err(ImportError::NotAperture(format!(
+            "{} YAML documents: give one policy per file",
+            docs.len()
+        )));
+    }
+    let doc = docs.pop().unwrap_or(Value::Null);
     let Value::Object(top) = &doc else {
         return Err(ImportError::NotAperture(format!(
             "expected a mapping (a Policy resource, or circuit: and resources:), found {}",

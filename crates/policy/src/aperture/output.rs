@@ -69,12 +69,17 @@ fn entries_of<const N: usize>(entries: [(&str, Option<Node>); N]) -> Vec<(String
 /// flow collection everything is written in flow style anyway, so only the
 /// outermost one is wrapped.
 struct Styled<'a> {
+    /// What is written.
     node: &'a Node,
+    /// Whether a flow collection holds it (so it is not wrapped again).
     in_flow: bool,
 }
 
+/// A mapping's entries, for `serialize_map`.
 struct Entries<'a> {
+    /// The entries, in order.
     entries: &'a [(String, Node)],
+    /// Whether the mapping is (inside) a flow collection.
     in_flow: bool,
 }
 
@@ -94,8 +99,11 @@ impl Serialize for Entries<'_> {
     }
 }
 
+/// A sequence's items, for `serialize_seq`.
 struct Items<'a> {
+    /// The items, in order.
     items: &'a [Node],
+    /// Whether the sequence is (inside) a flow collection.
     in_flow: bool,
 }
 

@@ -261,6 +261,7 @@ struct Template {
     wildcard: bool,
     /// Aperture's normalized text (`/a/b/{}/*`), its tie-breaker.
     normalized: String,
+    /// The label's value when it matches.
     value: String,
 }
 
