@@ -164,9 +164,12 @@ fn percentage_bits(percentage: f64) -> u64 {
 /// sampler/sampler.go`, `Decide`, lines 333-343 at commit `bc7befc` of
 /// fluxninja/aperture) hashes the value with Go's `hash/fnv` `New32a` and
 /// accepts when `float64(hash)/float64(math.MaxUint32) <=
-/// acceptPercentage/100.0`; its load ramp drives that same sampler. The
-/// `<=` is kept: at 0 % a value whose hash is 0 (one in 2^32) is still
-/// accepted, as it was in Aperture, and at 100 % every value is.
+/// acceptPercentage/100.0`. Its load ramp runs that same sampler
+/// (`pkg/policies/controlplane/components/flowcontrol/sampler/
+/// load-ramp.go`, lines 119-123: a `Sampler` component with the ramp's
+/// sampler parameters), as Sluice's load ramp drives a sampler of the
+/// policy. The `<=` is kept: at 0 % a value whose hash is 0 (one in 2^32)
+/// is still accepted, as it was in Aperture, and at 100 % every value is.
 #[inline]
 fn sticky_accepts(session: &[u8], percentage: f64) -> bool {
     f64::from(fnv1a_32(session)) / f64::from(u32::MAX) <= percentage / 100.0

@@ -329,6 +329,7 @@ fn query(cx: &mut Cx, mut q: Obj, draft: &mut Draft) -> Result<(), Skip> {
     Ok(())
 }
 
+/// A `promql` component writing `out` every `interval`.
 fn promql(out: String, query: String, interval: String) -> Node {
     map([(
         "promql",
