@@ -5,7 +5,11 @@
 //! file (for editors); `sluice health` asks a running sidecar's admin
 //! listener whether it is up (a container health check for images without
 //! a shell or curl); `sluice preview` and `sluice status` ask it what it
-//! decides and has in force (`inspect.rs`). Every flag can also be set by an environment
+//! decides and has in force (`inspect.rs`); `sluice envoy-config` writes an
+//! Envoy bootstrap asking for what the policies read; `sluice
+//! import-aperture FILE...` writes Aperture's policies as Sluice's (the
+//! translation is `sluice_policy::aperture`; this file only reads, writes
+//! and sets the exit status). Every flag can also be set by an environment
 //! variable named `SLUICE_<FLAG>` (e.g. `SLUICE_GRPC_LISTEN`), which is how
 //! Kubernetes manifests usually configure a sidecar.
 
@@ -147,6 +151,27 @@ pub enum Command {
         /// How long to wait for the answer.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Convert Aperture policies (the Policy resource, or the plain policy
+    /// `aperturectl blueprints generate` writes) into Sluice policies, and
+    /// list on stderr what does not carry over, each with its path in the
+    /// input and why. Exits 0 when everything carried over; 2 when something
+    /// did not, writing nothing unless --allow-partial (then it writes the
+    /// rest and exits 0); 1 when a file is not an Aperture policy or cannot
+    /// be read or written, writing nothing.
+    ImportAperture {
+        /// Aperture policy files, or directories of them (their *.yaml and
+        /// *.yml files). A plain policy is named after its file.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Where the Sluice policies go: `-` for stdout (several policies
+        /// separated by `---`), a file (one policy), or an existing
+        /// directory (each policy as `<name>.yaml`).
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+        /// Write what carries over even when something does not.
+        #[arg(long)]
+        allow_partial: bool,
     },
 }
 
@@ -521,6 +546,136 @@ pub fn validate(paths: &[PathBuf]) -> bool {
     ok
 }
 
+/// Exit status of `sluice import-aperture` when something did not carry
+/// over and `--allow-partial` was not given: apart from 1 (nothing could
+/// be converted, or written), so that scripts can tell the two.
+const IMPORT_PARTIAL: u8 = 2;
+
+/// `sluice import-aperture`: converts every file, then writes every policy
+/// or none: an error in any file (or anything not carried over, without
+/// `allow_partial`) writes nothing, so no half-converted set is left
+/// behind.
+pub fn import_aperture(files: &[PathBuf], out: &std::path::Path, allow_partial: bool) -> ExitCode {
+    use policy::aperture::convert;
+    let mut converted = Vec::new();
+    let mut failed = false;
+    for path in files {
+        let sources = match policy::load::read_sources(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        for (file, text) in sources {
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match convert(&text, &stem) {
+                Ok(c) => converted.push((file, c)),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    failed = true;
+                }
+            }
+        }
+    }
+    if failed {
+        eprintln!("error: nothing written");
+        return ExitCode::FAILURE;
+    }
+    let mut partial = false;
+    for (file, c) in &converted {
+        for s in &c.skipped {
+            eprintln!("{}: not carried over: {s}", file.display());
+            partial = true;
+        }
+    }
+    if partial && !allow_partial {
+        eprintln!(
+            "error: parts of the policies above do not carry over; nothing written (--allow-partial writes the rest)"
+        );
+        return ExitCode::from(IMPORT_PARTIAL);
+    }
+    let written = if out.as_os_str() == "-" {
+        let texts: Vec<String> = converted
+            .iter()
+            .map(|(file, c)| c.file_text(&file.display().to_string()))
+            .collect();
+        print!("{}", texts.join("---\n"));
+        Ok(())
+    } else {
+        write_policies(&converted, out)
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes the converted policies to `out`: a file for one, or each as
+/// `<name>.yaml` in a directory. Each file is written beside its place
+/// under a hidden name (which policy directories skip) and renamed, so a
+/// reader (a sidecar watching the directory) never sees half a policy;
+/// what can be checked (the target, names that clash) is checked before
+/// the first file is written.
+fn write_policies(
+    converted: &[(PathBuf, policy::aperture::Conversion)],
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let targets: Vec<PathBuf> = if out.is_dir() {
+        converted
+            .iter()
+            .map(|(_, c)| out.join(format!("{}.yaml", c.name)))
+            .collect()
+    } else if converted.len() == 1 {
+        vec![out.to_owned()]
+    } else {
+        anyhow::bail!(
+            "{}: not a directory; several policies need one (or --out -); nothing written",
+            out.display()
+        );
+    };
+    for (i, t) in targets.iter().enumerate() {
+        if targets[..i].contains(t) {
+            anyhow::bail!(
+                "two files convert to the policy {}; nothing written",
+                t.display()
+            );
+        }
+    }
+    for ((file, c), target) in converted.iter().zip(&targets) {
+        let dir = target
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let text = c.file_text(&file.display().to_string());
+        let done = std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, target));
+        if let Err(e) = done {
+            // Nothing half-written stays behind.
+            let _ = std::fs::remove_file(&temp);
+            anyhow::bail!("{}: {e}", target.display());
+        }
+        eprintln!(
+            "wrote {} (policy {}, from {})",
+            target.display(),
+            c.name,
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// `sluice health`: GETs `url`, printing one line; true when it answered
 /// 2xx within `timeout`.
 pub fn health(url: &http::Uri, timeout: Duration) -> bool {
@@ -660,6 +815,11 @@ pub fn main() -> ExitCode {
             *json,
             inspect::render_status,
         )),
+        Some(Command::ImportAperture {
+            files,
+            out,
+            allow_partial,
+        }) => return import_aperture(files, out, *allow_partial),
         None => None,
     };
     if let Some(ok) = done {

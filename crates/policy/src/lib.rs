@@ -17,10 +17,13 @@
 //! - [`load`]: reading a file or directory into a [`PolicySet`], with
 //!   errors that name file, line and field, and its fingerprint;
 //! - [`schema`]: the JSON Schema of a policy file (`sluice schema`);
-//! - [`watch`]: hot reload, polling the policy path.
+//! - [`watch`]: hot reload, polling the policy path;
+//! - [`aperture`]: Aperture's policies translated into this language
+//!   (`sluice import-aperture`), with what does not carry over.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aperture;
 pub mod circuit;
 pub mod load;
 pub mod schema;
@@ -282,8 +285,8 @@ pub enum ExtractorSpec {
         /// RFC 6901 pointer, e.g. `/user/tier`.
         pointer: String,
     },
-    /// The first template that matches the path, e.g. `/users/{id}`.
-    PathTemplate(Vec<String>),
+    /// The value of the first template, in order, that matches the path.
+    PathTemplate(Vec<PathTemplate>),
     /// A claim of a JWT (the bearer token by default). The signature is not
     /// verified: that is the job of Envoy's `jwt_authn` filter in front.
     Jwt {
@@ -292,6 +295,94 @@ pub enum ExtractorSpec {
         /// Claim name, or a JSON pointer (`/realm_access/roles/0`).
         claim: String,
     },
+}
+
+/// One template of a `path_template` rule and the label value it gives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PathTemplate {
+    /// The template, starting with `/`: `/users/{id}`, `/static/*`.
+    pub template: String,
+    /// The label's value when it is the first template to match: the
+    /// template itself in the list form, the mapped value in the map form
+    /// (Aperture's `template_values`).
+    pub value: String,
+}
+
+/// `path_template`: a list of templates (each its own value) or a map from
+/// template to value, in the order written; not empty.
+struct RawPathTemplates(Vec<PathTemplate>);
+
+impl<'de> Deserialize<'de> for RawPathTemplates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawPathTemplates;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of path templates, or a map from path template to value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(template) = seq.next_element::<String>()? {
+                    out.push(PathTemplate {
+                        value: template.clone(),
+                        template,
+                    });
+                }
+                Ok(RawPathTemplates(out))
+            }
+            // A visitor rather than a map type, so that the order written is
+            // the order tried.
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<PathTemplate> = Vec::new();
+                while let Some((template, value)) = map.next_entry::<String, String>()? {
+                    if out.iter().any(|t| t.template == template) {
+                        return Err(serde::de::Error::custom(format!(
+                            "path template {template:?} is given twice"
+                        )));
+                    }
+                    out.push(PathTemplate { template, value });
+                }
+                Ok(RawPathTemplates(out))
+            }
+        }
+        let templates = d.deserialize_any(Visitor)?;
+        if templates.0.is_empty() {
+            return Err(serde::de::Error::custom("must have at least one template"));
+        }
+        Ok(templates)
+    }
+}
+
+impl JsonSchema for RawPathTemplates {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PathTemplates".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                {
+                    "type": "array",
+                    "items": { "type": "string", "pattern": "^/" },
+                    "minItems": 1,
+                },
+                {
+                    "type": "object",
+                    "propertyNames": { "pattern": "^/" },
+                    "additionalProperties": { "type": ["string", "number", "boolean"] },
+                    "minProperties": 1,
+                },
+            ]
+        })
+    }
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -308,10 +399,12 @@ struct RawRule {
     #[serde(default)]
     json: Option<RawJson>,
     /// Path templates, each starting with `/`, e.g. `/users/{id}` (`{name}`
-    /// is one non-empty segment, a final `*` the rest): the value is the
-    /// first template that matches the path.
+    /// is one non-empty segment, a final `*` the rest), tried in order: a
+    /// list (the value is the first template that matches the path), or a
+    /// map from template to value (the value of the first that matches, as
+    /// Aperture's `template_values`).
     #[serde(default)]
-    path_template: Option<NonEmpty<String>>,
+    path_template: Option<RawPathTemplates>,
     /// A claim of a JWT, the bearer token by default. The signature is not
     /// verified: that is the job of Envoy's `jwt_authn` filter in front.
     #[serde(default)]
@@ -383,9 +476,12 @@ impl TryFrom<RawRule> for RuleSpec {
             });
         }
         if let Some(templates) = raw.path_template {
-            for t in templates.iter() {
-                if !t.starts_with('/') {
-                    return Err(format!("path_template {t:?} must start with '/'"));
+            for t in templates.0.iter() {
+                if !t.template.starts_with('/') {
+                    return Err(format!(
+                        "path_template {:?} must start with '/'",
+                        t.template
+                    ));
                 }
             }
             found.push(ExtractorSpec::PathTemplate(templates.0));

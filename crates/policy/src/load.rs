@@ -615,6 +615,49 @@ rate_limiters:
         assert_eq!(p.rate_limiters[0].max_idle_time.0.as_secs(), 7200);
         assert_eq!(p.rate_limiters[0].denied_status_code.0, 429);
     }
+
+    #[test]
+    fn path_templates_are_a_list_or_a_map_kept_in_order() {
+        use crate::{ExtractorSpec, PathTemplate};
+        let rule = |rule: &str| {
+            let text = format!(
+                "name: p\nclassifiers:\n  - selectors: [{{control_point: ingress}}]\n    rules:\n      route: {rule}\n"
+            );
+            parse_policy(Path::new("p.yaml"), &text)
+        };
+        let templates = |rule_text: &str| match rule(rule_text).expect(rule_text).classifiers[0]
+            .rules
+            .values()
+            .next()
+            .map(|r| r.extractor.clone())
+        {
+            Some(ExtractorSpec::PathTemplate(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let t = |template: &str, value: &str| PathTemplate {
+            template: template.to_owned(),
+            value: value.to_owned(),
+        };
+        assert_eq!(
+            templates(r#"{path_template: ["/b/{id}", "/a"]}"#),
+            [t("/b/{id}", "/b/{id}"), t("/a", "/a")]
+        );
+        // Not sorted: the order written is the order tried.
+        assert_eq!(
+            templates(r#"{path_template: {"/z/{id}": user, "/a/*": 2}}"#),
+            [t("/z/{id}", "user"), t("/a/*", "2")]
+        );
+        for bad in [
+            r#"{path_template: {}}"#,
+            r#"{path_template: []}"#,
+            r#"{path_template: {"a/b": x}}"#,
+            r#"{path_template: {"/a": x, "/a": y}}"#,
+            r#"{path_template: "/a"}"#,
+        ] {
+            let e = rule(bad).expect_err(bad);
+            assert!(e.field.starts_with("classifiers[0].rules"), "{bad}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

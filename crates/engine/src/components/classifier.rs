@@ -2,8 +2,8 @@
 //!
 //! Extractors: copy a label, header or request attribute (`from`); read a
 //! value inside a JSON document, by default the body Envoy sent with
-//! `with_request_body` (`json`); name the path template that matches the path
-//! (`path_template`); read a JWT claim, by default from the bearer token
+//! `with_request_body` (`json`); name the path template that matches the path,
+//! or the value mapped to it (`path_template`); read a JWT claim, by default from the bearer token
 //! (`jwt`). Classifier labels win over request labels of the same name for
 //! every later stage, and those marked `telemetry` (the default, as in
 //! Aperture) go upstream in the `baggage` header.
@@ -112,7 +112,8 @@ enum Claim {
 
 #[derive(Debug)]
 struct PathTemplate {
-    text: Box<str>,
+    /// The label's value when this template is the first to match.
+    value: Box<str>,
     segments: Box<[Segment]>,
 }
 
@@ -126,7 +127,7 @@ enum Segment {
 }
 
 impl PathTemplate {
-    fn compile(text: &str) -> Self {
+    fn compile(text: &str, value: &str) -> Self {
         // A trailing slash is the same template, as it is the same path.
         let segments = text
             .trim_start_matches('/')
@@ -143,7 +144,7 @@ impl PathTemplate {
             })
             .collect();
         PathTemplate {
-            text: text.into(),
+            value: value.into(),
             segments,
         }
     }
@@ -226,7 +227,10 @@ impl Classifier {
                     },
                     ExtractorSpec::PathTemplate(templates) => Extractor::PathTemplate {
                         path: LabelRef::new("http.path"),
-                        templates: templates.iter().map(|t| PathTemplate::compile(t)).collect(),
+                        templates: templates
+                            .iter()
+                            .map(|t| PathTemplate::compile(&t.template, &t.value))
+                            .collect(),
                     },
                     ExtractorSpec::Jwt { from, claim } => Extractor::Jwt {
                         from: Source::parse(from),
@@ -265,7 +269,7 @@ impl Classifier {
                     templates
                         .iter()
                         .find(|t| t.matches(&p))
-                        .map(|t| Cow::Borrowed(&*t.text))
+                        .map(|t| Cow::Borrowed(&*t.value))
                 }),
                 Extractor::Json { from, pointer } => {
                     let doc = document(from, labels, &mut parsed, &self.errors, Parser::Json);
@@ -500,6 +504,24 @@ mod tests {
         let route = |path: &str| run(&c, &MapLabels::from_pairs([("http.path", path)])).len();
         assert_eq!(route("/users"), 1, "a template's trailing slash is ignored");
         assert_eq!(route("/users/"), 1);
+    }
+
+    #[test]
+    fn maps_the_matching_path_template_to_its_value() {
+        // The map form (Aperture's `template_values`): the first template
+        // that matches, in the order written, gives its value.
+        let (c, _) = classifier(
+            "  route:\n    path_template:\n      /users/{id}/orders: orders\n      /users/{}: user\n      /*: other\n",
+        );
+        let route = |path: &str| {
+            run(&c, &MapLabels::from_pairs([("http.path", path)]))
+                .first()
+                .map(|o| o.1.clone())
+        };
+        assert_eq!(route("/users/42/orders").as_deref(), Some("orders"));
+        assert_eq!(route("/users/42").as_deref(), Some("user"));
+        assert_eq!(route("/").as_deref(), Some("other"));
+        assert_eq!(route("/users/42/orders/7").as_deref(), Some("other"));
     }
 
     #[test]

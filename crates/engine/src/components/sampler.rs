@@ -1,9 +1,13 @@
 //! Samplers: accept a share of the matching flows, reject the rest.
 //!
-//! With `session_label_key`, the draw is a hash of the session label's value
-//! (xxh3, a specified, seedless hash), so a session is in or out on every
-//! request and on every sidecar, and moving the percentage up only adds
-//! sessions. Without it, or when a flow lacks the label, the draw is random.
+//! With `session_label_key`, the draw is a hash of the session label's value,
+//! so a session is in or out on every request and on every sidecar, and
+//! moving the percentage up only adds sessions. The hash and the comparison
+//! are Aperture's (32-bit FNV-1a of the value's bytes, accepted when
+//! `hash / (2^32 - 1) <= percentage / 100`, see `sticky_accepts`), so that
+//! a rollout migrated from Aperture keeps every user on the side of it they
+//! were on. Without the key, or when a flow lacks the label, the draw is
+//! random.
 //!
 //! A flow whose session label has one of `pass_through_label_values` is
 //! accepted whatever the percentage (the controller's included): the
@@ -12,9 +16,7 @@
 //! nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use xxhash_rust::xxh3::xxh3_64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sluice_policy::SamplerSpec;
 use sluice_time::Nanos;
@@ -25,10 +27,6 @@ use crate::decision::RejectReason;
 use crate::labels::{FlowLabels, LabelRef};
 use crate::metrics::{DecisionCounters, Metrics, Series};
 
-/// The draw is an integer in `[0, SCALE)`; a flow passes when it is below the
-/// accepted share, in parts per million.
-const SCALE: u32 = 1_000_000;
-
 /// One compiled sampler.
 #[derive(Debug)]
 pub struct Sampler {
@@ -38,11 +36,14 @@ pub struct Sampler {
     pub name: Arc<str>,
     /// Which flows it samples.
     pub selectors: Box<[Selector]>,
-    /// Share accepted, in parts per million. Atomic so that the controller
-    /// can move it without recompiling the policy.
-    accept_ppm: AtomicU32,
-    /// The policy's share (the default).
-    default_ppm: u32,
+    /// Percentage accepted, the bits of an `f64` in `[0, 100]`: kept as the
+    /// percentage itself (not rounded to a coarser share) so that sticky
+    /// sessions compare against exactly what Aperture compared against.
+    /// Atomic so that the controller can move it without recompiling the
+    /// policy.
+    accept_percentage: AtomicU64,
+    /// The policy's percentage (the default), as `accept_percentage`.
+    default_percentage: u64,
     /// Until when the controller's share holds.
     pub lease: Lease,
     /// The label that makes the decision sticky, if any.
@@ -76,8 +77,8 @@ impl Sampler {
             policy: policy.clone(),
             name,
             selectors: spec.selectors.iter().map(Selector::compile).collect(),
-            accept_ppm: AtomicU32::new(percent_to_ppm(spec.accept_percentage.0)),
-            default_ppm: percent_to_ppm(spec.accept_percentage.0),
+            accept_percentage: AtomicU64::new(percentage_bits(spec.accept_percentage.0)),
+            default_percentage: percentage_bits(spec.accept_percentage.0),
             session: spec.session_label_key.as_ref().map(|k| LabelRef::new(&k.0)),
             pass_through: pass_through(&spec.pass_through_label_values.0),
             denied_status: spec.denied_status_code.0,
@@ -88,11 +89,12 @@ impl Sampler {
     /// Decides whether the flow passes, and counts the decision.
     #[inline]
     pub fn accepts(&self, labels: &FlowLabels<'_>) -> bool {
-        let threshold = self.accept_ppm.load(Ordering::Relaxed);
+        let percentage = self.accept_percentage();
         let accepted = match self.session.as_ref().and_then(|k| labels.get(k)) {
             Some(session) if self.passes_through(&session) => true,
-            Some(session) => ((xxh3_64(session.as_bytes()) % u64::from(SCALE)) as u32) < threshold,
-            None => fastrand::u32(0..SCALE) < threshold,
+            Some(session) => sticky_accepts(session.as_bytes(), percentage),
+            // `[0, 1)` against `< share`: none at 0 %, all at 100 %.
+            None => fastrand::f64() < percentage / 100.0,
         };
         self.counters.count(accepted);
         accepted
@@ -110,8 +112,8 @@ impl Sampler {
 
     /// Changes the accepted share (the controller's actuator).
     pub fn set_accept_percentage(&self, percentage: f64) {
-        self.accept_ppm
-            .store(percent_to_ppm(percentage), Ordering::Relaxed);
+        self.accept_percentage
+            .store(percentage_bits(percentage), Ordering::Relaxed);
     }
 
     /// Sets the controller's share until `until`.
@@ -124,14 +126,16 @@ impl Sampler {
     pub fn revert_if_lapsed(&self, now: Nanos) -> bool {
         let lapsed = self.lease.lapse(now);
         if lapsed {
-            self.accept_ppm.store(self.default_ppm, Ordering::Relaxed);
+            self.accept_percentage
+                .store(self.default_percentage, Ordering::Relaxed);
         }
         lapsed
     }
 
     /// The accepted share, in percent.
+    #[inline]
     pub fn accept_percentage(&self) -> f64 {
-        f64::from(self.accept_ppm.load(Ordering::Relaxed)) * 100.0 / f64::from(SCALE)
+        f64::from_bits(self.accept_percentage.load(Ordering::Relaxed))
     }
 }
 
@@ -143,8 +147,45 @@ fn pass_through(values: &[String]) -> Box<[Box<str>]> {
     sorted.into_boxed_slice()
 }
 
-fn percent_to_ppm(percentage: f64) -> u32 {
-    (percentage.clamp(0.0, 100.0) * f64::from(SCALE) / 100.0).round() as u32
+/// A percentage as [`Sampler::accept_percentage`] stores it: within
+/// `[0, 100]` (NaN as 0).
+fn percentage_bits(percentage: f64) -> u64 {
+    let p = if percentage.is_nan() {
+        0.0
+    } else {
+        percentage.clamp(0.0, 100.0)
+    };
+    p.to_bits()
+}
+
+/// Whether a session whose label value is `session` is in at `percentage`:
+/// Aperture's rule, bit for bit, so that sessions sampled by Aperture stay
+/// where they were. Its sampler (`pkg/policies/flowcontrol/actuators/
+/// sampler/sampler.go`, `Decide`, lines 333-343 at commit `bc7befc` of
+/// fluxninja/aperture) hashes the value with Go's `hash/fnv` `New32a` and
+/// accepts when `float64(hash)/float64(math.MaxUint32) <=
+/// acceptPercentage/100.0`. Its load ramp runs that same sampler
+/// (`pkg/policies/controlplane/components/flowcontrol/sampler/
+/// load-ramp.go`, lines 119-123: a `Sampler` component with the ramp's
+/// sampler parameters), as Sluice's load ramp drives a sampler of the
+/// policy. The `<=` is kept: at 0 % a value whose hash is 0 (one in 2^32)
+/// is still accepted, as it was in Aperture, and at 100 % every value is.
+#[inline]
+fn sticky_accepts(session: &[u8], percentage: f64) -> bool {
+    f64::from(fnv1a_32(session)) / f64::from(u32::MAX) <= percentage / 100.0
+}
+
+/// 32-bit FNV-1a (Fowler, Noll, Vo; draft-eastlake-fnv): for each byte,
+/// xor it into the hash, then multiply by the FNV prime, from the offset
+/// basis 2166136261. Written here because it is four lines, and the `fnv`
+/// crate has only the 64-bit variant.
+#[inline]
+fn fnv1a_32(bytes: &[u8]) -> u32 {
+    const OFFSET_BASIS: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+    bytes.iter().fold(OFFSET_BASIS, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(PRIME)
+    })
 }
 
 #[cfg(test)]
@@ -234,6 +275,38 @@ mod tests {
             );
         }
         assert!(accepts(&listed, Some("session-1")) && accepts(&listed, Some("session-2")));
+    }
+
+    #[test]
+    fn fnv1a_32_matches_the_specification_vectors() {
+        // The FNV test suite (draft-eastlake-fnv, and Landon Curt Noll's
+        // `test_fnv.c`): the empty input is the offset basis.
+        assert_eq!(fnv1a_32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1a_32(b"a"), 0xe40c_292c);
+        assert_eq!(fnv1a_32(b"foobar"), 0xbf9c_f968);
+    }
+
+    #[test]
+    fn sticky_sessions_fall_where_apertures_did() {
+        // hash("a") = 0xe40c292c = 3826002220; / (2^32 - 1) = 0.890810...:
+        // out at 89.08 %, in from 89.09 %.
+        assert!(!sticky_accepts(b"a", 89.08));
+        assert!(sticky_accepts(b"a", 89.09));
+        // hash("foobar") = 0xbf9cf968 = 3214735720 → 0.748488...
+        assert!(!sticky_accepts(b"foobar", 74.84));
+        assert!(sticky_accepts(b"foobar", 74.85));
+        // A label present and empty hashes to the offset basis → 0.504342...
+        assert!(!sticky_accepts(b"", 50.43));
+        assert!(sticky_accepts(b"", 50.44));
+        // The bounds: everything at 100 %; at 0 % only a hash of 0.
+        assert!(sticky_accepts(b"a", 100.0));
+        assert!(!sticky_accepts(b"a", 0.0));
+        // Through a compiled sampler, with the label's value.
+        let s = sampler("accept_percentage: 89.08\nsession_label_key: user\n");
+        assert!(!accepts(&s, Some("a")));
+        s.set_accept_percentage(89.09);
+        assert!(accepts(&s, Some("a")));
+        assert!(accepts(&s, Some("foobar")));
     }
 
     #[test]

@@ -477,17 +477,24 @@ const SCRAPE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The observed load multiplier of load scheduler `ls`, as Aperture queries
 /// it: accepted ÷ (accepted + rejected) tokens over 30 s.
 fn observed(policy: &str, ls: &Name) -> ComponentSpec {
-    let tokens = super::scheduler_tokens(policy, ls);
-    let sum = |metric: &str| format!("sum(increase({metric}{{{tokens}}}[30s]))");
     promql(
         "observed_load_multiplier",
-        format!(
-            "{} / ({} + {})",
-            sum("accepted_tokens_total"),
-            sum("accepted_tokens_total"),
-            sum("rejected_tokens_total")
-        ),
+        observed_query(policy, ls),
         SCRAPE,
+    )
+}
+
+/// The PromQL of [`observed`], run every 10 s (Aperture's scrape interval);
+/// `sluice import-aperture` wires it to the AIMD load schedulers it
+/// converts, whose multiplier Aperture's scheduler observed itself.
+pub(crate) fn observed_query(policy: &str, ls: &Name) -> String {
+    let tokens = super::scheduler_tokens(policy, ls);
+    let sum = |metric: &str| format!("sum(increase({metric}{{{tokens}}}[30s]))");
+    format!(
+        "{} / ({} + {})",
+        sum("accepted_tokens_total"),
+        sum("accepted_tokens_total"),
+        sum("rejected_tokens_total")
     )
 }
 
