@@ -21,6 +21,10 @@ samplers:
       - control_point: ingress
         label_matcher: {match_labels: {http.path: /beta}}
     accept_percentage: 0
+# Observes every flow's access log: every answer carries `sluice.flow`.
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
 rate_limiters:
   - name: per-user
     selectors: [{control_point: ingress, service: shop}]
@@ -64,7 +68,7 @@ async fn accepts_limits_and_samples_over_grpc() {
         );
         let flow = flow_metadata(&resp).expect("sluice.flow metadata");
         assert!(
-            flow.starts_with("v=1;id=") && flow.contains(";d=accepted;t="),
+            flow.starts_with("v=1;id=") && flow.contains(";d=accepted;fm=shop/latency;t="),
             "{flow}"
         );
     }
@@ -84,7 +88,10 @@ async fn accepts_limits_and_samples_over_grpc() {
     };
     assert_eq!(denied.body, "rejected by shop/per-user: rate limited\n");
     let flow = flow_metadata(&resp).expect("metadata on rejections too");
-    assert!(flow.contains(";d=rejected;by=shop/per-user;t="), "{flow}");
+    assert!(
+        flow.contains(";d=rejected;by=shop/per-user;fm=shop/latency;t="),
+        "{flow}"
+    );
 
     // The limiter selects service `shop` only.
     let other = with_service(
