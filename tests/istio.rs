@@ -613,6 +613,11 @@ samplers:
         service: shop.shop.svc.cluster.local
         label_matcher: {match_labels: {http.path: /blocked}}
     accept_percentage: 0
+# A flux meter observes every flow, so each access log is matched to its
+# flow (Sluice sends `sluice.flow` only when something reads the log).
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}, {control_point: egress}]
 "#;
 
 /// Runs the patched sidecar with Envoy against Sluice; `sluice_service` is

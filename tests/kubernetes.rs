@@ -1293,7 +1293,8 @@ fn every_file_the_docs_name_exists() {
         files.extend(more);
     }
     let mentioned = regex::Regex::new(
-        r"(?:\.\./)?\b((?:deploy|istio|envoy-configs|examples|docs|tests|loadtests)/[A-Za-z0-9_./-]+\.(?:yaml|yml|md|rs))",
+        // Not inside a longer path (`crates/policy/tests/x.rs` is not `tests/x.rs`).
+        r"(?:^|[^A-Za-z0-9_./-])(?:\.\./)?((?:deploy|istio|envoy-configs|examples|docs|tests|loadtests)/[A-Za-z0-9_./-]+\.(?:yaml|yml|md|rs))",
     )
     .expect("regex");
     let link = regex::Regex::new(r"\]\(([^)#\s]+)").expect("regex");

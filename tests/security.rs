@@ -639,7 +639,7 @@ async fn envoy_and_sluice_talk_mtls_and_a_rotated_certificate_takes_over() {
     let sluice_id = pki.issue("sluice").expect("cert");
     let envoy_id = pki.issue("envoy").expect("cert");
     let policy = PolicyFile::new(
-        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\n",
+        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n",
     );
     let sidecar = sluice(
         &policy.path,
@@ -797,7 +797,7 @@ async fn envoy_reaches_sluice_over_a_unix_socket() {
     // A socket file left by an earlier run is replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
     let policy = PolicyFile::new(
-        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\n",
+        "name: edge\nrate_limiters:\n  - name: per-user\n    selectors: [{control_point: ingress}]\n    bucket_capacity: 2\n    fill_amount: 0\n    interval: 1s\n    limit_by_label_key: http.request.header.user\nflux_meters:\n  - name: latency\n    selectors: [{control_point: ingress}]\n",
     );
     let admin = sluice_testkit::free_port().expect("port");
     let args: Vec<String> = [

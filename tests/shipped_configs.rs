@@ -104,6 +104,11 @@ samplers:
         service: shop
         label_matcher: {match_labels: {http.path: /blocked}}
     accept_percentage: 0
+# A flux meter observes every flow, so each access log is matched to its
+# flow (Sluice sends `sluice.flow` only when something reads the log).
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}, {control_point: egress}]
 "#;
 
 #[tokio::test]
@@ -171,6 +176,10 @@ rate_limiters:
     bucket_capacity: 1
     fill_amount: 1
     interval: 1h
+# Each access log matched to its flow, as above.
+flux_meters:
+  - name: latency
+    selectors: [{control_point: ingress}]
 "#;
 
 #[tokio::test]
