@@ -51,23 +51,8 @@ fn generated(policy: &std::path::Path, args: &[String]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
-/// Every object in `value` whose `@type` is `type_url`.
-fn typed<'a>(value: &'a Value, type_url: &str, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Object(map) => {
-            if map.get("@type").and_then(Value::as_str) == Some(type_url) {
-                out.push(value);
-            }
-            map.values().for_each(|v| typed(v, type_url, out));
-        }
-        Value::Array(items) => items.iter().for_each(|v| typed(v, type_url, out)),
-        _ => {}
-    }
-}
-
 fn one_typed<'a>(value: &'a Value, type_url: &str) -> Option<&'a Value> {
-    let mut out = Vec::new();
-    typed(value, type_url, &mut out);
+    let mut out = sluice_testkit::envoy::typed(value, type_url);
     assert!(out.len() <= 1, "{type_url}: {}", out.len());
     out.pop()
 }

@@ -173,24 +173,8 @@ fn parse(path: &std::path::Path) -> Value {
     }
 }
 
-/// Every object in `value` whose `@type` is `type_url`.
-fn typed<'a>(value: &'a Value, type_url: &str, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Object(map) => {
-            if map.get("@type").and_then(Value::as_str) == Some(type_url) {
-                out.push(value);
-            }
-            map.values().for_each(|v| typed(v, type_url, out));
-        }
-        Value::Array(items) => items.iter().for_each(|v| typed(v, type_url, out)),
-        _ => {}
-    }
-}
-
 fn all_typed<'a>(value: &'a Value, type_url: &str) -> Vec<&'a Value> {
-    let mut out = Vec::new();
-    typed(value, type_url, &mut out);
-    out
+    sluice_testkit::envoy::typed(value, type_url)
 }
 
 /// The access-log attribute list (and batching) of every shipped Envoy

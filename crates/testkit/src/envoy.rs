@@ -195,3 +195,24 @@ pub async fn validate(config: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every object in a parsed Envoy config (YAML or JSON as `serde_json`
+/// values) whose `@type` is `type_url`, in document order: how tests find
+/// a filter or an access logger wherever a config nests it.
+pub fn typed<'a>(config: &'a serde_json::Value, type_url: &str) -> Vec<&'a serde_json::Value> {
+    fn walk<'a>(v: &'a serde_json::Value, type_url: &str, out: &mut Vec<&'a serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("@type").and_then(serde_json::Value::as_str) == Some(type_url) {
+                    out.push(v);
+                }
+                map.values().for_each(|v| walk(v, type_url, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, type_url, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(config, type_url, &mut out);
+    out
+}

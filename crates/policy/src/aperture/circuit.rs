@@ -369,9 +369,7 @@ fn signal_processor(
             }
         }
     };
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let node = match kind {
         "arithmetic_combinator" => {
             let op_path = o.at("operator");
@@ -515,9 +513,7 @@ fn signal_processor(
                 ));
             }
             o.ignore(&["manual_mode_config_key"]);
-            let mut p = o
-                .obj("parameters")?
-                .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+            let mut p = o.need_obj("parameters")?;
             let slope_path = p.at("slope");
             let slope = p
                 .f64("slope")?
@@ -542,9 +538,7 @@ fn signal_processor(
         }
         _ => {
             let signal = need_operand(cx, sig, &mut ins, "signal")?;
-            let p = o
-                .obj("parameters")?
-                .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+            let p = o.need_obj("parameters")?;
             alerter(cx, signal, p)?
         }
     };
@@ -769,9 +763,7 @@ fn load_scheduler(
     let observed = out_port(cx, &mut o, "observed_load_multiplier")?;
     let dry_run = o.bool("dry_run")?.unwrap_or(false);
     o.ignore(&["dry_run_config_key"]);
-    let params = o
-        .obj("parameters")?
-        .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+    let params = o.need_obj("parameters")?;
     let node = flow::load_scheduler_parameters(cx, name, params, multiplier, dry_run)?;
     o.finish(cx, "LoadScheduler");
     let item = |node| Item {
@@ -819,9 +811,7 @@ fn driven_load_scheduler(
     let origin = o.path.clone();
     let aimd = kind != "aiad_load_scheduler";
     let ls_name = format!("load-scheduler-{i}");
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let signal = need_operand(cx, sig, &mut ins, "signal")?;
     let setpoint = need_operand(cx, sig, &mut ins, "setpoint")?;
     let confirmation = opt_operand(cx, sig, &mut ins, "overload_confirmation")?;
@@ -862,12 +852,8 @@ fn driven_load_scheduler(
             None => None,
         }
     };
-    let mut p = o
-        .obj("parameters")?
-        .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
-    let ls = p
-        .obj("load_scheduler")?
-        .ok_or_else(|| Skip::new(p.at("load_scheduler"), "required, and missing"))?;
+    let mut p = o.need_obj("parameters")?;
+    let ls = p.need_obj("load_scheduler")?;
     let ls_node = flow::load_scheduler_parameters(cx, &ls_name, ls, None, dry_run)?;
     let mut fields = vec![
         ("out", Some(Node::Str(desired.clone()))),
@@ -885,9 +871,7 @@ fn driven_load_scheduler(
             "observed_load_multiplier",
             Some(Node::Str(observed_signal.clone())),
         ));
-        let mut g = p
-            .obj("gradient")?
-            .ok_or_else(|| Skip::new(p.at("gradient"), "required, and missing"))?;
+        let mut g = p.need_obj("gradient")?;
         let slope_path = g.at("slope");
         let slope = g
             .f64("slope")?

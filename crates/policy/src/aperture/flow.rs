@@ -305,17 +305,13 @@ fn bucket_parameters(
 
 /// `flow_control.rate_limiter`.
 pub(super) fn rate_limiter(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<Node, Skip> {
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let capacity = constant_port(cx, ctx.constants, &mut ins, "bucket_capacity")?;
     let fill = constant_port(cx, ctx.constants, &mut ins, "fill_amount")?;
     pass_through(cx, ctx.constants, &mut ins)?;
     ins.finish(cx, "RateLimiter.Ins");
     let selectors = selectors(cx, &mut o, "selectors")?;
-    let params = o
-        .obj("parameters")?
-        .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+    let params = o.need_obj("parameters")?;
     let bucket = bucket_parameters(cx, params, true)?;
     let (tokens, status) = request_parameters(cx, &mut o)?;
     o.ignore(&["out_ports"]);
@@ -384,15 +380,11 @@ fn max_concurrency(cx: &mut Cx, ctx: &Ctx, ins: &mut Obj) -> Result<Node, Skip> 
 
 /// `flow_control.concurrency_limiter`.
 pub(super) fn concurrency_limiter(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<Node, Skip> {
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let max = max_concurrency(cx, ctx, &mut ins)?;
     ins.finish(cx, "ConcurrencyLimiter.Ins");
     let selectors = selectors(cx, &mut o, "selectors")?;
-    let params = o
-        .obj("parameters")?
-        .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+    let params = o.need_obj("parameters")?;
     let (limit_by, inflight) = concurrency_parameters(cx, params, true)?;
     let tokens_path = o.at("request_parameters.tokens_label_key");
     let (tokens, status) = request_parameters(cx, &mut o)?;
@@ -427,15 +419,11 @@ fn entries(fields: Vec<(&str, Option<Node>)>) -> Node {
 
 /// `flow_control.concurrency_scheduler`.
 pub(super) fn concurrency_scheduler(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<Node, Skip> {
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let max = max_concurrency(cx, ctx, &mut ins)?;
     ins.finish(cx, "ConcurrencyLimiter.Ins");
     let selectors = selectors(cx, &mut o, "selectors")?;
-    let params = o
-        .obj("concurrency_limiter")?
-        .ok_or_else(|| Skip::new(o.at("concurrency_limiter"), "required, and missing"))?;
+    let params = o.need_obj("concurrency_limiter")?;
     let (_, inflight) = concurrency_parameters(cx, params, false)?;
     let scheduler = o.obj("scheduler")?.map(|s| scheduler(cx, s)).transpose()?;
     o.ignore(&["out_ports"]);
@@ -453,17 +441,13 @@ pub(super) fn concurrency_scheduler(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Resul
 
 /// `flow_control.quota_scheduler`.
 pub(super) fn quota_scheduler(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<Node, Skip> {
-    let mut ins = o
-        .obj("in_ports")?
-        .ok_or_else(|| Skip::new(o.at("in_ports"), "required, and missing"))?;
+    let mut ins = o.need_obj("in_ports")?;
     let capacity = constant_port(cx, ctx.constants, &mut ins, "bucket_capacity")?;
     let fill = constant_port(cx, ctx.constants, &mut ins, "fill_amount")?;
     pass_through(cx, ctx.constants, &mut ins)?;
     ins.finish(cx, "RateLimiter.Ins");
     let selectors = selectors(cx, &mut o, "selectors")?;
-    let params = o
-        .obj("rate_limiter")?
-        .ok_or_else(|| Skip::new(o.at("rate_limiter"), "required, and missing"))?;
+    let params = o.need_obj("rate_limiter")?;
     let bucket = bucket_parameters(cx, params, false)?;
     let scheduler = o.obj("scheduler")?.map(|s| scheduler(cx, s)).transpose()?;
     o.ignore(&["out_ports"]);
@@ -484,9 +468,7 @@ pub(super) fn quota_scheduler(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<Node
 /// policy's 100 (what Aperture's sampler takes while the signal is
 /// missing) with an actuator, returned beside it.
 pub(super) fn sampler(cx: &mut Cx, ctx: &Ctx, mut o: Obj) -> Result<(Node, Option<String>), Skip> {
-    let mut params = o
-        .obj("parameters")?
-        .ok_or_else(|| Skip::new(o.at("parameters"), "required, and missing"))?;
+    let mut params = o.need_obj("parameters")?;
     let selectors = selectors(cx, &mut params, "selectors")?;
     let session = label_field(&mut params, "session_label_key")?;
     let status = status(cx, &mut params, "denied_response_status_code");

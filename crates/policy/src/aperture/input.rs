@@ -119,6 +119,12 @@ impl<'a> Obj<'a> {
         self.get(key).map(|v| Obj::new(v, path)).transpose()
     }
 
+    /// Field `key` as a mapping, required.
+    pub(super) fn need_obj(&mut self, key: &str) -> Result<Obj<'a>, Skip> {
+        self.obj(key)?
+            .ok_or_else(|| Skip::new(self.at(key), "required, and missing"))
+    }
+
     /// Field `key` as text.
     pub(super) fn str(&mut self, key: &str) -> Result<Option<&'a str>, Skip> {
         let path = self.at(key);

@@ -119,9 +119,7 @@ fn rule(cx: &mut Cx, name: &str, v: &Value, path: String) -> Result<Node, Skip> 
     label(name, &path)?;
     let mut o = Obj::new(v, path)?;
     let telemetry = o.bool("telemetry")?.unwrap_or(true);
-    let mut e = o
-        .obj("extractor")?
-        .ok_or_else(|| Skip::new(o.at("extractor"), "required, and missing"))?;
+    let mut e = o.need_obj("extractor")?;
     let given: Vec<&str> = ["from", "json", "address", "jwt", "path_templates"]
         .into_iter()
         .filter(|k| e.has(k))
