@@ -7,8 +7,9 @@
 //! is limitador's namespace (an empty one is `UNKNOWN`), the descriptors'
 //! entries are bound as the list `descriptors` that limits read
 //! (`descriptors[0].user_id`), `hits_addend` 0 counts as 1, and
-//! `check_rate_limited_and_update` decides `OVER_LIMIT` or `OK`; an error
-//! of the counters' storage is `UNAVAILABLE`, which Envoy treats by its
+//! `check_rate_limited_and_update` decides `OVER_LIMIT` or `OK`;
+//! limitador's errors (of its counters' storage, or of a limit's
+//! expression) are `UNAVAILABLE`, which Envoy treats by its
 //! `failure_mode_deny`. Like limitador's server without
 //! `--rate-limit-headers`, it sends no headers back. It does not keep
 //! limitador's Prometheus counters or tracing spans: if anything it is
@@ -29,9 +30,9 @@
 //! 1,000,000 hits per 10 s window has the bucket's average rate
 //! (100,000/s) and, over any 10 s, the same most it lets through
 //! (2,000,000: a full bucket plus 10 s of refill; two windows' worth across
-//! a window's edge). Over shorter spans they differ (a window lets its
-//! whole 1,000,000 through in one second, the bucket 1,100,000), and
-//! neither comes near rejecting at the load tests' rates: that is the
+//! a window's edge). Over shorter spans they differ (across a window's
+//! edge 2,000,000 may pass within one second, through the bucket
+//! 1,100,000), and neither comes near rejecting at the load tests' rates: that is the
 //! point, both limiters do their bookkeeping and accept every request.
 //!
 //! ```text
@@ -75,8 +76,8 @@ pub struct Rls {
 
 impl Rls {
     /// A limiter holding `limit`, its counters in memory: at most
-    /// `cache_size` of them (one per user and window), as limitador's
-    /// server's `memory` storage keeps `--cache-size`.
+    /// `cache_size` of them (one per user), as limitador's server's
+    /// `memory` storage keeps `--cache-size`.
     pub fn new(limit: Limit, cache_size: u64) -> Rls {
         let limiter = RateLimiter::new(cache_size);
         limiter.add_limit(limit);
@@ -181,6 +182,8 @@ fn args() -> Result<Args, String> {
         descriptor_key: DESCRIPTOR_KEY.to_owned(),
         max_value: 1_000_000,
         seconds: 10,
+        // limitador's server sizes it from the free memory when not told;
+        // this holds the load tests' 10,000 users ten times over.
         cache_size: 100_000,
     };
     let mut it = std::env::args().skip(1);
