@@ -27,10 +27,10 @@ test: bootstrap lint
 	$(CARGO) test --workspace --doc
 	$(MAKE) loadtest-smoke
 
-# The driver starts Sluice, the no-op server and sluice-controller as
-# processes: build them (`cargo test` builds examples only as test harnesses).
+# The driver starts Sluice, the no-op server, the limitador peer and
+# sluice-controller as processes: build them (`cargo test` builds examples only as test harnesses).
 loadtest-smoke:
-	$(CARGO) build --quiet --bin sluice --bin sluice-controller --example noop_check --example loadtest
+	$(CARGO) build --quiet --bin sluice --bin sluice-controller --example noop_check --example limitador_rls --example loadtest
 	$(CARGO) run --quiet --example loadtest -- all --smoke --out target/loadtest-smoke/rust.json
 	$(CARGO) run --quiet --example loadtest -- check --smoke --generator k6 --out target/loadtest-smoke/k6.json
 	$(CARGO) run --quiet --example loadtest -- check --smoke --generator h2load --out target/loadtest-smoke/h2load.json

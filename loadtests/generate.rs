@@ -59,8 +59,11 @@ pub struct Stats {
     pub errors: u64,
     /// From the first send to the last answer.
     pub elapsed: Duration,
-    /// Latency percentiles of answered requests (ok or denied).
+    /// Latency of answered requests (ok or denied): their mean and
+    /// percentiles.
+    pub mean: Duration,
     pub p50: Duration,
+    pub p90: Duration,
     pub p99: Duration,
     pub p999: Duration,
 }
@@ -115,7 +118,9 @@ impl Tally {
             denied: self.denied.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             elapsed,
+            mean: Duration::from_nanos(h.mean() as u64),
             p50: q(0.5),
+            p90: q(0.9),
             p99: q(0.99),
             p999: q(0.999),
         }

@@ -125,7 +125,11 @@ fn parse_log(text: &str) -> Stats {
         denied,
         errors,
         elapsed: Duration::from_micros(last.saturating_sub(first)),
+        mean: Duration::from_micros(
+            latencies.iter().sum::<u64>() / (latencies.len() as u64).max(1),
+        ),
         p50: q(0.5),
+        p90: q(0.9),
         p99: q(0.99),
         p999: q(0.999),
     }

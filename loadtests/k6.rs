@@ -93,7 +93,9 @@ fn parse_summary(text: &str) -> anyhow::Result<Stats> {
         denied,
         errors,
         elapsed: Duration::from_secs_f64(if rate > 0.0 { iterations / rate } else { 0.0 }),
+        mean: ms("avg"),
         p50: ms("p(50)"),
+        p90: ms("p(90)"),
         p99: ms("p(99)"),
         p999: ms("p(99.9)"),
     })

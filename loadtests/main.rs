@@ -1,11 +1,12 @@
 //! Sluice's load tests: Sluice against the no-op Check server on the same
-//! stack, and Envoy with Sluice against Envoy alone, side by side in one
-//! run. See loadtests/README.md for what each scenario measures and how.
+//! stack, Envoy with Sluice against Envoy alone, and Envoy with Sluice
+//! against Envoy with limitador (the peer), side by side in one run. See
+//! loadtests/README.md for what each scenario measures and how.
 //!
 //! ```text
-//! loadtests/run [check|http|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke]
+//! loadtests/run [check|http|peer|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke]
 //!               [--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE]
-//!               [--no-pin] [--server-threads N]
+//!               [--no-pin] [--server-threads N] [--peer-rate 2000]
 //!               [--sidecars 1000] [--sidecars-per-connection 1] [--ticks 20] [--tick 1s]
 //! ```
 //!
@@ -40,6 +41,7 @@ use target::{Placement, Server};
 enum Scenario {
     Check,
     Http,
+    Peer,
     Ingest,
     Mixed,
     Global,
@@ -72,10 +74,12 @@ struct Args {
     short: bool,
     /// `controller-scale`'s sidecars, ticks and tick.
     scale: controller_scale::Scale,
+    /// `peer`'s fixed rate, HTTP requests/s, when given.
+    peer_rate: Option<u64>,
 }
 
-const USAGE: &str = "usage: loadtest [check|http|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke] \
-[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N] \
+const USAGE: &str = "usage: loadtest [check|http|peer|ingest|mixed|global|controller-scale|all] [--duration 10s] [--smoke] \
+[--generator rust|k6|h2load] [--users 10000] [--repeat 3] [--out FILE] [--no-pin] [--server-threads N] [--peer-rate 2000] \
 [--sidecars 1000] [--sidecars-per-connection 1] [--ticks 20] [--tick 1s]
        loadtest overload [--profile growing|workers|halving]... [--loop NAME]... [--repeat 1] [--short] [--out FILE]";
 
@@ -94,6 +98,7 @@ fn args() -> Result<Args, String> {
         loops: Vec::new(),
         short: false,
         scale: controller_scale::Scale::new(false),
+        peer_rate: None,
     };
     let mut repeat_given = false;
     // `controller-scale`'s sizes as given; the rest from --smoke.
@@ -104,6 +109,7 @@ fn args() -> Result<Args, String> {
         match arg.as_str() {
             "check" => a.scenarios.push(Scenario::Check),
             "http" => a.scenarios.push(Scenario::Http),
+            "peer" => a.scenarios.push(Scenario::Peer),
             "ingest" => a.scenarios.push(Scenario::Ingest),
             "mixed" => a.scenarios.push(Scenario::Mixed),
             "global" => a.scenarios.push(Scenario::Global),
@@ -126,6 +132,7 @@ fn args() -> Result<Args, String> {
             "all" => a.scenarios.extend([
                 Scenario::Check,
                 Scenario::Http,
+                Scenario::Peer,
                 Scenario::Ingest,
                 Scenario::Mixed,
                 Scenario::Global,
@@ -144,6 +151,14 @@ fn args() -> Result<Args, String> {
                 }
             }
             "--users" => a.users = value()?.parse().map_err(|e| format!("--users: {e}"))?,
+            "--peer-rate" => {
+                a.peer_rate = Some(
+                    value()?
+                        .parse::<u64>()
+                        .map_err(|e| format!("--peer-rate: {e}"))?
+                        .max(1),
+                )
+            }
             "--out" => a.out = Some(PathBuf::from(value()?)),
             "--no-pin" => a.pin = false,
             "--repeat" => {
@@ -231,7 +246,9 @@ struct Run {
     ok: u64,
     denied: u64,
     errors: u64,
+    mean_us: f64,
     p50_us: f64,
+    p90_us: f64,
     p99_us: f64,
     p999_us: f64,
     /// CPU seconds per 1,000 requests (records for ingest) of the Check
@@ -239,7 +256,7 @@ struct Run {
     server_cpu_s_per_1k: f64,
     /// Cores the Check server used on average.
     server_cores: f64,
-    /// Same for Envoy, in the HTTP scenario.
+    /// Same for Envoy, in the scenarios through Envoy.
     envoy_cpu_s_per_1k: Option<f64>,
     envoy_cores: Option<f64>,
     /// Cores the load generator used (near 1 at "max": generator-bound).
@@ -252,15 +269,18 @@ impl Run {
     fn show(&self) {
         let envoy = self
             .envoy_cores
-            .map(|c| format!(" envoy {c:.2} cores"))
+            .zip(self.envoy_cpu_s_per_1k)
+            .map(|(c, s)| format!(" envoy {c:.2} cores ({s:.3} s/1k)"))
             .unwrap_or_default();
         println!(
-            "  {:<7} {:<14} {:<10} {:>9.0}/s  p50 {:>7.0}µs p99 {:>7.0}µs p99.9 {:>7.0}µs  ok {} denied {} errors {}  server {:.2} cores ({:.3} s/1k){envoy}  generator {:.2} cores  rss {:.1} MiB",
+            "  {:<7} {:<14} {:<10} {:>9.0}/s  mean {:>7.0}µs p50 {:>7.0}µs p90 {:>7.0}µs p99 {:>7.0}µs p99.9 {:>7.0}µs  ok {} denied {} errors {}  server {:.2} cores ({:.3} s/1k){envoy}  generator {:.2} cores  rss {:.1} MiB",
             self.scenario,
             self.target,
             self.load,
             self.throughput,
+            self.mean_us,
             self.p50_us,
+            self.p90_us,
             self.p99_us,
             self.p999_us,
             self.ok,
@@ -332,7 +352,9 @@ fn row(
         ok: stats.ok,
         denied: stats.denied,
         errors: stats.errors,
+        mean_us: us(stats.mean),
         p50_us: us(stats.p50),
+        p90_us: us(stats.p90),
         p99_us: us(stats.p99),
         p999_us: us(stats.p999),
         server_cpu_s_per_1k: per_1k(costs.server),
@@ -385,11 +407,14 @@ struct Machine {
 }
 
 impl Report {
-    /// Medians per (scenario, target, load), in the order first run, as a
-    /// Markdown table.
-    fn table(&self) -> String {
+    /// The runs of `scenario` (all when `None`) grouped by (scenario,
+    /// target, load), in the order first run.
+    fn groups(&self, scenario: Option<&str>) -> Vec<(&Run, Vec<&Run>)> {
         let mut groups: Vec<(&Run, Vec<&Run>)> = Vec::new();
         for run in &self.runs {
+            if scenario.is_some_and(|s| s != run.scenario) {
+                continue;
+            }
             let same = |r: &Run| {
                 r.scenario == run.scenario && r.target == run.target && r.load == run.load
             };
@@ -398,6 +423,13 @@ impl Report {
                 None => groups.push((run, vec![run])),
             }
         }
+        groups
+    }
+
+    /// Medians per (scenario, target, load), in the order first run, as a
+    /// Markdown table.
+    fn table(&self) -> String {
+        let groups = self.groups(None);
         let mut out = String::from(
             "| scenario | target | load | throughput/s | p50 µs | p99 µs | p99.9 µs | server CPU s/1k | server cores | Envoy cores | generator cores | server peak RSS MiB | runs |\n\
              | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
@@ -422,6 +454,50 @@ impl Report {
                 m(|r| r.server_cores),
                 m(|r| r.generator_cores),
                 m(|r| r.server_peak_rss_mib),
+                all.len(),
+            ));
+        }
+        out
+    }
+
+    /// `peer`'s runs in full: medians of the mean and four percentiles,
+    /// and Envoy's and the server's CPU apart and together. Empty when
+    /// `peer` did not run.
+    fn peer_table(&self) -> String {
+        let groups = self.groups(Some("peer"));
+        if groups.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "| target | load | throughput/s | mean µs | p50 µs | p90 µs | p99 µs | p99.9 µs | Envoy CPU s/1k | Envoy cores | server CPU s/1k | server cores | Envoy + server CPU s/1k | generator cores | runs |\n\
+             | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        for (first, all) in groups {
+            let m = |f: fn(&Run) -> f64| median(all.iter().map(|r| f(r)));
+            // Envoy alone has no server: its columns say so.
+            let server = |v: f64, digits: usize| {
+                if first.target.contains('+') {
+                    format!("{v:.digits$}")
+                } else {
+                    "-".to_owned()
+                }
+            };
+            out.push_str(&format!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.4} | {:.2} | {} | {} | {:.4} | {:.2} | {} |\n",
+                first.target,
+                first.load,
+                m(|r| r.throughput),
+                m(|r| r.mean_us),
+                m(|r| r.p50_us),
+                m(|r| r.p90_us),
+                m(|r| r.p99_us),
+                m(|r| r.p999_us),
+                m(|r| r.envoy_cpu_s_per_1k.unwrap_or(0.0)),
+                m(|r| r.envoy_cores.unwrap_or(0.0)),
+                server(m(|r| r.server_cpu_s_per_1k), 4),
+                server(m(|r| r.server_cores), 2),
+                m(total_cpu_s_per_1k),
+                m(|r| r.generator_cores),
                 all.len(),
             ));
         }
@@ -453,6 +529,8 @@ struct Plan {
     /// Fixed rates: Checks/s for `mixed`, HTTP requests/s.
     check_rate: u64,
     http_rate: u64,
+    /// `peer`'s fixed rate, HTTP requests/s.
+    peer_rate: u64,
     /// Records per Export, and records/s in `mixed`.
     records: usize,
     record_rate: u64,
@@ -479,6 +557,7 @@ impl Plan {
             http_workers: if a.smoke { 4 } else { 32 },
             check_rate: if a.smoke { 200 } else { 5000 },
             http_rate: if a.smoke { 100 } else { 1000 },
+            peer_rate: a.peer_rate.unwrap_or(if a.smoke { 100 } else { 2000 }),
             records: 50,
             record_rate: if a.smoke { 200 } else { 5000 },
             smoke: a.smoke,
@@ -688,6 +767,182 @@ async fn http_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> a
     report.figure(
         "http: Envoy + Sluice ÷ Envoy + no-op throughput at the maximum",
         at(false, |t| t[2].throughput / t[1].throughput.max(1e-9)),
+        None,
+    );
+    Ok(())
+}
+
+/// CPU seconds per 1,000 requests of Envoy and the server together.
+fn total_cpu_s_per_1k(run: &Run) -> f64 {
+    run.envoy_cpu_s_per_1k.unwrap_or(0.0) + run.server_cpu_s_per_1k
+}
+
+/// Envoy's counter of errors of its rate-limit filter (the route's
+/// cluster is `app` in every peer config), and of its answers.
+const LIMIT_ERRORS: &str = "cluster.app.ratelimit.error";
+const LIMIT_OK: &str = "cluster.app.ratelimit.ok";
+
+/// `peer`: HTTP GETs through Envoy four ways, interleaved (each repetition
+/// runs the four in turn): alone; with ext_authz to the no-op; with its
+/// rate-limit filter asking limitador (`examples/limitador_rls.rs`, one
+/// per-user limit); with ext_authz and the access log to Sluice (the
+/// benchmark policy). At `--peer-rate` and at the maximum, over `--users`
+/// user ids in the `user-id` header that both limiters key on.
+async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    println!(
+        "peer: through Envoy alone, + ext_authz to the no-op, + rate limit to limitador, + ext_authz and access log to Sluice"
+    );
+    let noop = Server::noop(place).await?;
+    let limitador = Server::limitador(place).await?;
+    let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let config = |file: &str| format!("loadtests/envoy/{file}");
+    let setups = [
+        (
+            Server::envoy(place, "envoy alone", &config("peer-alone.yaml"), None).await?,
+            None,
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + noop",
+                &config("peer-noop-authz.yaml"),
+                Some(noop.addr),
+            )
+            .await?,
+            Some(&noop),
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + limitador",
+                &config("limitador.yaml"),
+                Some(limitador.addr),
+            )
+            .await?,
+            Some(&limitador),
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + sluice",
+                &config("peer-sluice.yaml"),
+                Some(sluice.addr),
+            )
+            .await?,
+            Some(&sluice),
+        ),
+    ];
+    let mut shots = Vec::new();
+    for (envoy, _) in &setups {
+        let shot = shots::HttpGet::new(envoy.addr, plan.users)?;
+        generate::run(&shot, Load::Rate(500), plan.warmup, 0).await;
+        shots.push(shot);
+    }
+    // A rate-limit filter that asks nothing (a direct response, a route
+    // without the action) would make limitador's side free.
+    let asked = setups[2].0.envoy_counter(LIMIT_OK).await?;
+    anyhow::ensure!(
+        asked > 0,
+        "peer: Envoy's rate-limit filter never asked limitador"
+    );
+    // Per repetition and load: the four, back to back.
+    let mut sets: Vec<(Load, Vec<Run>)> = Vec::new();
+    for load in [Load::Max(plan.http_workers), Load::Rate(plan.peer_rate)] {
+        for _ in 0..plan.repeat {
+            let mut set = Vec::new();
+            for ((envoy, server), shot) in setups.iter().zip(&shots) {
+                // The rate-limit filter fails open: a request its service
+                // did not answer passes unasked, fast. Count those as
+                // failed.
+                let limit_errors = envoy.envoy_counter(LIMIT_ERRORS).await?;
+                let (stats, costs) = measured(
+                    *server,
+                    Some(envoy),
+                    generate::run(shot, load, plan.duration, 1 << 32),
+                )
+                .await;
+                let mut run = row(
+                    "peer",
+                    envoy.name,
+                    load,
+                    Generator::Rust,
+                    &stats,
+                    &costs,
+                    1.0,
+                    *server,
+                );
+                run.errors += envoy
+                    .envoy_counter(LIMIT_ERRORS)
+                    .await?
+                    .saturating_sub(limit_errors);
+                run.show();
+                if run.errors > 0 || run.denied > 0 {
+                    eprintln!("{} log:\n{}", envoy.name, envoy.log_tail());
+                }
+                set.push(run);
+            }
+            report.runs.extend(set.iter().cloned());
+            sets.push((load, set));
+        }
+    }
+
+    let (alone, noop, limitador, sluice) = (0, 1, 2, 3);
+    let at = |fixed: bool, f: &dyn Fn(&[Run]) -> f64| {
+        median(
+            sets.iter()
+                .filter(|(l, _)| matches!(l, Load::Rate(_)) == fixed)
+                .map(|(_, s)| f(s)),
+        )
+    };
+    let ratio =
+        |a: usize, b: usize, f: fn(&Run) -> f64| move |s: &[Run]| f(&s[a]) / f(&s[b]).max(1e-9);
+    let judged = |value: f64| (!plan.smoke).then_some(("<= 1.0", value <= 1.0));
+    let mean = at(true, &ratio(sluice, limitador, |r| r.mean_us));
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + limitador, mean at the fixed rate",
+        mean,
+        judged(mean),
+    );
+    let p99 = at(true, &ratio(sluice, limitador, |r| r.p99_us));
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + limitador, p99 at the fixed rate",
+        p99,
+        judged(p99),
+    );
+    let cpu = at(true, &ratio(sluice, limitador, total_cpu_s_per_1k));
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + limitador, total CPU at the fixed rate",
+        cpu,
+        judged(cpu),
+    );
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + limitador, total CPU at the maximum",
+        at(false, &ratio(sluice, limitador, total_cpu_s_per_1k)),
+        None,
+    );
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + limitador, throughput at the maximum",
+        at(false, &ratio(sluice, limitador, |r| r.throughput)),
+        None,
+    );
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + no-op, throughput at the maximum",
+        at(false, &ratio(sluice, noop, |r| r.throughput)),
+        None,
+    );
+    report.figure(
+        "peer: Envoy + no-op ÷ Envoy + limitador, mean at the fixed rate",
+        at(true, &ratio(noop, limitador, |r| r.mean_us)),
+        None,
+    );
+    report.figure(
+        "peer: Envoy + Sluice ÷ Envoy + no-op, mean at the fixed rate",
+        at(true, &ratio(sluice, noop, |r| r.mean_us)),
+        None,
+    );
+    report.figure(
+        "peer: Envoy + limitador ÷ Envoy alone, mean at the fixed rate",
+        at(true, &ratio(limitador, alone, |r| r.mean_us)),
         None,
     );
     Ok(())
@@ -1066,6 +1321,7 @@ fn main() -> anyhow::Result<()> {
             match scenario {
                 Scenario::Check => check_scenario(&place, &plan, &mut report).await?,
                 Scenario::Http => http_scenario(&place, &plan, &mut report).await?,
+                Scenario::Peer => peer_scenario(&place, &plan, &mut report).await?,
                 Scenario::Ingest => ingest_scenario(&place, &plan, &mut report).await?,
                 Scenario::Mixed => mixed_scenario(&place, &plan, &mut report).await?,
                 Scenario::Global => global_scenario(&place, &plan, &mut report).await?,
@@ -1078,6 +1334,10 @@ fn main() -> anyhow::Result<()> {
         println!();
         if !report.runs.is_empty() {
             println!("{}", report.table());
+        }
+        let peer = report.peer_table();
+        if !peer.is_empty() {
+            println!("peer, in full:\n\n{peer}");
         }
         for f in &report.figures {
             let verdict = match (f.target, f.met) {
@@ -1109,6 +1369,20 @@ fn main() -> anyhow::Result<()> {
             .map(|r| format!("{} {} {}", r.scenario, r.target, r.load))
             .collect();
         anyhow::ensure!(silent.is_empty(), "no answers in: {}", silent.join(", "));
+        // Neither of `peer`'s limiters comes near its limit: a refusal
+        // there means a config or a limit is wrong, and the comparison
+        // with it.
+        let refused: Vec<String> = report
+            .runs
+            .iter()
+            .filter(|r| r.scenario == "peer" && r.denied > 0)
+            .map(|r| format!("{} {} ({})", r.target, r.load, r.denied))
+            .collect();
+        anyhow::ensure!(
+            refused.is_empty(),
+            "refused in peer: {}",
+            refused.join(", ")
+        );
         anyhow::Ok(())
     })
 }

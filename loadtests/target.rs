@@ -1,5 +1,5 @@
-//! The processes under load: Sluice, the no-op Check server, Envoy and
-//! sluice-controller, each its own OS process (so that its CPU time and
+//! The processes under load: Sluice, the no-op Check server, the limitador
+//! rate-limit service, Envoy and sluice-controller, each its own OS process (so that its CPU time and
 //! peak RSS are its own), on free loopback ports, optionally pinned to a
 //! set of cores.
 
@@ -16,14 +16,15 @@ use sluice_testkit::process::Process;
 /// Where the load tests put what they start, and on which cores.
 #[derive(Clone, Debug)]
 pub struct Placement {
-    /// Directory holding `sluice` and `examples/noop_check`: the profile
-    /// directory this load test was built into.
+    /// Directory holding `sluice`, `examples/noop_check` and
+    /// `examples/limitador_rls`: the profile directory this load test was
+    /// built into.
     pub bin_dir: PathBuf,
-    /// `taskset -c` list for the servers (Sluice, the no-op, Envoy), or
-    /// `None` to let them run anywhere.
+    /// `taskset -c` list for the servers (Sluice, the no-op, limitador,
+    /// Envoy), or `None` to let them run anywhere.
     pub servers_on: Option<String>,
-    /// `--worker-threads` for Sluice and the no-op alike; `None` for
-    /// their default.
+    /// `--worker-threads` for Sluice, the no-op and limitador alike;
+    /// `None` for their default (2 each).
     pub server_threads: Option<usize>,
 }
 
@@ -87,7 +88,8 @@ pub struct Server {
     pub name: &'static str,
     /// Its gRPC (or, for Envoy, HTTP) address.
     pub addr: SocketAddr,
-    /// Its admin listener (`/metrics`), where the load tests read it.
+    /// Its admin listener (Sluice's `/metrics`, Envoy's `/stats`), where
+    /// the load tests read it.
     pub admin: Option<SocketAddr>,
     process: Process,
     pid: i32,
@@ -200,8 +202,22 @@ impl Server {
         Server::new("noop", addr, process)
     }
 
+    /// The limitador rate-limit service (`examples/limitador_rls`) with
+    /// its default limit, the counterpart of `examples/bench.yaml`'s
+    /// per-user rate limiter.
+    pub async fn limitador(place: &Placement) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let mut args = vec!["--listen".to_owned(), format!("127.0.0.1:{port}")];
+        args.extend(place.threads());
+        let binary = place.binary("examples/limitador_rls")?;
+        let process = place.spawn("limitador", &binary, &args)?;
+        let addr = ([127, 0, 0, 1], port).into();
+        wait_listening(addr, &process).await?;
+        Server::new("limitador", addr, process)
+    }
+
     /// Envoy on `config` (a file under `loadtests/envoy/`), checking with
-    /// the server at `authz`, if any.
+    /// (or asking the rate-limit service at) `authz`, if any.
     pub async fn envoy(
         place: &Placement,
         name: &'static str,
@@ -220,7 +236,23 @@ impl Server {
             .await?;
         let mut server = Server::new(name, ([127, 0, 0, 1], ports.listener).into(), process)?;
         server._config = Some(dir);
+        server.admin = Some(([127, 0, 0, 1], ports.admin).into());
         Ok(server)
+    }
+
+    /// A counter of Envoy's (`/stats` on its admin listener); 0 if it has
+    /// none by that name yet.
+    pub async fn envoy_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let admin = self.admin.context("no admin listener")?;
+        let path = format!("/stats?filter=^{name}$");
+        let reply = sluice_testkit::http::get(admin, &path, &[]).await?;
+        anyhow::ensure!(reply.status == 200, "{path}: {}", reply.status);
+        let text = reply.text();
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
     }
 
     fn new(name: &'static str, addr: SocketAddr, process: Process) -> anyhow::Result<Server> {

@@ -1,11 +1,19 @@
 //! Every shipped Envoy config is accepted by the real Envoy 1.40, as is and
 //! as the test kit renders it onto other ports; and every shipped config and
 //! Istio patch keeps the same access-log contract and ext_authz essentials.
+//! The load tests' configs validate too, and the peer's (limitador.yaml)
+//! asks the limitador rate-limit service it is measured with.
 
 use serde_json::Value;
-use sluice_testkit::envoy::{EnvoyPorts, render, render_ports, validate};
+use sluice_testkit::envoy::{Envoy, EnvoyPorts, render, render_ports, validate};
 use sluice_testkit::pki::Pki;
 use sluice_testkit::repo_root;
+
+// The load tests' limitador peer, served in process: its `main` and flags
+// go unused here.
+#[allow(dead_code)]
+#[path = "../examples/limitador_rls.rs"]
+mod limitador_rls;
 
 #[tokio::test]
 async fn every_shipped_config_validates() {
@@ -81,28 +89,46 @@ async fn the_quickstart_renders_onto_other_ports_and_still_validates() {
     }
 }
 
+/// A config file (relative to the repository) as JSON.
+fn yaml(path: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join(path)).expect("read");
+    serde_saphyr::from_str(&text).expect("yaml")
+}
+
+/// The HTTP connection manager of a config's first listener.
+fn manager(config: &Value) -> Value {
+    config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        .clone()
+}
+
+/// A config's cluster named `name`.
+fn cluster(config: &Value, name: &str) -> Value {
+    config["static_resources"]["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 /// The load tests' configs render, validate, and carry the shipped
 /// quickstart's ext_authz filter and access log unchanged, so that the
-/// HTTP load test measures what users run.
+/// HTTP load tests measure what users run.
 #[tokio::test]
 async fn the_load_test_configs_validate_and_match_the_quickstart() {
-    fn yaml(path: &str) -> serde_json::Value {
-        let text = std::fs::read_to_string(repo_root().join(path)).expect("read");
-        serde_saphyr::from_str(&text).expect("yaml")
-    }
-    let manager = |config: &serde_json::Value| {
-        config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            .clone()
-    };
     let quickstart = manager(&yaml("envoy-configs/quickstart.yaml"));
     let authz = &quickstart["http_filters"][0];
     assert_eq!(authz["name"], "envoy.filters.http.ext_authz");
 
     let dir = tempfile::tempdir().expect("dir");
-    for (file, with_authz, with_log) in [
-        ("loadtests/envoy/alone.yaml", false, false),
-        ("loadtests/envoy/noop-authz.yaml", true, false),
-        ("loadtests/envoy/sluice.yaml", true, true),
+    // (file, ext_authz, access log, a server on port 8080)
+    for (file, with_authz, with_log, with_server) in [
+        ("loadtests/envoy/alone.yaml", false, false, false),
+        ("loadtests/envoy/noop-authz.yaml", true, false, true),
+        ("loadtests/envoy/sluice.yaml", true, true, true),
+        ("loadtests/envoy/peer-alone.yaml", false, false, false),
+        ("loadtests/envoy/peer-noop-authz.yaml", true, false, true),
+        ("loadtests/envoy/peer-sluice.yaml", true, true, true),
+        ("loadtests/envoy/limitador.yaml", false, false, true),
     ] {
         let config = manager(&yaml(file));
         assert_eq!(
@@ -120,7 +146,7 @@ async fn the_load_test_configs_validate_and_match_the_quickstart() {
             admin: 19901,
             listener: 19000,
             upstream: None,
-            sluice: with_authz.then_some(18080),
+            sluice: with_server.then_some(18080),
         };
         let rendered = render(&text, &ports).unwrap_or_else(|e| panic!("{file}: {e:#}"));
         let path = dir.path().join("rendered.yaml");
@@ -129,6 +155,134 @@ async fn the_load_test_configs_validate_and_match_the_quickstart() {
             .await
             .unwrap_or_else(|e| panic!("{file}: {e:#}"));
     }
+}
+
+/// The peer scenario's four configs differ only in what Envoy asks before
+/// it answers: the route, the filter that answers (the fault filter's
+/// abort with 200) and the cluster it routes to are the same in all four;
+/// the rate-limit filter of limitador.yaml is asked as ext_authz is (its
+/// timeout, an HTTP/2 cluster), fails open, and sends the user-id header
+/// as the descriptor entry the peer's limit counts per value of, in the
+/// peer's domain.
+#[test]
+fn the_peer_configs_differ_only_in_the_limiter() {
+    let files = [
+        "loadtests/envoy/peer-alone.yaml",
+        "loadtests/envoy/peer-noop-authz.yaml",
+        "loadtests/envoy/limitador.yaml",
+        "loadtests/envoy/peer-sluice.yaml",
+    ];
+    let configs: Vec<Value> = files.iter().map(|f| yaml(f)).collect();
+    let route = |config: &Value| {
+        let route = &manager(config)["route_config"]["virtual_hosts"][0]["routes"][0];
+        (route["match"].clone(), route["route"]["cluster"].clone())
+    };
+    let answer = |config: &Value| {
+        let filters = manager(config)["http_filters"]
+            .as_array()
+            .expect("http_filters")
+            .clone();
+        filters[filters.len() - 2..].to_vec()
+    };
+    let reference = &configs[0];
+    assert_eq!(answer(reference)[0]["name"], "envoy.filters.http.fault");
+    assert_eq!(answer(reference)[1]["name"], "envoy.filters.http.router");
+    for (file, config) in files.iter().zip(&configs) {
+        assert_eq!(route(config), route(reference), "{file}: route");
+        assert_eq!(route(config).1, "app", "{file}: route");
+        assert_eq!(answer(config), answer(reference), "{file}: answer");
+        assert_eq!(cluster(config, "app"), cluster(reference, "app"), "{file}");
+        assert!(cluster(config, "app")["load_assignment"]["endpoints"].is_null());
+    }
+
+    let limitador = &configs[2];
+    let filters = manager(limitador)["http_filters"].clone();
+    assert_eq!(filters.as_array().map(Vec::len), Some(3));
+    let filter = &filters[0]["typed_config"];
+    assert_eq!(filters[0]["name"], "envoy.filters.http.ratelimit");
+    assert_eq!(filter["domain"], limitador_rls::DOMAIN);
+    assert_eq!(filter["failure_mode_deny"], false);
+    let quickstart = manager(&yaml("envoy-configs/quickstart.yaml"));
+    let authz = &quickstart["http_filters"][0]["typed_config"];
+    assert_eq!(filter["timeout"], authz["grpc_service"]["timeout"]);
+    let service = &filter["rate_limit_service"];
+    assert_eq!(service["transport_api_version"], "V3");
+    let name = service["grpc_service"]["envoy_grpc"]["cluster_name"]
+        .as_str()
+        .expect("cluster");
+    let sluice = cluster(&configs[3], "sluice");
+    let rls = cluster(limitador, name);
+    for field in [
+        "type",
+        "connect_timeout",
+        "typed_extension_protocol_options",
+    ] {
+        assert_eq!(
+            rls[field], sluice[field],
+            "the rate-limit cluster's {field}"
+        );
+    }
+    let routes = &manager(limitador)["route_config"]["virtual_hosts"][0]["routes"][0];
+    let actions = &routes["route"]["rate_limits"][0]["actions"];
+    assert_eq!(
+        actions,
+        &serde_json::json!([{"request_headers": {
+            "header_name": "user-id",
+            "descriptor_key": limitador_rls::DESCRIPTOR_KEY,
+        }}])
+    );
+}
+
+/// limitador.yaml on the real Envoy asks the limitador peer about every
+/// request with a user id, per user: with a limit of 2 requests a minute,
+/// a user's third request is refused (429) while another user's goes
+/// through; a request without the header is not asked about.
+#[tokio::test]
+async fn the_limitador_config_asks_the_peer_per_user() {
+    let limit = limitador_rls::limit(limitador_rls::DOMAIN, limitador_rls::DESCRIPTOR_KEY, 2, 60)
+        .expect("limit");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = sluice_runtime::shutdown::channel();
+    let served = tokio::spawn(limitador_rls::serve(
+        listener,
+        limitador_rls::Rls::new(limit, 1000),
+        stopped,
+    ));
+    let ports = EnvoyPorts::free_for(None, Some(port)).expect("ports");
+    let envoy = Envoy::start("loadtests/envoy/limitador.yaml", ports)
+        .await
+        .expect("envoy");
+    let status = async |user: Option<&str>| {
+        let headers: Vec<(&str, &str)> = user.map(|u| ("user-id", u)).into_iter().collect();
+        sluice_testkit::http::get(envoy.listener(), "/api/items?page=2", &headers)
+            .await
+            .expect("answer")
+            .status
+    };
+    let mut statuses = Vec::new();
+    for user in [
+        Some("alice"),
+        Some("alice"),
+        Some("alice"),
+        Some("bob"),
+        None,
+    ] {
+        statuses.push(status(user).await);
+    }
+    assert_eq!(statuses, [200, 200, 429, 200, 200], "{}", envoy.log_tail());
+    assert_eq!(envoy.stat("cluster.app.ratelimit.ok").await.expect("ok"), 3);
+    assert_eq!(
+        envoy
+            .stat("cluster.app.ratelimit.over_limit")
+            .await
+            .expect("over_limit"),
+        1
+    );
+    stop.fire();
+    served.await.expect("served");
 }
 
 /// The access-log attributes Sluice reads, in quickstart.yaml's order

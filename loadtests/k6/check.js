@@ -21,7 +21,7 @@ const USERS = parseInt(__ENV.USERS || '10000', 10);
 
 export const options = {
   discardResponseBodies: true,
-  summaryTrendStats: ['avg', 'p(50)', 'p(99)', 'p(99.9)', 'max', 'count'],
+  summaryTrendStats: ['avg', 'p(50)', 'p(90)', 'p(99)', 'p(99.9)', 'max', 'count'],
   scenarios: {
     check: RATE > 0
       ? {
