@@ -782,19 +782,27 @@ fn total_cpu_s_per_1k(run: &Run) -> f64 {
 const LIMIT_ERRORS: &str = "cluster.app.ratelimit.error";
 const LIMIT_OK: &str = "cluster.app.ratelimit.ok";
 
-/// `peer`: HTTP GETs through Envoy four ways, interleaved (each repetition
-/// runs the four in turn): alone; with ext_authz to the no-op; with its
+/// `peer`: HTTP GETs through Envoy six ways, interleaved (each repetition
+/// runs the six in turn): alone; with ext_authz to the no-op; with its
 /// rate-limit filter asking limitador (`examples/limitador_rls.rs`, one
-/// per-user limit); with ext_authz and the access log to Sluice (the
-/// benchmark policy). At `--peer-rate` and at the maximum, over `--users`
-/// user ids in the `user-id` header that both limiters key on.
+/// per-user limit); and with Sluice three ways: `sluice bench` (the
+/// benchmark policy, and the shipped ext_authz filter and access log),
+/// `sluice limit` (the per-user limit alone, `loadtests/peer.yaml`, behind
+/// the same shipped filter and log: every header, and a log nothing
+/// reads), and `sluice lean` (that policy behind what `sluice envoy-config`
+/// writes for it: one header, no log). `sluice lean` is limitador's like:
+/// the targets are judged on it. At `--peer-rate` and at the maximum, over
+/// `--users` user ids in the `user-id` header that every limiter keys on.
 async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     println!(
-        "peer: through Envoy alone, + ext_authz to the no-op, + rate limit to limitador, + ext_authz and access log to Sluice"
+        "peer: through Envoy alone, + ext_authz to the no-op, + rate limit to limitador, + Sluice (bench policy; a per-user limit; the same, lean config)"
     );
     let noop = Server::noop(place).await?;
     let limitador = Server::limitador(place).await?;
     let sluice = Server::sluice(place, &repo_root().join("examples/bench.yaml")).await?;
+    let limit = repo_root().join("loadtests/peer.yaml");
+    let sluice_limit = Server::sluice_with(place, "sluice limit", &limit, &[]).await?;
+    let sluice_lean = Server::sluice_with(place, "sluice lean", &limit, &[]).await?;
     let config = |file: &str| format!("loadtests/envoy/{file}");
     let setups = [
         (
@@ -824,12 +832,32 @@ async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> a
         (
             Server::envoy(
                 place,
-                "envoy + sluice",
+                "envoy + sluice bench",
                 &config("peer-sluice.yaml"),
                 Some(sluice.addr),
             )
             .await?,
             Some(&sluice),
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + sluice limit",
+                &config("peer-sluice.yaml"),
+                Some(sluice_limit.addr),
+            )
+            .await?,
+            Some(&sluice_limit),
+        ),
+        (
+            Server::envoy(
+                place,
+                "envoy + sluice lean",
+                &config("peer-sluice-lean.yaml"),
+                Some(sluice_lean.addr),
+            )
+            .await?,
+            Some(&sluice_lean),
         ),
     ];
     let mut shots = Vec::new();
@@ -886,7 +914,7 @@ async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> a
         }
     }
 
-    let (alone, noop, limitador, sluice) = (0, 1, 2, 3);
+    let (alone, noop, limitador, bench, full, lean) = (0, 1, 2, 3, 4, 5);
     let at = |fixed: bool, f: &dyn Fn(&[Run]) -> f64| {
         median(
             sets.iter()
@@ -897,54 +925,100 @@ async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> a
     let ratio =
         |a: usize, b: usize, f: fn(&Run) -> f64| move |s: &[Run]| f(&s[a]) / f(&s[b]).max(1e-9);
     let judged = |value: f64| (!plan.smoke).then_some(("<= 1.0", value <= 1.0));
-    let mean = at(true, &ratio(sluice, limitador, |r| r.mean_us));
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + limitador, mean at the fixed rate",
-        mean,
-        judged(mean),
+    let mut judge = |what: &'static str, value: f64| report.figure(what, value, judged(value));
+    judge(
+        "peer: Envoy + Sluice lean ÷ Envoy + limitador, mean at the fixed rate",
+        at(true, &ratio(lean, limitador, |r| r.mean_us)),
     );
-    let p99 = at(true, &ratio(sluice, limitador, |r| r.p99_us));
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + limitador, p99 at the fixed rate",
-        p99,
-        judged(p99),
+    judge(
+        "peer: Envoy + Sluice lean ÷ Envoy + limitador, p99 at the fixed rate",
+        at(true, &ratio(lean, limitador, |r| r.p99_us)),
     );
-    let cpu = at(true, &ratio(sluice, limitador, total_cpu_s_per_1k));
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + limitador, total CPU at the fixed rate",
-        cpu,
-        judged(cpu),
+    judge(
+        "peer: Envoy + Sluice lean ÷ Envoy + limitador, total CPU at the fixed rate",
+        at(true, &ratio(lean, limitador, total_cpu_s_per_1k)),
     );
+    let throughput = at(false, &ratio(lean, noop, |r| r.throughput));
     report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + limitador, total CPU at the maximum",
-        at(false, &ratio(sluice, limitador, total_cpu_s_per_1k)),
-        None,
+        "peer: Envoy + Sluice lean ÷ Envoy + no-op, throughput at the maximum",
+        throughput,
+        (!plan.smoke).then_some((">= 0.95", throughput >= 0.95)),
     );
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + limitador, throughput at the maximum",
-        at(false, &ratio(sluice, limitador, |r| r.throughput)),
-        None,
-    );
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + no-op, throughput at the maximum",
-        at(false, &ratio(sluice, noop, |r| r.throughput)),
-        None,
-    );
-    report.figure(
-        "peer: Envoy + no-op ÷ Envoy + limitador, mean at the fixed rate",
-        at(true, &ratio(noop, limitador, |r| r.mean_us)),
-        None,
-    );
-    report.figure(
-        "peer: Envoy + Sluice ÷ Envoy + no-op, mean at the fixed rate",
-        at(true, &ratio(sluice, noop, |r| r.mean_us)),
-        None,
-    );
-    report.figure(
-        "peer: Envoy + limitador ÷ Envoy alone, mean at the fixed rate",
-        at(true, &ratio(limitador, alone, |r| r.mean_us)),
-        None,
-    );
+    let figures: [(&'static str, bool, usize, usize, fn(&Run) -> f64); 10] = [
+        (
+            "peer: Envoy + Sluice lean ÷ limitador, total CPU at the maximum",
+            false,
+            lean,
+            limitador,
+            total_cpu_s_per_1k,
+        ),
+        (
+            "peer: Envoy + Sluice lean ÷ limitador, throughput at the maximum",
+            false,
+            lean,
+            limitador,
+            |r| r.throughput,
+        ),
+        (
+            "peer: Envoy + Sluice limit ÷ limitador, mean at the fixed rate",
+            true,
+            full,
+            limitador,
+            |r| r.mean_us,
+        ),
+        (
+            "peer: Envoy + Sluice bench ÷ limitador, mean at the fixed rate",
+            true,
+            bench,
+            limitador,
+            |r| r.mean_us,
+        ),
+        (
+            "peer: Envoy + Sluice lean ÷ Sluice limit, mean at the fixed rate",
+            true,
+            lean,
+            full,
+            |r| r.mean_us,
+        ),
+        (
+            "peer: Envoy + Sluice lean ÷ Sluice limit, total CPU at the fixed rate",
+            true,
+            lean,
+            full,
+            total_cpu_s_per_1k,
+        ),
+        (
+            "peer: Envoy + Sluice lean ÷ Sluice limit, Envoy CPU at the fixed rate",
+            true,
+            lean,
+            full,
+            |r| r.envoy_cpu_s_per_1k.unwrap_or(0.0),
+        ),
+        (
+            "peer: Envoy + Sluice lean ÷ Sluice limit, throughput at the maximum",
+            false,
+            lean,
+            full,
+            |r| r.throughput,
+        ),
+        (
+            "peer: Envoy + no-op ÷ limitador, mean at the fixed rate",
+            true,
+            noop,
+            limitador,
+            |r| r.mean_us,
+        ),
+        (
+            "peer: Envoy + limitador ÷ alone, mean at the fixed rate",
+            true,
+            limitador,
+            alone,
+            |r| r.mean_us,
+        ),
+    ];
+    for (what, fixed, a, b, f) in figures {
+        report.figure(what, at(fixed, &ratio(a, b, f)), None);
+    }
     Ok(())
 }
 

@@ -129,6 +129,9 @@ async fn the_load_test_configs_validate_and_match_the_quickstart() {
         ("loadtests/envoy/peer-noop-authz.yaml", true, false, true),
         ("loadtests/envoy/peer-sluice.yaml", true, true, true),
         ("loadtests/envoy/limitador.yaml", false, false, true),
+        // Its ext_authz filter is the one `sluice envoy-config` writes
+        // (below), not the quickstart's.
+        ("loadtests/envoy/peer-sluice-lean.yaml", false, false, true),
     ] {
         let config = manager(&yaml(file));
         assert_eq!(
@@ -514,4 +517,48 @@ async fn the_sidecar_and_gateway_configs_render_onto_other_ports() {
     let twice = format!("{text}\n# port_value: 9000\n");
     let err = render_ports(&twice, &[(9000, Some(1))]).expect_err("twice");
     assert!(err.to_string().contains("found 2"), "{err}");
+}
+
+/// The peer scenario's lean Sluice config asks Envoy for what
+/// `sluice envoy-config` says loadtests/peer.yaml reads: the same
+/// `allowed_headers`, no body, no access log; and is otherwise
+/// peer-sluice.yaml.
+#[test]
+fn the_lean_peer_config_is_what_sluice_envoy_config_writes() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["envoy-config", "--policy"])
+        .arg(repo_root().join("loadtests/peer.yaml"))
+        .output()
+        .expect("run sluice envoy-config");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated: Value =
+        serde_saphyr::from_str(&String::from_utf8_lossy(&out.stdout)).expect("yaml");
+    let lean = yaml("loadtests/envoy/peer-sluice-lean.yaml");
+    let authz = |config: &Value| manager(config)["http_filters"][0]["typed_config"].clone();
+    let (lean_authz, generated_authz) = (authz(&lean), authz(&generated));
+    for field in ["allowed_headers", "with_request_body"] {
+        assert_eq!(lean_authz[field], generated_authz[field], "{field}");
+    }
+    assert!(lean_authz["with_request_body"].is_null());
+    assert!(manager(&lean)["access_log"].is_null());
+    assert!(manager(&generated)["access_log"].is_null());
+    // Otherwise the full peer config: the same route and the same filters
+    // after ext_authz.
+    let full = yaml("loadtests/envoy/peer-sluice.yaml");
+    assert_eq!(
+        manager(&lean)["route_config"],
+        manager(&full)["route_config"]
+    );
+    assert_eq!(
+        manager(&lean)["http_filters"]
+            .as_array()
+            .map(|f| f[1..].to_vec()),
+        manager(&full)["http_filters"]
+            .as_array()
+            .map(|f| f[1..].to_vec())
+    );
 }
