@@ -944,7 +944,9 @@ async fn peer_scenario(place: &Placement, plan: &Plan, report: &mut Report) -> a
         throughput,
         (!plan.smoke).then_some((">= 0.95", throughput >= 0.95)),
     );
-    let figures: [(&'static str, bool, usize, usize, fn(&Run) -> f64); 10] = [
+    // (name, at the fixed rate or the maximum, of, over, what)
+    type Ratio = (&'static str, bool, usize, usize, fn(&Run) -> f64);
+    let figures: [Ratio; 10] = [
         (
             "peer: Envoy + Sluice lean ÷ limitador, total CPU at the maximum",
             false,
