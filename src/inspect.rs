@@ -47,13 +47,29 @@ pub fn ask(
     Ok((text, json))
 }
 
-/// The text of a JSON string or number, `-` when absent or null.
+/// The text of a JSON string or number, `-` when absent or null; control
+/// characters escaped, so that a request's header or baggage value cannot
+/// drive the terminal (an `ESC [2J` in a baggage member).
 fn plain(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => clean(s),
         other => other.to_string(),
     }
+}
+
+/// `s` with control characters shown escaped (`\u{1b}`).
+fn clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// Rows as aligned columns under `header`.
@@ -190,6 +206,9 @@ pub fn render_preview(answer: &Value) -> String {
             labels(&s["request"], 14),
             labels(&s["classified"], 14)
         );
+        if let Some(n) = s["labels_left_out"].as_u64().filter(|&n| n > 0) {
+            let _ = writeln!(out, "              ({n} more request labels not kept)");
+        }
     }
     out
 }
@@ -372,6 +391,11 @@ mod tests {
             ]
         });
         let text = render_preview(&answer);
+        assert!(
+            render_preview(&serde_json::json!({"samples": [{"service": "a\u{1b}[2J"}]}))
+                .contains("a\\u{1b}[2J"),
+            "control characters are escaped"
+        );
         assert_eq!(
             text,
             "2 of 3 Checks at control point ingress (the rest did not come before the timeout)\n\

@@ -33,6 +33,18 @@ pub struct Layout {
     pub max_request_bytes: u32,
 }
 
+/// `s` as a YAML double-quoted scalar (JSON's string syntax is YAML's):
+/// policy text never becomes YAML structure.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// `s` for a comment line: control characters (a newline would end the
+/// comment) shown escaped.
+fn comment(s: &str) -> String {
+    s.chars().flat_map(char::escape_debug).collect()
+}
+
 /// An `allowed_headers` pattern for a header a policy names by its
 /// normalized name: `_` stands for `-` or `_` as sent.
 fn pattern(normalized: &str) -> String {
@@ -42,9 +54,12 @@ fn pattern(normalized: &str) -> String {
             .map(regex_escape)
             .collect::<Vec<_>>()
             .join("[-_]");
-        format!("{{ safe_regex: {{ regex: \"^{regex}$\" }} }}")
+        format!(
+            "{{ safe_regex: {{ regex: {} }} }}",
+            quoted(&format!("^{regex}$"))
+        )
     } else {
-        format!("{{ exact: \"{normalized}\" }}")
+        format!("{{ exact: {} }}", quoted(normalized))
     }
 }
 
@@ -80,18 +95,20 @@ pub fn bootstrap(reads: &Reads, layout: &Layout) -> String {
         );
     }
     for (header, why) in &reads.headers {
-        let _ = writeln!(w, "#   {header}: {why}");
+        let _ = writeln!(w, "#   {}: {}", comment(header), comment(why));
     }
     if let Some(why) = &reads.baggage {
-        let _ = writeln!(w, "#   baggage: {why}");
+        let _ = writeln!(w, "#   baggage: {}", comment(why));
     }
     let _ = writeln!(
         w,
         "# Request body: {}",
-        reads
-            .body
-            .as_deref()
-            .unwrap_or("not sent (no classifier reads it)")
+        comment(
+            reads
+                .body
+                .as_deref()
+                .unwrap_or("not sent (no classifier reads it)")
+        )
     );
     let _ = writeln!(
         w,
@@ -100,9 +117,18 @@ pub fn bootstrap(reads: &Reads, layout: &Layout) -> String {
             .access_logs
             .as_deref()
             .map_or("none (nothing observes how requests end)".to_owned(), |w| {
-                format!("yes, {w} observes how requests end")
+                format!("yes, {} observes how requests end", comment(w))
             })
     );
+    for (key, who) in &reads.extra_attributes {
+        let _ = writeln!(
+            w,
+            "# WARNING: {} observes access-log attribute {}, which the log below does not\n\
+             #   send: add it to `attributes` (docs/envoy.md), or the meter observes nothing.",
+            comment(who),
+            comment(key)
+        );
+    }
     let ip = |a: &SocketAddr| a.ip().to_string();
     let _ = write!(
         w,
@@ -149,8 +175,9 @@ static_resources:
                             envoy.filters.http.ext_authz:
                               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                               check_settings:
-                                context_extensions: {{ service: "{service}" }}
-"#
+                                context_extensions: {{ service: {service} }}
+"#,
+            service = quoted(service)
         );
     }
     let _ = write!(
@@ -164,13 +191,13 @@ static_resources:
                         envoy_grpc: {{ cluster_name: sluice }}
                         timeout: 0.5s
                         initial_metadata:
-                          - {{ key: control-point, value: "{control_point}" }}
+                          - {{ key: control-point, value: {control_point} }}
                       failure_mode_allow: {failure_mode_allow}
                       status_on_error: {{ code: ServiceUnavailable }}
                       allowed_headers:
                         patterns:
 "#,
-        control_point = layout.control_point,
+        control_point = quoted(&layout.control_point),
         failure_mode_allow = layout.failure_mode_allow,
     );
     let mut patterns: Vec<String> = reads.headers.keys().map(|h| pattern(h)).collect();
@@ -179,7 +206,10 @@ static_resources:
     }
     if patterns.is_empty() {
         // Envoy wants one pattern at least; this one matches no header.
-        patterns.push("{ exact: \"x-sluice-reads-no-header\" }".to_owned());
+        patterns.push(format!(
+            "{{ exact: {} }}",
+            quoted("x-sluice-reads-no-header")
+        ));
     }
     for p in patterns {
         let _ = writeln!(w, "                          - {p}");
@@ -284,9 +314,37 @@ mod tests {
             pattern("user_id"),
             r#"{ safe_regex: { regex: "^user[-_]id$" } }"#
         );
+        // JSON's escaping is YAML's: `\.` in the regex is `\\.` in the file.
         assert_eq!(
             pattern("x_a.b"),
-            r#"{ safe_regex: { regex: "^x[-_]a\.b$" } }"#
+            r#"{ safe_regex: { regex: "^x[-_]a\\.b$" } }"#
         );
+    }
+
+    #[test]
+    fn policy_text_cannot_become_yaml() {
+        let reads = Reads {
+            headers: [(
+                "x\nnode: {id: \"}".to_owned(),
+                "p/c reads\nnode: {}".to_owned(),
+            )]
+            .into(),
+            ..Reads::default()
+        };
+        let layout = Layout {
+            listen: ([127, 0, 0, 1], 1).into(),
+            admin: ([127, 0, 0, 1], 2).into(),
+            upstream: ([127, 0, 0, 1], 3).into(),
+            sluice: ([127, 0, 0, 1], 4).into(),
+            control_point: "in\"gress".into(),
+            service: Some("a\nb: c".into()),
+            failure_mode_allow: false,
+            max_request_bytes: 1,
+        };
+        let text = bootstrap(&reads, &layout);
+        let yaml: serde_json::Value = serde_saphyr::from_str(&text).expect("YAML");
+        assert!(yaml.get("node").is_none(), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("node:")), "{text}");
+        assert!(text.contains(r#"value: "in\"gress""#), "{text}");
     }
 }

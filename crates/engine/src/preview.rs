@@ -43,6 +43,15 @@ pub const REDACTED: &str = "[redacted]";
 /// character boundary) and says how long it was.
 pub const MAX_VALUE_BYTES: usize = 512;
 
+/// Most request labels one sample keeps; the rest are counted in
+/// [`Sample::labels_left_out`]. With the byte bound below, it keeps a
+/// sample small whatever the request holds (thousands of headers, a baggage
+/// header of tiny members).
+pub const MAX_LABELS: usize = 256;
+
+/// Most bytes of names and values one sample keeps.
+pub const MAX_SAMPLE_BYTES: usize = 64 * 1024;
+
 /// Most previews open at once, by default.
 pub const DEFAULT_MAX_OPEN: usize = 4;
 
@@ -102,8 +111,11 @@ pub struct Sample {
     pub control_point: String,
     /// Its service.
     pub service: String,
-    /// The request's labels: attributes, headers, baggage members.
+    /// The request's labels: attributes, headers, baggage members (at most
+    /// [`MAX_LABELS`], [`MAX_SAMPLE_BYTES`] in all).
     pub request: Vec<Label>,
+    /// Request labels beyond those bounds, not kept.
+    pub labels_left_out: usize,
     /// What classifiers added, in order (a later one with the same name
     /// wins).
     pub classified: Vec<Label>,
@@ -178,11 +190,12 @@ impl Previews {
         let mut names: Vec<Box<str>> = ALWAYS_REDACTED
             .iter()
             .map(|n| normalize_header_name(n))
-            .chain(
-                redact
-                    .into_iter()
-                    .map(|n| normalize_header_name(n.as_ref().trim())),
-            )
+            .chain(redact.into_iter().map(|n| {
+                // `x-api-key`, `X_Api_Key` or as policies name it,
+                // `http.request.header.x_api_key`.
+                let n = n.as_ref().trim();
+                normalize_header_name(n.strip_prefix(HEADER_PREFIX).unwrap_or(n))
+            }))
             .filter(|n| !n.is_empty())
             .map(String::into_boxed_str)
             .collect();
@@ -282,23 +295,31 @@ impl Previews {
         }
     }
 
-    /// The request's labels as a preview shows them.
-    fn request_labels(&self, source: &dyn LabelSource) -> Vec<Label> {
+    /// The request's labels as a preview shows them, and how many were
+    /// left out.
+    fn request_labels(&self, source: &dyn LabelSource) -> (Vec<Label>, usize) {
         let mut out = Vec::new();
+        let (mut bytes, mut left_out) = (0, 0);
         source.each_label(&mut |name, value| {
+            if out.len() >= MAX_LABELS || bytes >= MAX_SAMPLE_BYTES {
+                left_out += 1;
+                return;
+            }
             let secret = name
                 .strip_prefix(HEADER_PREFIX)
                 .is_some_and(|h| self.redact.iter().any(|r| **r == *h));
-            out.push(Label {
-                name: name.to_owned(),
+            let label = Label {
+                name: shown(name),
                 value: if secret {
                     REDACTED.to_owned()
                 } else {
                     shown(&value)
                 },
-            });
+            };
+            bytes += label.name.len() + label.value.len();
+            out.push(label);
         });
-        out
+        (out, left_out)
     }
 
     /// Samples `decision` if a preview wants a Check of this control point
@@ -354,10 +375,12 @@ impl Previews {
                 note(s.kind(), policy, component);
             }
         }
+        let (request, labels_left_out) = self.request_labels(labels.source());
         let sample = Sample {
             control_point: control_point.to_owned(),
             service: service.to_owned(),
-            request: self.request_labels(labels.source()),
+            request,
+            labels_left_out,
             classified: labels
                 .classified()
                 .iter()

@@ -35,6 +35,9 @@ pub struct Reads {
     /// Who observes flows' ends from access logs, if anyone (flux meters,
     /// concurrency limiters and schedulers).
     pub access_logs: Option<String>,
+    /// Access-log attributes outside the contract that flux meters
+    /// observe, and which meter: Envoy's log must be given them by hand.
+    pub extra_attributes: BTreeMap<String, String>,
 }
 
 impl Reads {
@@ -57,9 +60,17 @@ impl Walk<'_> {
             LabelKind::Header(h) => self
                 .reads
                 .header(&h, || format!("{who} reads label {name}")),
-            LabelKind::Baggage if !self.produced.contains(name) => {
+            // A classifier's output is read from baggage wherever that
+            // classifier did not run or found nothing: baggage is sent for
+            // every such label, whoever sets it.
+            LabelKind::Baggage => {
                 self.reads.baggage.get_or_insert_with(|| {
-                    format!("{who} reads label {name}, which no classifier sets: a baggage member")
+                    let set = if self.produced.contains(name) {
+                        "a classifier's output, else"
+                    } else {
+                        "no classifier sets it:"
+                    };
+                    format!("{who} reads label {name} ({set} a baggage member)")
                 });
             }
             _ => {}
@@ -159,6 +170,12 @@ impl Walk<'_> {
         for f in &p.flux_meters {
             let w = who("flux meter", &f.name.value.0);
             self.selectors(f.selectors.iter(), &w);
+            if !crate::flow_end::CONTRACT_ATTRIBUTES.contains(&f.attribute_key.as_str()) {
+                self.reads
+                    .extra_attributes
+                    .entry(f.attribute_key.clone())
+                    .or_insert_with(|| w.clone());
+            }
             self.reads.access_logs.get_or_insert(w);
         }
         for s in &p.samplers {
@@ -308,11 +325,9 @@ load_schedulers:
             r.body.as_deref(),
             Some("p/classifiers[0] (classifier) reads the request body")
         );
-        // `user` is a classifier's output, `region` is not: a baggage member.
-        assert!(
-            r.baggage.is_some_and(|w| w.contains("plan")),
-            "telemetry label"
-        );
+        // `user` is a classifier's output, `region` a baggage member: either
+        // is read from baggage where no classifier sets it.
+        assert!(r.baggage.is_some(), "labels from baggage");
         assert_eq!(r.access_logs.as_deref(), Some("p/latency (flux meter)"));
     }
 
@@ -330,5 +345,55 @@ rate_limiters:
 "#);
         assert!(r.headers.is_empty());
         assert!(r.baggage.is_some_and(|w| w.contains("tenant")));
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn of(doc: &str) -> Reads {
+        let set = sluice_policy::load::parse_sources(&[(PathBuf::from("p.yaml"), doc.to_owned())])
+            .expect("valid");
+        reads(&set)
+    }
+
+    #[test]
+    fn a_label_a_classifier_sets_elsewhere_still_comes_from_baggage() {
+        let r = of(r#"
+name: p
+classifiers:
+  - selectors: [{control_point: egress}]
+    rules:
+      tenant: {from: request.http.headers.x-tenant, telemetry: false}
+rate_limiters:
+  - name: by-tenant
+    selectors: [{control_point: ingress}]
+    bucket_capacity: 5
+    fill_amount: 1
+    interval: 1s
+    limit_by_label_key: tenant
+"#);
+        assert!(r.baggage.is_some_and(|w| w.contains("tenant")));
+    }
+
+    #[test]
+    fn a_flux_meter_on_an_attribute_outside_the_contract_is_named() {
+        let r = of(r#"
+name: p
+flux_meters:
+  - name: upstream
+    selectors: [{control_point: ingress}]
+    attribute_key: upstream_service_time
+  - name: bytes
+    selectors: [{control_point: ingress}]
+    attribute_key: BYTES_SENT
+"#);
+        assert_eq!(
+            r.extra_attributes.keys().collect::<Vec<_>>(),
+            ["upstream_service_time"]
+        );
     }
 }

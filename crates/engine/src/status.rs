@@ -61,16 +61,14 @@ pub struct ComponentStatus {
     /// The refill interval, in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<f64>,
-    /// Tokens in the bucket now (one bucket, kept here: not per label
-    /// value, and for a global one only its fallback's).
+    /// Tokens in the bucket now (one bucket kept in this sidecar: not per
+    /// label value, and not for a global component, whose bucket is in the
+    /// store).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bucket_level: Option<f64>,
     /// Share of flows accepted, in percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accept_percentage: Option<f64>,
-    /// The label that makes sampling sticky.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_label_key: Option<String>,
     /// The concurrency limit in force.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u64>,

@@ -1611,7 +1611,7 @@ fn an_adaptive_concurrency_limit_is_cut_by_late_access_logs_and_rises_while_flow
 fn previewing(docs: &[&str]) -> Arc<Engine> {
     let (clock, _time) = Clock::mock();
     let options = EngineOptions {
-        preview_redact: vec!["X-Api-Key".into()],
+        preview_redact: vec!["X-Api-Key".into(), "http.request.header.x_token".into()],
         max_previews: 2,
         ..EngineOptions::default()
     };
@@ -1678,6 +1678,7 @@ fn a_preview_shows_labels_matches_and_the_rejecting_component() {
         ("http.request.header.user_id", "ann"),
         ("http.request.header.authorization", "Bearer secret"),
         ("http.request.header.x_api_key", "k-123"),
+        ("http.request.header.x_token", "t-456"),
         ("http.method", "GET"),
     ];
     for _ in 0..3 {
@@ -1697,7 +1698,7 @@ fn a_preview_shows_labels_matches_and_the_rejecting_component() {
         value(&first.request, "http.request.header.user_id"),
         Some("ann")
     );
-    for secret in ["authorization", "x_api_key"] {
+    for secret in ["authorization", "x_api_key", "x_token"] {
         assert_eq!(
             value(&first.request, &format!("http.request.header.{secret}")),
             Some(preview::REDACTED),
@@ -2010,4 +2011,23 @@ load_schedulers:
     selectors: [{control_point: ingress}]
 "#;
     assert!(meta(scheduled, &[]).1.is_some());
+}
+
+#[test]
+fn a_sample_keeps_a_bounded_number_of_labels() {
+    let engine = previewing(&[]);
+    let mut p = engine.previews().open("ingress", None, 1).expect("opens");
+    let many: Vec<(String, String)> = (0..5_000)
+        .map(|i| (format!("m{i}"), "v".repeat(100)))
+        .collect();
+    check(
+        &engine,
+        &many
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let sample = received(&mut p).pop().expect("sampled");
+    assert_eq!(sample.request.len(), preview::MAX_LABELS);
+    assert_eq!(sample.labels_left_out, 5_000 - preview::MAX_LABELS);
 }

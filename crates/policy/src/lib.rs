@@ -456,9 +456,33 @@ fn bearer_source() -> String {
     "request.http.bearer".to_owned()
 }
 
+/// A rule's source must name a header or label as a token (RFC 9110), as
+/// label names do: it ends up in metrics, baggage and generated Envoy
+/// configs (`sluice envoy-config`), where anything else could break them.
+fn check_source(from: &str) -> Result<(), String> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if from.is_empty() {
+        return Err("`from` must not be empty".to_owned());
+    }
+    match from.chars().find(|&c| !is_tchar(c)) {
+        Some(c) => Err(format!("invalid character {c:?} in `from` {from:?}")),
+        None => Ok(()),
+    }
+}
+
 impl TryFrom<RawRule> for RuleSpec {
     type Error = String;
     fn try_from(raw: RawRule) -> Result<Self, String> {
+        for from in [
+            raw.from.as_deref(),
+            raw.json.as_ref().map(|j| j.from.as_str()),
+            raw.jwt.as_ref().map(|j| j.from.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            check_source(from)?;
+        }
         let mut found = Vec::new();
         if let Some(from) = raw.from {
             found.push(ExtractorSpec::From(from));

@@ -409,6 +409,27 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_source_that_is_not_a_token_is_refused() {
+        for from in [
+            r#""request.http.headers.x\nnode: 1""#,
+            r#""user id""#,
+            r#""""#,
+        ] {
+            let e = err(&format!(
+                "name: p\nclassifiers:\n  - selectors: [{{control_point: ingress}}]\n    rules:\n      u: {{from: {from}}}\n"
+            ));
+            assert_eq!(e.field, "classifiers[0].rules.u", "{e}");
+            assert!(e.message.contains("`from`"), "{e}");
+        }
+        for json_from in [r#""a b""#, r#""x;y""#] {
+            let e = err(&format!(
+                "name: p\nclassifiers:\n  - selectors: [{{control_point: ingress}}]\n    rules:\n      u: {{json: {{from: {json_from}, pointer: /a}}}}\n"
+            ));
+            assert!(e.message.contains("invalid character"), "{e}");
+        }
+    }
+
+    #[test]
     fn an_unknown_field_is_named() {
         let e = err(&format!(
             "name: p\nsamplers:\n  - name: s\n{SELECTORS}    accept_percentage: 5\n    acept: 1\n"

@@ -428,7 +428,10 @@ impl RateLimiter {
                 s.label_key = Some(key.name.to_string());
                 s.label_values = Some(self.label_values());
             }
-            None => s.bucket_level = Some(self.state.one.lock().level(&params, now)),
+            None if self.global.is_none() => {
+                s.bucket_level = Some(self.state.one.lock().level(&params, now));
+            }
+            None => {}
         }
         s.controller = Driven::of(&self.lease, now, wall_ms);
         s

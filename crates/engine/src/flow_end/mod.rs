@@ -134,6 +134,24 @@ pub struct FlowEnd<'a> {
     pub out_of_bounds: bool,
 }
 
+/// Attribute names a flux meter can observe without extra attributes:
+/// those of the access-log contract (docs/envoy.md) and the values derived
+/// from them. A flux meter naming another needs it added to Envoy's
+/// access log.
+pub const CONTRACT_ATTRIBUTES: [&str; 11] = [
+    "workload_duration_ms",
+    "flow_duration_ms",
+    "DURATION",
+    "authz_duration",
+    "REQUEST_DURATION",
+    "REQUEST_TX_DURATION",
+    "RESPONSE_DURATION",
+    "RESPONSE_TX_DURATION",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+    "http.status_code",
+];
+
 /// `flow_status` label values.
 pub const FLOW_STATUS_OK: &str = "OK";
 /// `flow_status` label values.

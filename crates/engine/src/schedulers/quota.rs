@@ -440,7 +440,8 @@ impl QuotaScheduler {
                 s.label_key = Some(key.name.to_string());
                 s.label_values = Some(label_values);
             }
-            None => s.bucket_level = Some(level),
+            None if !global => s.bucket_level = Some(level),
+            None => {}
         }
         s.queued = Some(self.scheduler.queued());
         s.controller = Driven::of(&self.lease, now, wall_ms);
