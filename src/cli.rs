@@ -799,6 +799,11 @@ pub fn main() -> ExitCode {
                 };
                 let reads = sluice_engine::reads::reads(&set);
                 print!("{}", crate::envoy::config::bootstrap(&reads, &layout));
+                for (key, who) in &reads.extra_attributes {
+                    eprintln!(
+                        "warning: {who} observes access-log attribute {key:?}, which the generated log does not send: add it to the access log's attributes"
+                    );
+                }
                 true
             }
             Err(e) => {
