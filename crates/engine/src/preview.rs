@@ -4,8 +4,11 @@
 //! why" (`GET /v1/preview`, `sluice preview`).
 //!
 //! The Check path pays for this only while someone previews: with nobody
-//! wanting samples, [`Previews::wanted`] is one relaxed atomic load. A
-//! Check that is sampled copies its labels once into a [`Sample`] (values
+//! wanting samples, [`Previews::wanted`] is one relaxed atomic load; while
+//! some do, a Check of a control point none of them wants reads the wanted
+//! control points without a lock (an `ArcSwap`) and goes on, and only a
+//! Check of a wanted one takes the previews' lock. A Check that is sampled
+//! copies its labels once into a [`Sample`] (values
 //! of secret-bearing headers redacted before they are copied, long values
 //! cut), shared by every preview that wants it; delivery is `try_send` on a
 //! bounded channel, so a slow reader never holds up a Check. A flow that
@@ -18,6 +21,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
 use smallvec::SmallVec;
@@ -159,6 +163,10 @@ impl Watcher {
 pub struct Previews {
     /// Watchers that still want samples: the one load the Check path makes.
     wanting: AtomicUsize,
+    /// The control points they want, read without a lock by Checks while
+    /// `wanting` is above 0, so that only Checks a preview may want take
+    /// the lock (updated under it).
+    points: ArcSwap<Vec<Box<str>>>,
     watchers: Mutex<Vec<Watcher>>,
     /// Normalized names (`set_cookie`) of the headers never shown.
     redact: Box<[Box<str>]>,
@@ -203,6 +211,7 @@ impl Previews {
         names.dedup();
         Previews {
             wanting: AtomicUsize::new(0),
+            points: ArcSwap::from_pointee(Vec::new()),
             watchers: Mutex::new(Vec::new()),
             redact: names.into(),
             max_open,
@@ -248,6 +257,7 @@ impl Previews {
             tx,
         });
         self.wanting.fetch_add(1, Ordering::Relaxed);
+        self.refresh(&watchers);
         Ok(Preview {
             id,
             previews: self.clone(),
@@ -271,7 +281,23 @@ impl Previews {
             }
             ids.push(w.id);
         }
+        if !ids.is_empty() {
+            self.refresh(&watchers);
+        }
         ids
+    }
+
+    /// Publishes the control points previews still want samples of, for
+    /// Checks to read without the lock. Called under it.
+    fn refresh(&self, watchers: &[Watcher]) {
+        let mut points: Vec<Box<str>> = watchers
+            .iter()
+            .filter(|w| w.wanted > 0)
+            .map(|w| w.control_point.clone())
+            .collect();
+        points.sort();
+        points.dedup();
+        self.points.store(Arc::new(points));
     }
 
     /// Hands `sample` to the previews that claimed it and are still open.
@@ -292,6 +318,7 @@ impl Previews {
             if w.wanted > 0 {
                 self.wanting.fetch_sub(1, Ordering::Relaxed);
             }
+            self.refresh(&watchers);
         }
     }
 
@@ -334,6 +361,10 @@ impl Previews {
         service: &str,
         decision: &mut Decision<'_>,
     ) {
+        // Checks of control points nobody previews never take the lock.
+        if !self.points.load().iter().any(|p| **p == *control_point) {
+            return;
+        }
         let to = self.claim(control_point, service);
         if to.is_empty() {
             return;

@@ -2031,3 +2031,25 @@ fn a_sample_keeps_a_bounded_number_of_labels() {
     assert_eq!(sample.request.len(), preview::MAX_LABELS);
     assert_eq!(sample.labels_left_out, 5_000 - preview::MAX_LABELS);
 }
+
+#[test]
+fn checks_of_control_points_nobody_previews_are_not_sampled_nor_claimed() {
+    let engine = previewing(&[USER_LIMIT]);
+    let mut p = engine.previews().open("egress", None, 1).expect("opens");
+    for _ in 0..3 {
+        check(&engine, &[]); // ingress
+    }
+    assert!(engine.previews().wanted(), "still wanting its one sample");
+    assert!(received(&mut p).is_empty());
+    let source = MapLabels::default();
+    engine.decide(
+        FlowRequest {
+            control_point: "egress",
+            service: "shop",
+            labels: &source,
+        },
+        |_| (),
+    );
+    assert_eq!(received(&mut p).len(), 1);
+    assert!(!engine.previews().wanted());
+}
