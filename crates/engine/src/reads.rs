@@ -346,19 +346,6 @@ rate_limiters:
         assert!(r.headers.is_empty());
         assert!(r.baggage.is_some_and(|w| w.contains("tenant")));
     }
-}
-
-#[cfg(test)]
-mod more_tests {
-    use std::path::PathBuf;
-
-    use super::*;
-
-    fn of(doc: &str) -> Reads {
-        let set = sluice_policy::load::parse_sources(&[(PathBuf::from("p.yaml"), doc.to_owned())])
-            .expect("valid");
-        reads(&set)
-    }
 
     #[test]
     fn a_label_a_classifier_sets_elsewhere_still_comes_from_baggage() {
